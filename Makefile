@@ -1,0 +1,60 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Everything else is here too.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+MODEL ?= artifacts/tiny-asr-hf
+PORT ?= 50051
+GEN := gen/python
+PROTOS := $(shell find proto -name '*.proto')
+
+.PHONY: setup system-deps proto tiny demo serve test test-unit test-clients lint typecheck bench clean
+
+# System packages: espeak-ng makes real speech for the audio tests; the client toolchains come from
+# clients/setup.sh (Debian packages and npm only).
+system-deps:
+	bash scripts/system-deps.sh
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+setup: system-deps $(VENV)/.installed proto
+
+proto: $(VENV)/.installed $(GEN)/.stamp
+
+$(GEN)/.stamp: $(PROTOS) scripts/gen_proto.sh
+	bash scripts/gen_proto.sh $(PY)
+	touch $@
+
+tiny: proto
+	$(VENV)/bin/asr-server build-tiny-checkpoint --out artifacts
+
+demo: setup tiny
+	bash scripts/demo.sh $(VENV) artifacts/tiny-asr-hf
+
+serve: proto
+	$(VENV)/bin/asr-server serve --model $(MODEL) --port $(PORT)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-unit: proto
+	$(PY) -m pytest -q tests/unit
+
+test-clients: setup
+	bash clients/setup.sh
+	$(PY) -m pytest -q -m clients tests/clients
+
+lint: proto
+	$(VENV)/bin/ruff check server clients/python tests bench
+	$(VENV)/bin/mypy server/asr_server
+
+typecheck: lint
+
+clean:
+	rm -rf $(GEN) build dist artifacts .pytest_cache .mypy_cache

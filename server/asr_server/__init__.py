@@ -1,0 +1,3 @@
+"""Qwen3-ASR gRPC inference server."""
+
+__version__ = "0.1.0"
