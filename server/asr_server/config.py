@@ -1,0 +1,242 @@
+"""The one typed config tree, read in one place: command-line flags, each with an ASR_* environment default.
+
+Precedence: a flag on the command line, else its environment variable, else the default shown in --help.
+Nothing else in the server reads os.environ or argv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from asr_server import __version__
+
+TracingExporter = Literal["none", "console", "otlp"]
+EngineKind = Literal["transformers", "fake"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # A hub id ("Qwen/Qwen3-ASR-1.7B-hf", "Qwen/Qwen3-ASR-1.7B") or a local directory, either layout.
+    model: str = "Qwen/Qwen3-ASR-1.7B-hf"
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda:0 when available, else cpu
+    device_map: str | None = None
+    attn_implementation: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    kind: EngineKind = "transformers"
+    max_inference_batch_size: int = 32
+    # How long the first request of a batch may wait for others to join it.
+    max_batch_wait_ms: float = 5.0
+    # Requests waiting for the engine beyond this are refused with RESOURCE_EXHAUSTED.
+    max_queued_requests: int = 1024
+    default_max_new_tokens: int = 4096
+    max_new_tokens_limit: int = 8192
+    # Fake engine only: simulated time per batch, to test batching and cancellation.
+    fake_batch_delay_ms: float = 0.0
+    warmup: bool = True
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_audio_duration_s: int = 4 * 3600
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_stream_bytes: int = 2 * 1024 * 1024 * 1024
+    max_chunk_s: int = 1200
+    max_chunk_with_timestamps_s: int = 180
+
+
+@dataclass(frozen=True)
+class AlignerConfig:
+    # Empty: no aligner, word timestamps answer FAILED_PRECONDITION.
+    model: str = ""
+    # "spawn": the server starts and supervises the sidecar; "connect": one runs elsewhere at `address`.
+    mode: Literal["spawn", "connect"] = "spawn"
+    address: str = ""  # unix:///path or host:port; spawn mode picks a unix socket when empty
+    dtype: str = "auto"
+    device: str = "auto"
+    max_batch_size: int = 32
+    max_batch_wait_ms: float = 5.0
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    exporter: TracingExporter = "none"
+    otlp_endpoint: str = "http://localhost:4317"
+    service_name: str = "qwen-asr-server"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    # On SIGTERM: how long in-flight calls may run on before they are cancelled.
+    grace_period_s: float = 30.0
+    # When set, every call must carry "authorization: Bearer <token>".
+    auth_token: str = ""
+    reflection: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    aligner: AlignerConfig = field(default_factory=AlignerConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+T = TypeVar("T")
+
+# (section, field, flag, type, help). The environment variable is ASR_ + the flag, upper-case, "-" -> "_".
+_FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
+    ("server", "host", "--host", str, "address to listen on"),
+    ("server", "port", "--port", int, "port to listen on; 0 picks a free one"),
+    ("server", "grace_period_s", "--grace-period-s", float, "on SIGTERM, time for in-flight calls"),
+    ("server", "auth_token", "--auth-token", str, "require 'authorization: Bearer <token>'"),
+    ("model", "model", "--model", str, "hub id or local directory (-hf or original layout)"),
+    ("model", "dtype", "--dtype", str, "auto, bfloat16, float16 or float32"),
+    ("model", "device", "--device", str, "auto, cpu, cuda, cuda:N"),
+    ("model", "device_map", "--device-map", str, "transformers device_map (e.g. auto) instead of --device"),
+    ("model", "attn_implementation", "--attn-implementation", str, "sdpa, eager, flash_attention_2"),
+    ("engine", "kind", "--engine", str, "transformers, or fake (no model; for tests)"),
+    ("engine", "max_inference_batch_size", "--max-inference-batch-size", int, "most chunks per batch"),
+    ("engine", "max_batch_wait_ms", "--max-batch-wait-ms", float, "wait for a batch to fill"),
+    ("engine", "max_queued_requests", "--max-queued-requests", int, "queue bound before RESOURCE_EXHAUSTED"),
+    ("engine", "default_max_new_tokens", "--max-new-tokens", int, "tokens per chunk when a request says 0"),
+    ("engine", "max_new_tokens_limit", "--max-new-tokens-limit", int, "most tokens a request may ask for"),
+    ("engine", "fake_batch_delay_ms", "--fake-batch-delay-ms", float, "fake engine: time per batch"),
+    ("limits", "max_audio_duration_s", "--max-audio-duration-s", int, "longest audio per request"),
+    ("limits", "max_message_bytes", "--max-message-bytes", int, "largest request message"),
+    ("limits", "max_stream_bytes", "--max-stream-bytes", int, "most audio bytes per client stream"),
+    ("limits", "max_chunk_s", "--max-chunk-s", int, "longest chunk decoded in one piece"),
+    (
+        "limits",
+        "max_chunk_with_timestamps_s",
+        "--max-chunk-with-timestamps-s",
+        int,
+        "longest chunk when word timestamps are asked for",
+    ),
+    ("aligner", "model", "--aligner-model", str, "forced aligner hub id or directory; empty: none"),
+    ("aligner", "mode", "--aligner-mode", str, "spawn (supervised sidecar) or connect"),
+    ("aligner", "address", "--aligner-address", str, "sidecar address: unix:///path or host:port"),
+    ("aligner", "dtype", "--aligner-dtype", str, "aligner dtype"),
+    ("aligner", "device", "--aligner-device", str, "aligner device"),
+    ("aligner", "max_batch_size", "--aligner-max-batch-size", int, "aligner batch size"),
+    ("tracing", "exporter", "--tracing", str, "none, console or otlp"),
+    ("tracing", "otlp_endpoint", "--otlp-endpoint", str, "OTLP gRPC endpoint"),
+    ("tracing", "service_name", "--service-name", str, "service.name of spans"),
+)
+
+_BOOL_FLAGS: tuple[tuple[str, str, str, str], ...] = (
+    ("engine", "warmup", "--no-warmup", "skip the warm-up batch before reporting SERVING"),
+    ("server", "reflection", "--no-reflection", "do not register server reflection"),
+)
+
+
+def _env_name(flag: str) -> str:
+    return "ASR_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = Config()
+    for section, name, flag, _type, help_text in _FLAGS:
+        default = getattr(getattr(defaults, section), name)
+        parser.add_argument(
+            flag, dest=f"{section}.{name}", default=None, help=f"{help_text} [{_env_name(flag)}; {default!r}]"
+        )
+    for section, name, flag, help_text in _BOOL_FLAGS:
+        parser.add_argument(
+            flag,
+            dest=f"{section}.{name}",
+            action="store_const",
+            const=False,
+            default=None,
+            help=f"{help_text} [{_env_name(flag)}=1]",
+        )
+
+
+def _parse_value(raw: str, kind: Callable[[str], Any], flag: str) -> Any:
+    try:
+        return kind(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: cannot read {raw!r}: {exc}") from exc
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+    """Builds the config from parsed flags and the environment, then checks it."""
+    values: dict[str, dict[str, Any]] = {f.name: {} for f in dataclasses.fields(Config)}
+    for section, name, flag, kind, _help in _FLAGS:
+        raw = getattr(args, f"{section}.{name}", None)
+        if raw is None:
+            raw = environ.get(_env_name(flag))
+        if raw is not None:
+            values[section][name] = _parse_value(raw, kind, flag)
+    for section, name, flag, _help in _BOOL_FLAGS:
+        raw_flag = getattr(args, f"{section}.{name}", None)
+        env = environ.get(_env_name(flag), "")
+        if raw_flag is False or env.lower() in ("1", "true", "yes"):
+            values[section][name] = False
+    config = Config(
+        server=ServerConfig(**values["server"]),
+        model=ModelConfig(**values["model"]),
+        engine=EngineConfig(**values["engine"]),
+        limits=LimitsConfig(**values["limits"]),
+        aligner=AlignerConfig(**values["aligner"]),
+        tracing=TracingConfig(**values["tracing"]),
+    )
+    validate(config)
+    return config
+
+
+def parse_serve_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
+    parser = argparse.ArgumentParser(prog="asr-server serve")
+    add_serve_arguments(parser)
+    return config_from_args(parser.parse_args(list(argv)), environ)
+
+
+def validate(config: Config) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    e, lim, t = config.engine, config.limits, config.tracing
+    need(e.kind in ("transformers", "fake"), f"--engine must be transformers or fake, not {e.kind!r}")
+    need(e.max_inference_batch_size >= 1, "--max-inference-batch-size must be >= 1")
+    need(e.max_batch_wait_ms >= 0, "--max-batch-wait-ms must be >= 0")
+    need(e.max_queued_requests >= 1, "--max-queued-requests must be >= 1")
+    need(
+        1 <= e.default_max_new_tokens <= e.max_new_tokens_limit,
+        "--max-new-tokens must be between 1 and --max-new-tokens-limit",
+    )
+    need(0 <= config.server.port <= 65535, "--port must be 0..65535")
+    need(config.server.grace_period_s >= 0, "--grace-period-s must be >= 0")
+    need(lim.max_audio_duration_s >= 1, "--max-audio-duration-s must be >= 1")
+    need(lim.max_message_bytes >= 1024, "--max-message-bytes must be >= 1024")
+    need(lim.max_stream_bytes >= lim.max_message_bytes, "--max-stream-bytes must be >= --max-message-bytes")
+    need(30 <= lim.max_chunk_s <= 1200, "--max-chunk-s must be 30..1200 (the model's trained range)")
+    need(
+        30 <= lim.max_chunk_with_timestamps_s <= 300,
+        "--max-chunk-with-timestamps-s must be 30..300 (the aligner's 5000 classes x 80 ms cover 400 s)",
+    )
+    need(t.exporter in ("none", "console", "otlp"), f"--tracing must be none, console or otlp, not {t.exporter!r}")
+    need(config.aligner.mode in ("spawn", "connect"), "--aligner-mode must be spawn or connect")
+    need(
+        config.aligner.mode != "connect" or not config.aligner.model or bool(config.aligner.address),
+        "--aligner-mode connect needs --aligner-address",
+    )
+
+
+def version_text() -> str:
+    return f"asr-server {__version__}"

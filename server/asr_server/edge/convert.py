@@ -1,0 +1,182 @@
+"""The protobuf boundary: *_from_pb turns messages into domain values (validating them), *_to_pb the reverse.
+
+Only this module and the servicer import the generated protobuf code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from qwenasr.v1 import asr_pb2 as pb
+
+from asr_server import __version__
+from asr_server.audio.formats import AudioFormat, Encoding
+from asr_server.config import Config
+from asr_server.errors import InvalidInput
+from asr_server.languages import ALIGNER_LANGUAGES, ASR_LANGUAGES, resolve_language
+from asr_server.results import (
+    ChannelMode,
+    ChannelTranscript,
+    Segment,
+    TranscriptionResult,
+    Word,
+    WordTimestampsStatus,
+)
+from asr_server.transcription import TranscribeOptions
+
+API_VERSION = "qwenasr.v1"
+
+_ENCODINGS: dict[int, Encoding] = {
+    pb.AUDIO_ENCODING_UNSPECIFIED: Encoding.FILE,
+    pb.AUDIO_ENCODING_LINEAR16: Encoding.LINEAR16,
+    pb.AUDIO_ENCODING_FLOAT32: Encoding.FLOAT32,
+    pb.AUDIO_ENCODING_MULAW: Encoding.MULAW,
+    pb.AUDIO_ENCODING_ALAW: Encoding.ALAW,
+}
+
+_CHANNEL_MODES: dict[int, ChannelMode] = {
+    pb.CHANNEL_MODE_UNSPECIFIED: ChannelMode.DOWNMIX,
+    pb.CHANNEL_MODE_DOWNMIX: ChannelMode.DOWNMIX,
+    pb.CHANNEL_MODE_SEPARATE: ChannelMode.SEPARATE,
+}
+
+_STATUSES: dict[WordTimestampsStatus, pb.WordTimestampsStatus.ValueType] = {
+    WordTimestampsStatus.NOT_REQUESTED: pb.WORD_TIMESTAMPS_STATUS_UNSPECIFIED,
+    WordTimestampsStatus.OK: pb.WORD_TIMESTAMPS_STATUS_OK,
+    WordTimestampsStatus.LANGUAGE_NOT_SUPPORTED: pb.WORD_TIMESTAMPS_STATUS_LANGUAGE_NOT_SUPPORTED,
+    WordTimestampsStatus.NO_TEXT: pb.WORD_TIMESTAMPS_STATUS_NO_TEXT,
+}
+
+
+def _accepted(names: Iterable[str]) -> str:
+    return ", ".join(names)
+
+
+def audio_format_from_pb(msg: pb.AudioFormat) -> AudioFormat:
+    encoding = _ENCODINGS.get(int(msg.encoding))
+    if encoding is None:
+        accepted = _accepted(pb.AudioEncoding.Name(v) for v in sorted(_ENCODINGS))  # type: ignore[arg-type]
+        raise InvalidInput(f"unknown audio_format.encoding {int(msg.encoding)}; accepted: {accepted}")
+    return AudioFormat(encoding=encoding, sample_rate_hz=int(msg.sample_rate_hz), channel_count=int(msg.channel_count))
+
+
+def options_from_pb(msg: pb.RecognitionConfig, config: Config) -> TranscribeOptions:
+    engine = config.engine
+    max_new_tokens = int(msg.max_new_tokens)
+    if max_new_tokens == 0:
+        max_new_tokens = engine.default_max_new_tokens
+    elif max_new_tokens > engine.max_new_tokens_limit:
+        raise InvalidInput(
+            f"max_new_tokens {msg.max_new_tokens} is out of range; accepted: 1 to {engine.max_new_tokens_limit}, "
+            f"or 0 for the default ({engine.default_max_new_tokens})"
+        )
+    channel_mode = _CHANNEL_MODES.get(int(msg.channel_mode))
+    if channel_mode is None:
+        accepted = _accepted(pb.ChannelMode.Name(v) for v in sorted(_CHANNEL_MODES))  # type: ignore[arg-type]
+        raise InvalidInput(f"unknown channel_mode {int(msg.channel_mode)}; accepted: {accepted}")
+    return TranscribeOptions(
+        language=resolve_language(msg.language),
+        context=msg.context,
+        max_new_tokens=max_new_tokens,
+        return_word_timestamps=msg.return_word_timestamps,
+        channel_mode=channel_mode,
+    )
+
+
+def _clamp_u32(value: float) -> int:
+    return max(0, min(int(round(value)), 0xFFFFFFFF))
+
+
+def word_to_pb(word: Word) -> pb.Word:
+    return pb.Word(text=word.text, start_ms=_clamp_u32(word.start_ms), end_ms=_clamp_u32(word.end_ms))
+
+
+def segment_to_pb(segment: Segment) -> pb.Segment:
+    return pb.Segment(
+        start_ms=_clamp_u32(segment.start_ms),
+        end_ms=_clamp_u32(segment.end_ms),
+        text=segment.text,
+        language=segment.language,
+        words=[word_to_pb(w) for w in segment.words],
+    )
+
+
+def transcript_to_pb(transcript: ChannelTranscript) -> pb.Transcript:
+    return pb.Transcript(
+        channel_index=transcript.channel_index,
+        text=transcript.text,
+        language=transcript.language,
+        words=[word_to_pb(w) for w in transcript.words],
+        segments=[segment_to_pb(s) for s in transcript.segments],
+        word_timestamps_status=status_to_pb(transcript.word_timestamps_status),
+    )
+
+
+def status_to_pb(status: WordTimestampsStatus) -> pb.WordTimestampsStatus.ValueType:
+    return _STATUSES[status]
+
+
+def result_to_pb(result: TranscriptionResult, *, total_ms: float, audio_decode_ms: float) -> pb.TranscribeResponse:
+    timing = result.timing
+    return pb.TranscribeResponse(
+        transcripts=[transcript_to_pb(t) for t in result.transcripts],
+        audio_duration_ms=_clamp_u32(result.audio_duration_ms),
+        model_id=result.model_id,
+        timing=pb.ServerTiming(
+            total_ms=_clamp_u32(total_ms),
+            audio_decode_ms=_clamp_u32(audio_decode_ms),
+            queue_wait_ms=_clamp_u32(timing.queue_wait_ms),
+            inference_ms=_clamp_u32(timing.inference_ms),
+            alignment_ms=_clamp_u32(timing.alignment_ms),
+        ),
+    )
+
+
+def server_info_to_pb(
+    config: Config,
+    *,
+    model_id: str,
+    aligner_model_id: str,
+    aligner_ready: bool,
+    streaming_recognize: bool,
+    endpointing: bool,
+    container_formats: Iterable[str],
+    min_sample_rate_hz: int,
+    max_sample_rate_hz: int,
+    max_channel_count: int,
+) -> pb.GetServerInfoResponse:
+    limits, engine = config.limits, config.engine
+    return pb.GetServerInfoResponse(
+        server_version=__version__,
+        api_version=API_VERSION,
+        model_id=model_id,
+        aligner_model_id=aligner_model_id,
+        languages=[pb.Language(name=lang.name, code=lang.code) for lang in ASR_LANGUAGES],
+        aligner_languages=[pb.Language(name=lang.name, code=lang.code) for lang in ALIGNER_LANGUAGES],
+        limits=pb.ServerLimits(
+            max_audio_duration_s=limits.max_audio_duration_s,
+            max_message_bytes=limits.max_message_bytes,
+            max_stream_bytes=limits.max_stream_bytes,
+            max_new_tokens=engine.max_new_tokens_limit,
+            default_max_new_tokens=engine.default_max_new_tokens,
+            max_chunk_duration_s=limits.max_chunk_s,
+            max_chunk_duration_with_timestamps_s=limits.max_chunk_with_timestamps_s,
+            min_sample_rate_hz=min_sample_rate_hz,
+            max_sample_rate_hz=max_sample_rate_hz,
+            max_channel_count=max_channel_count,
+        ),
+        features=pb.ServerFeatures(
+            word_timestamps=bool(aligner_model_id),
+            aligner_ready=aligner_ready,
+            streaming_recognize=streaming_recognize,
+            separate_channels=True,
+            endpointing=endpointing,
+        ),
+        encodings=[
+            pb.AUDIO_ENCODING_LINEAR16,
+            pb.AUDIO_ENCODING_FLOAT32,
+            pb.AUDIO_ENCODING_MULAW,
+            pb.AUDIO_ENCODING_ALAW,
+        ],
+        container_formats=list(container_formats),
+    )

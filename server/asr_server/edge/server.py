@@ -1,0 +1,211 @@
+"""The grpc.aio server: services, health, reflection, auth, and the start/stop lifecycle.
+
+Health is NOT_SERVING from the moment the port opens until the model is loaded and warmed up, SERVING
+after, and NOT_SERVING again as soon as shutdown begins; in-flight calls then get the grace period to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from qwenasr.v1 import asr_pb2, asr_pb2_grpc
+
+from asr_server.config import Config
+from asr_server.edge.servicer import AsrServicer
+from asr_server.engine.core import EngineCore
+from asr_server.engine.runner import BatchingPolicy, EngineRunner
+from asr_server.tracing import SERVICE, setup_tracing
+from asr_server.transcription import AlignBackend, Transcriber, TranscriberLimits
+
+logger = logging.getLogger(__name__)
+
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+_OVERHEAD_BYTES = 1024 * 1024  # room for the config beside max_message_bytes of audio
+
+
+def build_engine_core_factory(config: Config) -> Callable[[], EngineCore]:
+    engine = config.engine
+    if engine.kind == "fake":
+        from asr_server.engine.fake import FakeEngine
+
+        return lambda: FakeEngine(
+            max_batch_size=engine.max_inference_batch_size, batch_delay_ms=engine.fake_batch_delay_ms
+        )
+
+    def load() -> EngineCore:
+        # Runs on the engine thread, so the thread that owns the device also loads onto it.
+        from asr_server.engine.generate_core import GenerateEngine
+        from asr_server.models.loading import load_asr_model
+
+        model = config.model
+        loaded = load_asr_model(
+            model.model,
+            dtype=model.dtype,
+            device=resolve_device(model.device),
+            device_map=model.device_map,
+            attn_implementation=model.attn_implementation,
+        )
+        return GenerateEngine(loaded, max_batch_size=engine.max_inference_batch_size)
+
+    return load
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+class _AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Requires "authorization: Bearer <token>" on every call but health checks (probes carry no secrets)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}"
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method or ""
+        if handler is None or method.startswith(f"/{HEALTH_SERVICE_NAME}/"):
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if metadata.get("authorization") == self._expected:
+            return handler
+        return _deny(handler)
+
+
+def _deny(handler: Any) -> Any:
+    message = "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'"
+
+    async def deny_unary(request: object, context: grpc.aio.ServicerContext[object, object]) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def deny_stream(request: object, context: grpc.aio.ServicerContext[object, object]) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    behaviour = deny_stream if handler.response_streaming else deny_unary
+    return make(
+        behaviour, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
+
+
+class AsrServer:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        core_factory: Callable[[], EngineCore] | None = None,
+        aligner: AlignBackend | None = None,
+    ) -> None:
+        self.config = config
+        limits = config.engine
+        self.engine = EngineRunner(
+            core_factory or build_engine_core_factory(config),
+            BatchingPolicy(limits.max_inference_batch_size, limits.max_batch_wait_ms, limits.max_queued_requests),
+        )
+        self.transcriber = Transcriber(
+            self.engine,
+            aligner,
+            TranscriberLimits(config.limits.max_chunk_s, config.limits.max_chunk_with_timestamps_s),
+        )
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+        self._stopping = False
+
+    async def start(self) -> int:
+        """Opens the port (health NOT_SERVING), loads and warms the engine, then reports SERVING."""
+        max_bytes = self.config.limits.max_message_bytes + _OVERHEAD_BYTES
+        interceptors = [_AuthInterceptor(self.config.server.auth_token)] if self.config.server.auth_token else []
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", max_bytes),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        servicer = AsrServicer(
+            self.config, self.transcriber, model_id=lambda: self.engine.model_id, aligner_ready=lambda: False
+        )
+        asr_pb2_grpc.add_AsrServiceServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if self.config.server.reflection:
+            names = (
+                asr_pb2.DESCRIPTOR.services_by_name["AsrService"].full_name,
+                HEALTH_SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            )
+            reflection.enable_server_reflection(names, server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = server.add_insecure_port(f"{self.config.server.host}:{self.config.server.port}")
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {self.config.server.host}:{self.config.server.port}")
+        await server.start()
+        self._server = server
+        logger.info("listening on port %d; loading the engine", self.port)
+        await self.engine.start()
+        if not self._stopping:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            logger.info("serving %s", self.engine.model_id)
+        return self.port
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for name in ("", SERVICE):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING at once, then in-flight calls get `grace_s` to finish, then the engine stops."""
+        if self._stopping:
+            return
+        self._stopping = True
+        await self.health.enter_graceful_shutdown()
+        grace = self.config.server.grace_period_s if grace_s is None else grace_s
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.engine.stop()
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve(config: Config) -> None:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+    setup_tracing(config.tracing)
+    server = AsrServer(config)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    start = asyncio.create_task(server.start())
+    stop_wait = asyncio.create_task(stop_requested.wait())
+    done, _ = await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if start in done:
+        start.result()
+        print(f"asr-server: serving {server.engine.model_id} on port {server.port}", flush=True)
+        await stop_wait
+    logger.info("shutting down: NOT_SERVING, %.1f s grace for in-flight calls", config.server.grace_period_s)
+    await server.stop()
+    if not start.done():
+        start.cancel()

@@ -1,0 +1,199 @@
+"""Engine core on transformers' own `model.generate`: one padded batch per step.
+
+Batching must not change any request's tokens. Two things make a padded batch differ from single runs in
+transformers' native path, and both are avoided here:
+- features are computed per clip (processor on one clip, exactly the reference preprocessing) and padded
+  with zeros afterwards; the batched feature extractor would fill the frames past a short clip's end with the
+  log-mel of silence, which leaks into that clip's last encoder chunk;
+- prompts are left-padded with an attention mask, which `generate` handles as in any decoder-only batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from asr_server.engine.core import EngineOutput
+from asr_server.engine.types import SAMPLE_RATE_HZ, BatchStats, DecodeRequest, DecodeResult, WorkItem
+from asr_server.models.loading import LoadedAsrModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreparedInputs:
+    input_ids: Any  # torch.LongTensor (1, L)
+    input_features: Any  # torch.FloatTensor (1, mel_bins, frames)
+    input_features_mask: Any  # torch.LongTensor (1, frames)
+
+
+def prepare_single(loaded: LoadedAsrModel, request: DecodeRequest) -> PreparedInputs:
+    """The reference preprocessing for one clip: apply_transcription_request, plus a continuation prefix."""
+    processor = loaded.processor
+    options = request.options
+    prompt = options.context if options.context else None
+    if request.prefix_text:
+        texts = processor.apply_transcription_request(
+            audio=request.audio_16k, language=options.language, prompt=prompt, tokenize=False
+        )
+        inputs = processor(
+            text=[texts[0] + request.prefix_text], audio=[request.audio_16k], sampling_rate=SAMPLE_RATE_HZ
+        )
+    else:
+        inputs = processor.apply_transcription_request(
+            audio=request.audio_16k, language=options.language, prompt=prompt
+        )
+    return PreparedInputs(inputs["input_ids"], inputs["input_features"], inputs["input_features_mask"])
+
+
+def collate(prepared: list[PreparedInputs], pad_token_id: int) -> dict[str, Any]:
+    """Left-pads prompts, right-pads features with zeros (exactly what a single run's mel padding holds)."""
+    import torch
+
+    max_len = max(p.input_ids.shape[1] for p in prepared)
+    max_frames = max(p.input_features.shape[2] for p in prepared)
+    batch = len(prepared)
+    mel_bins = prepared[0].input_features.shape[1]
+    input_ids = torch.full((batch, max_len), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, max_len), dtype=torch.long)
+    features = torch.zeros((batch, mel_bins, max_frames), dtype=prepared[0].input_features.dtype)
+    features_mask = torch.zeros((batch, max_frames), dtype=prepared[0].input_features_mask.dtype)
+    for row, p in enumerate(prepared):
+        length = p.input_ids.shape[1]
+        frames = p.input_features.shape[2]
+        input_ids[row, max_len - length :] = p.input_ids[0]
+        attention_mask[row, max_len - length :] = 1
+        features[row, :, :frames] = p.input_features[0]
+        features_mask[row, :frames] = p.input_features_mask[0]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "input_features": features,
+        "input_features_mask": features_mask,
+    }
+
+
+class GenerateEngine:
+    """EngineCore running `model.generate` on padded batches of up to max_batch_size requests."""
+
+    def __init__(self, loaded: LoadedAsrModel, *, max_batch_size: int) -> None:
+        self._loaded = loaded
+        self.model_id = loaded.model_id
+        self._max_batch_size = max_batch_size
+        self._waiting: list[WorkItem] = []
+        tokenizer = loaded.processor.tokenizer
+        config = loaded.model.config
+        pad = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
+        self._pad_token_id = int(pad)
+        eos = loaded.model.generation_config.eos_token_id
+        if eos is None:
+            eos = config.eos_token_id
+        self._eos_ids = frozenset(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+
+    def warmup(self) -> None:
+        from asr_server.engine.types import DecodeOptions
+
+        rng = np.random.default_rng(0)
+        audio = (0.01 * rng.standard_normal(SAMPLE_RATE_HZ)).astype(np.float32)
+        request = DecodeRequest("warmup", audio, DecodeOptions(language=None, context="", max_new_tokens=2))
+        self._run_batch([WorkItem(request, time.time_ns(), time.monotonic())])
+
+    def add(self, item: WorkItem) -> None:
+        self._waiting.append(item)
+
+    def abort(self, request_id: str) -> None:
+        self._waiting = [w for w in self._waiting if w.request.request_id != request_id]
+
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def num_running(self) -> int:
+        return 0
+
+    def oldest_waiting_monotonic_s(self) -> float | None:
+        return self._waiting[0].enqueued_monotonic_s if self._waiting else None
+
+    def step(self) -> list[EngineOutput]:
+        batch, self._waiting = self._waiting[: self._max_batch_size], self._waiting[self._max_batch_size :]
+        if not batch:
+            return []
+        try:
+            return self._run_batch(batch)
+        except Exception as exc:  # noqa: BLE001 - the batch's callers get the error; the engine goes on
+            logger.exception("batch of %d failed", len(batch))
+            error = RuntimeError(f"inference failed: {type(exc).__name__}: {exc}")
+            return [EngineOutput(w.request.request_id, error=error) for w in batch]
+
+    def _run_batch(self, batch: list[WorkItem]) -> list[EngineOutput]:
+        import torch
+
+        start_ns = time.time_ns()
+        loaded = self._loaded
+        requests = [w.request for w in batch]
+        prepared = [prepare_single(loaded, r) for r in requests]
+        inputs = collate(prepared, self._pad_token_id)
+        model = loaded.model
+        device = loaded.device
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        inputs["input_features"] = inputs["input_features"].to(model.dtype)
+        max_new = max(self._budget(r) for r in requests)
+        forced = [r.forced_num_tokens for r in requests if r.forced_num_tokens is not None]
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new}
+        if forced:
+            # Benchmarks: random weights never emit a sensible EOS, so make every row run its full budget.
+            kwargs["min_new_tokens"] = max_new
+        with torch.inference_mode():
+            sequences = model.generate(**inputs, **kwargs)
+        prompt_len = inputs["input_ids"].shape[1]
+        new_tokens = sequences[:, prompt_len:].cpu().tolist()
+        end_ns = time.time_ns()
+        rows = [self._trim(ids, self._budget(r)) for ids, r in zip(new_tokens, requests, strict=True)]
+        stats = BatchStats(
+            batch_size=len(batch),
+            audio_s=sum(r.audio_s for r in requests),
+            generated_tokens=sum(len(ids) for ids in rows),
+            start_ns=start_ns,
+            end_ns=end_ns,
+        )
+        outputs = []
+        for work, ids in zip(batch, rows, strict=True):
+            text, language = self._parse(work.request, ids)
+            result = DecodeResult(work.request.request_id, text, language, tuple(ids), work.enqueued_ns, stats)
+            outputs.append(EngineOutput(work.request.request_id, result=result))
+        return outputs
+
+    @staticmethod
+    def _budget(request: DecodeRequest) -> int:
+        if request.forced_num_tokens is not None:
+            return request.forced_num_tokens
+        return request.options.max_new_tokens
+
+    def _trim(self, ids: list[int], budget: int) -> list[int]:
+        """This row's own tokens: up to and including its first EOS, at most its own budget.
+
+        Rows of a batch share one max_new_tokens; greedy tokens of a row do not depend on how long the
+        others run, so cutting a row at its budget equals running it alone with that budget.
+        """
+        out: list[int] = []
+        for token in ids[:budget]:
+            out.append(token)
+            if token in self._eos_ids:
+                break
+        return out
+
+    def _parse(self, request: DecodeRequest, ids: list[int]) -> tuple[str, str]:
+        processor = self._loaded.processor
+        if request.prefix_text:
+            raw = request.prefix_text + processor.tokenizer.decode(ids, skip_special_tokens=True)
+            parsed = processor.parse_output(raw)
+        else:
+            parsed = processor.decode(ids, return_format="parsed")
+        language = request.options.language or parsed.get("language") or ""
+        return str(parsed.get("transcription") or ""), str(language)
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,65 @@
+"""Domain values of recognition results. The edge turns these into protobuf; nothing here knows protobuf."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class WordTimestampsStatus(enum.Enum):
+    NOT_REQUESTED = "not_requested"
+    OK = "ok"
+    LANGUAGE_NOT_SUPPORTED = "language_not_supported"
+    NO_TEXT = "no_text"
+
+
+class ChannelMode(enum.Enum):
+    DOWNMIX = "downmix"
+    SEPARATE = "separate"
+
+
+@dataclass(frozen=True)
+class Word:
+    text: str
+    start_ms: int
+    end_ms: int
+
+    def shifted(self, offset_ms: int) -> Word:
+        return Word(self.text, self.start_ms + offset_ms, self.end_ms + offset_ms)
+
+
+@dataclass(frozen=True)
+class Segment:
+    start_ms: int
+    end_ms: int
+    text: str
+    language: str
+    words: tuple[Word, ...] = ()
+    word_timestamps_status: WordTimestampsStatus = WordTimestampsStatus.NOT_REQUESTED
+
+
+@dataclass(frozen=True)
+class ChannelTranscript:
+    channel_index: int
+    text: str
+    language: str
+    words: tuple[Word, ...]
+    segments: tuple[Segment, ...]
+    word_timestamps_status: WordTimestampsStatus
+
+
+@dataclass(frozen=True)
+class Timing:
+    total_ms: float = 0.0
+    audio_decode_ms: float = 0.0
+    queue_wait_ms: float = 0.0
+    inference_ms: float = 0.0
+    alignment_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class TranscriptionResult:
+    transcripts: tuple[ChannelTranscript, ...]
+    audio_duration_ms: int
+    model_id: str
+    timing: Timing = field(default_factory=Timing)

@@ -1,0 +1,95 @@
+"""Health across start and shutdown; a call in flight at SIGTERM completes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from qwenasr.v1 import asr_pb2 as pb
+from qwenasr.v1 import asr_pb2_grpc as pb_grpc
+
+from asr_server.edge.server import AsrServer
+from asr_server.engine.fake import FakeEngine
+from tests.helpers import fake_config, tone, wav_bytes
+
+Status = health_pb2.HealthCheckResponse
+
+
+async def watch_statuses(channel: grpc.aio.Channel, seen: list[int]) -> None:
+    async for update in health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="")):
+        if not seen or seen[-1] != update.status:
+            seen.append(update.status)
+
+
+async def test_health_is_not_serving_until_loaded_then_serving_then_not_serving_on_stop() -> None:
+    release = threading.Event()
+
+    def slow_load() -> FakeEngine:
+        release.wait(10)
+        return FakeEngine(max_batch_size=4, batch_delay_ms=600)
+
+    server = AsrServer(fake_config(), core_factory=slow_load)
+    starting = asyncio.create_task(server.start())
+    while server.port == 0:
+        await asyncio.sleep(0.01)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    seen: list[int] = []
+    watcher = asyncio.create_task(watch_statuses(channel, seen))
+    stub = pb_grpc.AsrServiceStub(channel)
+    await asyncio.sleep(0.2)
+    assert seen == [Status.NOT_SERVING]
+    # Calls before the model is up are told to retry, not queued forever.
+    try:
+        await stub.Transcribe(pb.TranscribeRequest(audio=wav_bytes(tone(1.0))))
+        raise AssertionError("expected UNAVAILABLE")
+    except grpc.aio.AioRpcError as error:
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+    release.set()
+    await starting
+    await asyncio.sleep(0.1)
+    assert seen == [Status.NOT_SERVING, Status.SERVING]
+    in_flight = asyncio.ensure_future(stub.Transcribe(pb.TranscribeRequest(audio=wav_bytes(tone(1.0, seed=1)))))
+    await asyncio.sleep(0.2)
+    await server.stop(grace_s=5.0)
+    response = await in_flight
+    assert response.transcripts[0].text
+    assert seen == [Status.NOT_SERVING, Status.SERVING, Status.NOT_SERVING]
+    watcher.cancel()
+    await channel.close()
+
+
+async def test_sigterm_lets_the_call_in_flight_finish_and_exits_cleanly() -> None:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "asr_server.cli", "serve", "--engine", "fake", "--host", "127.0.0.1", "--port", "0",
+         "--fake-batch-delay-ms", "1500", "--grace-period-s", "10", "--no-warmup"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 60)  # type: ignore[union-attr]
+        match = re.search(r"on port (\d+)", line)
+        assert match, line
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{match.group(1)}")
+        seen: list[int] = []
+        watcher = asyncio.create_task(watch_statuses(channel, seen))
+        stub = pb_grpc.AsrServiceStub(channel)
+        in_flight = asyncio.ensure_future(stub.Transcribe(pb.TranscribeRequest(audio=wav_bytes(tone(1.0, seed=2)))))
+        await asyncio.sleep(0.4)
+        assert seen == [Status.SERVING]
+        process.send_signal(signal.SIGTERM)
+        response = await in_flight
+        assert response.transcripts[0].text
+        assert await asyncio.wait_for(asyncio.to_thread(process.wait), 30) == 0
+        assert Status.NOT_SERVING in seen[1:], seen
+        watcher.cancel()
+        await channel.close()
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -1,0 +1,36 @@
+import pytest
+
+from asr_server.config import ConfigError, parse_serve_config
+
+
+def test_defaults_match_the_reference_library_and_documented_limits() -> None:
+    config = parse_serve_config([], {})
+    assert config.model.model == "Qwen/Qwen3-ASR-1.7B-hf"
+    assert config.engine.max_inference_batch_size == 32
+    assert config.limits.max_chunk_s == 1200 and config.limits.max_chunk_with_timestamps_s == 180
+    assert config.tracing.exporter == "none"
+
+
+def test_flags_win_over_environment_which_wins_over_defaults() -> None:
+    env = {"ASR_PORT": "7000", "ASR_MAX_INFERENCE_BATCH_SIZE": "8", "ASR_NO_WARMUP": "1"}
+    config = parse_serve_config(["--port", "9000", "--model", "/models/x"], env)
+    assert config.server.port == 9000
+    assert config.engine.max_inference_batch_size == 8
+    assert config.model.model == "/models/x"
+    assert config.engine.warmup is False
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--port", "70000"], "--port"),
+        (["--max-inference-batch-size", "0"], "--max-inference-batch-size"),
+        (["--tracing", "jaeger"], "none, console or otlp"),
+        (["--max-chunk-s", "5000"], "--max-chunk-s"),
+        (["--port", "abc"], "cannot read 'abc'"),
+        (["--max-new-tokens", "9000"], "--max-new-tokens"),
+    ],
+)
+def test_bad_values_are_refused_with_the_flag_named(argv: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace("-", r"\-")):
+        parse_serve_config(argv, {})
