@@ -80,9 +80,7 @@ class AudioFormat:
                     f"needs 1 to {MAX_CHANNEL_COUNT} channels"
                 )
             return
-        if self.sample_rate_hz != 0 and not (
-            MIN_FILE_SAMPLE_RATE_HZ <= self.sample_rate_hz <= MAX_FILE_SAMPLE_RATE_HZ
-        ):
+        if self.sample_rate_hz != 0 and not (MIN_FILE_SAMPLE_RATE_HZ <= self.sample_rate_hz <= MAX_FILE_SAMPLE_RATE_HZ):
             raise InvalidInput(
                 f"audio_format.sample_rate_hz {self.sample_rate_hz} is not accepted for an encoded file: use 0 "
                 f"(read it from the header) or the header's rate, {MIN_FILE_SAMPLE_RATE_HZ} to "

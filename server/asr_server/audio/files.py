@@ -1,0 +1,124 @@
+"""Encoded files (WAV, FLAC, OGG/Vorbis/Opus, MP3, ...) decoded with libsndfile from memory.
+
+The file is decoded and resampled block by block, so peak memory is the 16 kHz result plus one block, however
+well the file compresses (a small FLAC of silence can expand to gigabytes at its own rate).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import soundfile
+
+from asr_server.audio.decoded import DecodedAudio, empty_audio_error
+from asr_server.audio.file_headers import check_declared_length
+from asr_server.audio.formats import AudioFormat
+from asr_server.audio.limits import check_duration
+from asr_server.audio.raw import check_finite
+from asr_server.audio.resample import StreamResampler
+from asr_server.errors import InvalidInput
+
+_BLOCK_FRAMES = 1 << 16
+
+# A header-less RAW "file" cannot be detected from its bytes; callers use the raw encodings for that.
+_UNDETECTABLE_FORMATS = frozenset({"RAW"})
+
+# MP3 has no authoritative length field: libsndfile's frame count is the Xing/Info header's (optional) or an
+# estimate from the bitrate, so a short read is not proof of truncation. A truncated MP3 decodes to its whole frames.
+_FORMATS_WITHOUT_EXACT_LENGTH = frozenset({"MP3"})
+
+
+def container_formats() -> list[str]:
+    """The file formats this server's libsndfile reads, as GetServerInfo lists them ("FLAC", "MP3", ...)."""
+    return sorted(name for name in soundfile.available_formats() if name not in _UNDETECTABLE_FORMATS)
+
+
+class _SeekSafeBytesIO(io.BytesIO):
+    # libsndfile probes offsets past either end of malformed headers; BytesIO raises ValueError for a negative
+    # one, and an exception inside soundfile's C callback is only printed. Answering with the unchanged position
+    # makes libsndfile fail the seek and report the file as malformed, which is the truth.
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        try:
+            return super().seek(offset, whence)
+        except ValueError:
+            return self.tell()
+
+
+class _SequentialSoundFile(soundfile.SoundFile):  # type: ignore[misc]
+    # soundfile seeks to "position + frames read" after every read when the file is seekable. libsndfile's MP3
+    # seek is approximate (mpg123 "fuzzy seeking"), so block-wise reads of an MP3 came back as garbage (SNR
+    # near 0 dB with 1024-frame blocks). We only ever read forward, so we say the file cannot seek: no seeks
+    # happen between reads, and Ogg files are spared a bisection search per block as well.
+    def seekable(self) -> bool:
+        return False
+
+
+def _libsndfile_message(error: Exception) -> str:
+    message = getattr(error, "error_string", None)
+    return str(message if message else error).strip()
+
+
+def _open(data: bytes) -> Any:
+    try:
+        return _SequentialSoundFile(_SeekSafeBytesIO(data))
+    except soundfile.SoundFileError as error:
+        raise InvalidInput(
+            f"the audio bytes could not be read as an encoded file (libsndfile: {_libsndfile_message(error)}); "
+            f"accepted files: {', '.join(container_formats())}; for headerless PCM set audio_format.encoding to "
+            f"LINEAR16, FLOAT32, MULAW or ALAW with its sample_rate_hz and channel_count"
+        ) from error
+
+
+def decode_file(data: bytes, fmt: AudioFormat, *, max_audio_duration_s: int, downmix: bool) -> DecodedAudio:
+    """Decode an encoded file to 16 kHz float32. Raises InvalidInput or LimitExceeded."""
+    if not data:
+        raise empty_audio_error(0, 0)
+    check_declared_length(data)
+    with _open(data) as sound:
+        kind = str(sound.format)
+        sample_rate_hz = int(sound.samplerate)
+        channel_count = int(sound.channels)
+        header_frames = int(sound.frames)
+        fmt.check_file_header(header_sample_rate_hz=sample_rate_hz, header_channel_count=channel_count, kind=kind)
+        # Cheap rejection from the header before any decoding work.
+        check_duration(header_frames, sample_rate_hz, max_audio_duration_s)
+        out_channels = 1 if downmix else channel_count
+        resampler = StreamResampler(sample_rate_hz, out_channels)
+        block = np.empty((_BLOCK_FRAMES, channel_count), dtype=np.float32)
+        pieces = []
+        frames_read = 0
+        while True:
+            try:
+                got = sound.read(out=block)
+            except soundfile.SoundFileError as error:
+                raise InvalidInput(
+                    f"the {kind} data could not be decoded after {frames_read} of {header_frames} frames "
+                    f"(libsndfile: {_libsndfile_message(error)}); the file is truncated or corrupt"
+                ) from error
+            if got.shape[0] == 0:
+                break
+            frames_read += got.shape[0]
+            # The header's count may be an estimate (MP3): keep enforcing the limit on what really decodes.
+            check_duration(frames_read, sample_rate_hz, max_audio_duration_s)
+            check_finite(got, what=f"the {kind} file")
+            if downmix and channel_count > 1:
+                got = got.mean(axis=1, dtype=np.float32, keepdims=True)
+            pieces.append(resampler.process(np.ascontiguousarray(got.T)))
+        pieces.append(resampler.flush())
+    if frames_read < header_frames and kind not in _FORMATS_WITHOUT_EXACT_LENGTH:
+        raise InvalidInput(
+            f"the {kind} file is truncated: its header declares {header_frames} frames but only {frames_read} "
+            f"could be decoded; send the complete file"
+        )
+    resampled = np.concatenate(pieces, axis=1)
+    if resampled.shape[1] == 0:
+        raise empty_audio_error(frames_read, sample_rate_hz)
+    return DecodedAudio(
+        channels=tuple(resampled),
+        source_sample_rate_hz=sample_rate_hz,
+        source_channel_count=channel_count,
+        source_frame_count=frames_read,
+        downmixed=downmix and channel_count > 1,
+    )
