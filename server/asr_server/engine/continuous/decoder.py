@@ -1,0 +1,232 @@
+"""The Qwen3 text decoder of a loaded Qwen3-ASR model, driven over a paged KV cache.
+
+The weights and small modules (embedding, RMSNorms, projections, MLP, lm_head) are the checkpoint's own; only
+the attention and cache path is ours, so each request reads its own cache and nothing else. The arithmetic follows
+transformers' Qwen3 (q/k RMSNorm per head before RoPE, RoPE cos/sin computed in fp32 and cast to the model dtype,
+GQA by repeating KV heads) so that fp32 results equal `model.generate`'s to rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from asr_server.engine.continuous.attention import (
+    paged_decode_attention_torch,
+    paged_decode_attention_triton,
+)
+
+
+@dataclass
+class KvCache:
+    """One K and one V tensor per layer, each (num_pages, kv_heads, page_size, head_dim). Page 0 is scratch."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    page_size: int
+
+    @property
+    def num_pages(self) -> int:
+        return int(self.keys[0].shape[0])
+
+
+@dataclass
+class DecodeBuffers:
+    """The decode step's inputs and outputs, as fixed tensors a CUDA graph can replay over.
+
+    Rows are request slots. The step feeds tokens[r] at positions[r], writes its K/V there, and leaves the next
+    token in tokens[r] and positions[r] + 1 in positions[r]: the graph advances itself, and the host only writes
+    rows whose request changed.
+    """
+
+    tokens: torch.Tensor  # (R,) int64
+    positions: torch.Tensor  # (R,) int64
+    block_table: torch.Tensor  # (R, P) int32
+    active: torch.Tensor  # (R,) bool
+    suppress_eos: torch.Tensor  # (R,) bool
+    out_tokens: torch.Tensor  # (R,) int64: a copy of the step's tokens for the host to read
+
+
+class PagedDecoder:
+    def __init__(self, model: Any, *, use_triton: bool, fuse_projections: bool) -> None:
+        text = model.model.language_model
+        self._text = text
+        self._lm_head = model.lm_head
+        self._layers = list(text.layers)
+        config = text.config
+        self.num_layers = len(self._layers)
+        self.hidden = int(config.hidden_size)
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or self.hidden // self.heads)
+        self.vocab = int(config.vocab_size)
+        attn0 = self._layers[0].self_attn
+        self.scale = float(attn0.scaling)
+        self.inv_freq: torch.Tensor = text.rotary_emb.inv_freq
+        self.rope_scaling = float(getattr(text.rotary_emb, "attention_scaling", 1.0))
+        param = next(model.parameters())
+        self.dtype: torch.dtype = param.dtype
+        self.device: torch.device = param.device
+        self.use_triton = use_triton
+        self.splits_by_batch: dict[int, int] = {}
+        self.eos_ids = torch.zeros(0, dtype=torch.long, device=self.device)
+        # Fused QKV and gate/up weights: one GEMM instead of three (two) per layer at decode time.
+        self._qkv: list[torch.Tensor] | None = None
+        self._gate_up: list[torch.Tensor] | None = None
+        if fuse_projections:
+            self._qkv = []
+            self._gate_up = []
+            for layer in self._layers:
+                a = layer.self_attn
+                self._qkv.append(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], dim=0).detach())
+                m = layer.mlp
+                self._gate_up.append(torch.cat([m.gate_proj.weight, m.up_proj.weight], dim=0).detach())
+        self._has_bias = getattr(attn0.q_proj, "bias", None) is not None
+
+    # ---- cache ----
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def allocate_cache(self, num_pages: int, page_size: int) -> KvCache:
+        shape = (num_pages, self.kv_heads, page_size, self.head_dim)
+        keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        return KvCache(keys, values, page_size)
+
+    # ---- shared pieces ----
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq.to(device=positions.device, dtype=torch.float32)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scaling).to(self.dtype)
+        sin = (emb.sin() * self.rope_scaling).to(self.dtype)
+        return cos[:, None, :], sin[:, None, :]
+
+    @staticmethod
+    def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return (x * cos) + (rotated * sin)
+
+    def _qkv_proj(self, index: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        attn = self._layers[index].self_attn
+        n = h.shape[0]
+        if self._qkv is not None and not self._has_bias:
+            fused = h @ self._qkv[index].t()
+            q_size = self.heads * self.head_dim
+            kv_size = self.kv_heads * self.head_dim
+            q, k, v = fused.split([q_size, kv_size, kv_size], dim=-1)
+        else:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q = attn.q_norm(q.reshape(n, self.heads, self.head_dim))
+        k = attn.k_norm(k.reshape(n, self.kv_heads, self.head_dim))
+        return q, k, v.reshape(n, self.kv_heads, self.head_dim)
+
+    def _mlp(self, index: int, h: torch.Tensor) -> torch.Tensor:
+        mlp = self._layers[index].mlp
+        if self._gate_up is not None:
+            gate, up = (h @ self._gate_up[index].t()).chunk(2, dim=-1)
+            return mlp.down_proj(mlp.act_fn(gate) * up)
+        return mlp(h)
+
+    def _logits_to_tokens(self, hidden: torch.Tensor, suppress_eos: torch.Tensor) -> torch.Tensor:
+        logits = self._lm_head(self._text.norm(hidden))
+        if self.eos_ids.numel() > 0:
+            # Benchmark rows never end on EOS (like generate's min_new_tokens): their EOS logits become -inf.
+            eos_logits = logits[:, self.eos_ids]
+            blocked = torch.where(suppress_eos[:, None], torch.full_like(eos_logits, float("-inf")), eos_logits)
+            logits = logits.index_copy(1, self.eos_ids, blocked)
+        return torch.argmax(logits, dim=-1)
+
+    # ---- prefill ----
+
+    def prefill(
+        self,
+        inputs_embeds: torch.Tensor,
+        lengths: list[int],
+        slots_page: torch.Tensor,
+        slots_offset: torch.Tensor,
+        cache: KvCache,
+        suppress_eos: torch.Tensor,
+    ) -> torch.Tensor:
+        """Runs the prompts of several requests packed end to end ((T, hidden), T = sum(lengths)), writes their
+        K/V at (slots_page[t], slots_offset[t]), and returns each request's first generated token (n,)."""
+        total = inputs_embeds.shape[0]
+        positions = torch.cat([torch.arange(n, device=inputs_embeds.device) for n in lengths])
+        cos, sin = self._rope(positions)
+        x = inputs_embeds
+        bounds = [0]
+        for n in lengths:
+            bounds.append(bounds[-1] + n)
+        rep = self.heads // self.kv_heads
+        for index, layer in enumerate(self._layers):
+            h = layer.input_layernorm(x)
+            q, k, v = self._qkv_proj(index, h)
+            q = self._apply_rope(q, cos, sin)
+            k = self._apply_rope(k, cos, sin)
+            cache.keys[index][slots_page, :, slots_offset] = k
+            cache.values[index][slots_page, :, slots_offset] = v
+            outs = []
+            for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+                # (1, heads, L, D): causal attention inside this request only.
+                qi = q[start:end].transpose(0, 1)[None]
+                ki = k[start:end].transpose(0, 1)[None]
+                vi = v[start:end].transpose(0, 1)[None]
+                if rep > 1:
+                    ki = ki.repeat_interleave(rep, dim=1)
+                    vi = vi.repeat_interleave(rep, dim=1)
+                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=self.scale)
+                outs.append(o[0].transpose(0, 1))
+            attn = torch.cat(outs, dim=0).reshape(total, self.heads * self.head_dim)
+            x = x + layer.self_attn.o_proj(attn)
+            x = x + self._mlp(index, layer.post_attention_layernorm(x))
+        last = torch.tensor([b - 1 for b in bounds[1:]], device=x.device)
+        return self._logits_to_tokens(x[last], suppress_eos)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embedded: torch.Tensor = self._text.embed_tokens(input_ids)
+        return embedded
+
+    # ---- decode ----
+
+    def decode_step(self, buffers: DecodeBuffers, cache: KvCache, rows: int, max_pages: int) -> None:
+        """One greedy token for rows 0..rows-1, in place on `buffers` (capturable: no host syncs)."""
+        tokens = buffers.tokens[:rows]
+        positions = buffers.positions[:rows]
+        table = buffers.block_table[:rows]
+        active = buffers.active[:rows]
+        page = cache.page_size
+        width = table.shape[1]
+        page_index = torch.clamp(positions // page, max=width - 1)
+        slot_page = table.gather(1, page_index[:, None])[:, 0].long()
+        slot_offset = positions % page
+        # Rows without a request attend to one token of the scratch page: finite, never read back.
+        seq_lens = torch.where(active, positions + 1, torch.ones_like(positions)).to(torch.int32)
+        cos, sin = self._rope(positions)
+        x = self.embed(tokens)
+        splits = self.splits_by_batch.get(rows, 1)
+        for index, layer in enumerate(self._layers):
+            h = layer.input_layernorm(x)
+            q, k, v = self._qkv_proj(index, h)
+            q = self._apply_rope(q, cos, sin)
+            k = self._apply_rope(k, cos, sin)
+            cache.keys[index][slot_page, :, slot_offset] = k
+            cache.values[index][slot_page, :, slot_offset] = v
+            if self.use_triton:
+                attn = paged_decode_attention_triton(
+                    q, cache.keys[index], cache.values[index], table, seq_lens, self.scale, splits
+                )
+            else:
+                attn = paged_decode_attention_torch(
+                    q, cache.keys[index], cache.values[index], table, seq_lens, self.scale, max_pages
+                )
+            x = x + layer.self_attn.o_proj(attn.reshape(rows, self.heads * self.head_dim))
+            x = x + self._mlp(index, layer.post_attention_layernorm(x))
+        next_tokens = self._logits_to_tokens(x, buffers.suppress_eos[:rows])
+        tokens.copy_(next_tokens)
+        buffers.out_tokens[:rows].copy_(next_tokens)
+        positions.add_(1)
