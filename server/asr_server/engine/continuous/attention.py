@@ -64,8 +64,8 @@ def _kernel() -> Any:
     import triton
     import triton.language as tl
 
-    @triton.jit  # type: ignore[untyped-decorator]
-    def paged_decode_kernel(
+    @triton.jit  # type: ignore[untyped-decorator,unused-ignore]
+    def paged_decode_kernel(  # type: ignore[no-untyped-def]
         q_ptr,
         k_ptr,
         v_ptr,

@@ -126,7 +126,8 @@ class ContinuousEngine:
         if self._cuda:
             props = torch.cuda.get_device_properties(self._device)
             for b in self._buckets:
-                self._decoder.splits_by_batch[b] = num_splits_for(b, self._decoder.kv_heads, props.multi_processor_count)
+                splits = num_splits_for(b, self._decoder.kv_heads, props.multi_processor_count)
+                self._decoder.splits_by_batch[b] = splits
         self._graphs: dict[int, Any] = {}
         self._pool = ThreadPoolExecutor(max_workers=cfg.preprocess_threads, thread_name_prefix="asr-prep")
         self._waiting: deque[_Request] = deque()
@@ -269,12 +270,14 @@ class ContinuousEngine:
                     EngineOutput(
                         req.request_id,
                         error=LimitExceeded(
-                            f"request needs {need_tokens} KV tokens, the cache holds {(self._cache.num_pages - 1) * page}"
+                            f"request needs {need_tokens} KV tokens, the cache holds "
+                            f"{(self._cache.num_pages - 1) * page}"
                         ),
                     )
                 )
                 continue
-            if need_pages > len(self._free_pages) or (admitted and prompt_tokens + prompt_len > self._config.max_prefill_tokens):
+            over_prefill = bool(admitted) and prompt_tokens + prompt_len > self._config.max_prefill_tokens
+            if need_pages > len(self._free_pages) or over_prefill:
                 self._waiting.appendleft(req)
                 break
             req.prompt_len = prompt_len
@@ -412,7 +415,7 @@ class ContinuousEngine:
         if self._cuda:
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             host.copy_(tokens, non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record()
             self._pending.append(_PendingTokens(event, host, owners))
         else:
@@ -473,7 +476,7 @@ class ContinuousEngine:
         b = self._buffers
         saved = (b.tokens.clone(), b.positions.clone(), b.active.clone())
         pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self._device)
+        stream = torch.cuda.Stream(self._device)  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(stream):
             for rows in self._buckets:

@@ -119,7 +119,7 @@ class PagedDecoder:
             fused = h @ self._qkv[index].t()
             q_size = self.heads * self.head_dim
             kv_size = self.kv_heads * self.head_dim
-            q, k, v = fused.split([q_size, kv_size, kv_size], dim=-1)
+            q, k, v = torch.split(fused, [q_size, kv_size, kv_size], dim=-1)
         else:
             q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
         q = attn.q_norm(q.reshape(n, self.heads, self.head_dim))
@@ -130,8 +130,10 @@ class PagedDecoder:
         mlp = self._layers[index].mlp
         if self._gate_up is not None:
             gate, up = (h @ self._gate_up[index].t()).chunk(2, dim=-1)
-            return mlp.down_proj(mlp.act_fn(gate) * up)
-        return mlp(h)
+            down: torch.Tensor = mlp.down_proj(mlp.act_fn(gate) * up)
+            return down
+        out: torch.Tensor = mlp(h)
+        return out
 
     def _logits_to_tokens(self, hidden: torch.Tensor, suppress_eos: torch.Tensor) -> torch.Tensor:
         logits = self._lm_head(self._text.norm(hidden))
