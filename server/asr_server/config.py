@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 from asr_server import __version__
 
 TracingExporter = Literal["none", "console", "otlp"]
-EngineKind = Literal["transformers", "fake"]
+EngineKind = Literal["continuous", "transformers", "fake"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,19 @@ class EngineConfig:
     # Fake engine only: simulated time per batch, to test batching and cancellation.
     fake_batch_delay_ms: float = 0.0
     warmup: bool = True
+    # Continuous engine (engine/continuous): decode rows, KV cache, prefill and encoder budgets, CUDA graphs.
+    max_running_requests: int = 128
+    kv_cache_tokens: int = 0  # 0: size the cache from free device memory
+    kv_cache_memory_fraction: float = 0.85
+    max_context_tokens: int = 32768
+    max_prefill_tokens: int = 16384
+    encoder_batch_audio_s: float = 960.0
+    cuda_graphs: bool = True
+    # One engine replica per device ("cuda:0,cuda:1"); empty: the single --device.
+    devices: str = ""
+    # Benchmarks only: every request generates exactly this many tokens per audio second (+6 for the language
+    # prefix), ignoring EOS, so random-weight models produce realistic lengths. 0: off.
+    bench_forced_tokens_per_audio_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,8 @@ class AlignerConfig:
     device: str = "auto"
     max_batch_size: int = 32
     max_batch_wait_ms: float = 5.0
+    # Deadline of one alignment call to the sidecar, waiting for a restarting sidecar included.
+    timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,13 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class StreamingConfig:
+    # A live stream that sends no message for this long ends with DEADLINE_EXCEEDED (its open utterance is
+    # flushed as a final first).
+    idle_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -91,6 +113,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     aligner: AlignerConfig = field(default_factory=AlignerConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
 
 
 class ConfigError(ValueError):
@@ -117,6 +140,26 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("engine", "default_max_new_tokens", "--max-new-tokens", int, "tokens per chunk when a request says 0"),
     ("engine", "max_new_tokens_limit", "--max-new-tokens-limit", int, "most tokens a request may ask for"),
     ("engine", "fake_batch_delay_ms", "--fake-batch-delay-ms", float, "fake engine: time per batch"),
+    ("engine", "max_running_requests", "--max-running-requests", int, "continuous: most requests decoding at once"),
+    ("engine", "kv_cache_tokens", "--kv-cache-tokens", int, "continuous: KV cache size in tokens; 0: from memory"),
+    (
+        "engine",
+        "kv_cache_memory_fraction",
+        "--kv-cache-memory-fraction",
+        float,
+        "continuous: share of free device memory for the KV cache",
+    ),
+    ("engine", "max_context_tokens", "--max-context-tokens", int, "continuous: longest prompt + output per chunk"),
+    ("engine", "max_prefill_tokens", "--max-prefill-tokens", int, "continuous: prompt tokens prefilled per step"),
+    ("engine", "encoder_batch_audio_s", "--encoder-batch-audio-s", float, "continuous: audio per encoder batch"),
+    ("engine", "devices", "--devices", str, "one engine replica per device, e.g. cuda:0,cuda:1"),
+    (
+        "engine",
+        "bench_forced_tokens_per_audio_s",
+        "--bench-forced-tokens-per-audio-s",
+        float,
+        "benchmarks only: force N tokens per audio second (+6), ignoring EOS; 0 = off",
+    ),
     ("limits", "max_audio_duration_s", "--max-audio-duration-s", int, "longest audio per request"),
     ("limits", "max_message_bytes", "--max-message-bytes", int, "largest request message"),
     ("limits", "max_stream_bytes", "--max-stream-bytes", int, "most audio bytes per client stream"),
@@ -134,6 +177,9 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("aligner", "dtype", "--aligner-dtype", str, "aligner dtype"),
     ("aligner", "device", "--aligner-device", str, "aligner device"),
     ("aligner", "max_batch_size", "--aligner-max-batch-size", int, "aligner batch size"),
+    ("aligner", "max_batch_wait_ms", "--aligner-max-batch-wait-ms", float, "aligner: wait for a batch to fill"),
+    ("aligner", "timeout_s", "--aligner-timeout-s", float, "deadline of one alignment (UNAVAILABLE after)"),
+    ("streaming", "idle_timeout_s", "--stream-idle-timeout-s", float, "end a live stream idle this long"),
     ("tracing", "exporter", "--tracing", str, "none, console or otlp"),
     ("tracing", "otlp_endpoint", "--otlp-endpoint", str, "OTLP gRPC endpoint"),
     ("tracing", "service_name", "--service-name", str, "service.name of spans"),
@@ -141,6 +187,7 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
 
 _BOOL_FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("engine", "warmup", "--no-warmup", "skip the warm-up batch before reporting SERVING"),
+    ("engine", "cuda_graphs", "--no-cuda-graphs", "continuous engine: run decode steps eagerly"),
     ("server", "reflection", "--no-reflection", "do not register server reflection"),
 )
 
@@ -195,6 +242,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         limits=LimitsConfig(**values["limits"]),
         aligner=AlignerConfig(**values["aligner"]),
         tracing=TracingConfig(**values["tracing"]),
+        streaming=StreamingConfig(**values["streaming"]),
     )
     validate(config)
     return config
@@ -212,7 +260,17 @@ def validate(config: Config) -> None:
             raise ConfigError(message)
 
     e, lim, t = config.engine, config.limits, config.tracing
-    need(e.kind in ("transformers", "fake"), f"--engine must be transformers or fake, not {e.kind!r}")
+    need(
+        e.kind in ("continuous", "transformers", "fake"),
+        f"--engine must be continuous, transformers or fake, not {e.kind!r}",
+    )
+    need(e.max_running_requests >= 1, "--max-running-requests must be >= 1")
+    need(e.kv_cache_tokens >= 0, "--kv-cache-tokens must be >= 0")
+    need(0 < e.kv_cache_memory_fraction <= 1, "--kv-cache-memory-fraction must be in (0, 1]")
+    need(e.max_context_tokens >= 256, "--max-context-tokens must be >= 256")
+    need(e.max_prefill_tokens >= 1, "--max-prefill-tokens must be >= 1")
+    need(e.encoder_batch_audio_s > 0, "--encoder-batch-audio-s must be > 0")
+    need(e.bench_forced_tokens_per_audio_s >= 0, "--bench-forced-tokens-per-audio-s must be >= 0")
     need(e.max_inference_batch_size >= 1, "--max-inference-batch-size must be >= 1")
     need(e.max_batch_wait_ms >= 0, "--max-batch-wait-ms must be >= 0")
     need(e.max_queued_requests >= 1, "--max-queued-requests must be >= 1")
@@ -231,7 +289,11 @@ def validate(config: Config) -> None:
         "--max-chunk-with-timestamps-s must be 30..300 (the aligner's 5000 classes x 80 ms cover 400 s)",
     )
     need(t.exporter in ("none", "console", "otlp"), f"--tracing must be none, console or otlp, not {t.exporter!r}")
+    need(config.streaming.idle_timeout_s > 0, "--stream-idle-timeout-s must be > 0")
     need(config.aligner.mode in ("spawn", "connect"), "--aligner-mode must be spawn or connect")
+    need(config.aligner.max_batch_size >= 1, "--aligner-max-batch-size must be >= 1")
+    need(config.aligner.max_batch_wait_ms >= 0, "--aligner-max-batch-wait-ms must be >= 0")
+    need(config.aligner.timeout_s > 0, "--aligner-timeout-s must be > 0")
     need(
         config.aligner.mode != "connect" or not config.aligner.model or bool(config.aligner.address),
         "--aligner-mode connect needs --aligner-address",

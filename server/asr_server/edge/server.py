@@ -17,8 +17,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from qwenasr.v1 import asr_pb2, asr_pb2_grpc
 
+from asr_server.aligner.managed import WORD_TIMESTAMPS_HEALTH_SERVICE, ManagedAligner
 from asr_server.config import Config
 from asr_server.edge.servicer import AsrServicer
+from asr_server.engine.continuous.replicas import ReplicatedRunner
 from asr_server.engine.core import EngineCore
 from asr_server.engine.runner import BatchingPolicy, EngineRunner
 from asr_server.tracing import SERVICE, setup_tracing
@@ -38,6 +40,11 @@ def build_engine_core_factory(config: Config) -> Callable[[], EngineCore]:
         return lambda: FakeEngine(
             max_batch_size=engine.max_inference_batch_size, batch_delay_ms=engine.fake_batch_delay_ms
         )
+
+    if engine.kind == "continuous" or engine.bench_forced_tokens_per_audio_s > 0:
+        from asr_server.engine.continuous.factory import make_core_factory
+
+        return make_core_factory(config, config.model.device)
 
     def load() -> EngineCore:
         # Runs on the engine thread, so the thread that owns the device also loads onto it.
@@ -119,10 +126,31 @@ class AsrServer:
     ) -> None:
         self.config = config
         limits = config.engine
-        self.engine = EngineRunner(
-            core_factory or build_engine_core_factory(config),
-            BatchingPolicy(limits.max_inference_batch_size, limits.max_batch_wait_ms, limits.max_queued_requests),
-        )
+        policy = BatchingPolicy(limits.max_inference_batch_size, limits.max_batch_wait_ms, limits.max_queued_requests)
+        self.engine: EngineRunner | ReplicatedRunner
+        if core_factory is None and limits.kind != "fake" and "," in limits.devices:
+            from asr_server.engine.continuous.factory import make_core_factory, replica_devices
+
+            self.engine = ReplicatedRunner(
+                [
+                    EngineRunner(make_core_factory(config, device), policy, name=f"engine-{device}")
+                    for device in replica_devices(config)
+                ]
+            )
+        else:
+            devices = [d.strip() for d in limits.devices.split(",") if d.strip()]
+            if core_factory is None and limits.kind != "fake" and devices:
+                from asr_server.engine.continuous.factory import make_core_factory
+
+                core_factory = make_core_factory(config, devices[0])
+            self.engine = EngineRunner(core_factory or build_engine_core_factory(config), policy)
+        if aligner is None and config.aligner.model:
+            from asr_server.aligner.managed import SidecarAligner
+
+            aligner = SidecarAligner(config.aligner)
+        self.aligner = aligner
+        self._serving = False
+        self._health_updates: set[asyncio.Future[None]] = set()
         self.transcriber = Transcriber(
             self.engine,
             aligner,
@@ -146,7 +174,7 @@ class AsrServer:
             ],
         )
         servicer = AsrServicer(
-            self.config, self.transcriber, model_id=lambda: self.engine.model_id, aligner_ready=lambda: False
+            self.config, self.transcriber, model_id=lambda: self.engine.model_id, aligner_ready=self._aligner_ready
         )
         asr_pb2_grpc.add_AsrServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -164,11 +192,35 @@ class AsrServer:
         await server.start()
         self._server = server
         logger.info("listening on port %d; loading the engine", self.port)
+        if isinstance(self.aligner, ManagedAligner):
+            # The sidecar loads in its own process while the engine loads here.
+            self.aligner.add_listener(self._on_aligner_change)
+            await self._set_word_timestamps_health()
+            await self.aligner.start()
         await self.engine.start()
         if not self._stopping:
+            self._serving = True
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            if self.aligner is not None:
+                await self._set_word_timestamps_health()
             logger.info("serving %s", self.engine.model_id)
         return self.port
+
+    def _aligner_ready(self) -> bool:
+        if isinstance(self.aligner, ManagedAligner):
+            return self.aligner.ready
+        return self.aligner is not None
+
+    def _on_aligner_change(self, ready: bool) -> None:
+        task = asyncio.ensure_future(self._set_word_timestamps_health())
+        self._health_updates.add(task)  # a task nobody references may be garbage-collected before it runs
+        task.add_done_callback(self._health_updates.discard)
+
+    async def _set_word_timestamps_health(self) -> None:
+        # Transcription without timestamps does not need the aligner: "" stays SERVING while it is down.
+        up = self._serving and not self._stopping and self._aligner_ready()
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(WORD_TIMESTAMPS_HEALTH_SERVICE, status)
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for name in ("", SERVICE):
@@ -184,6 +236,8 @@ class AsrServer:
         if self._server is not None:
             await self._server.stop(grace)
         await self.engine.stop()
+        if isinstance(self.aligner, ManagedAligner):
+            await self.aligner.stop()
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
