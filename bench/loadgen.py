@@ -197,7 +197,11 @@ async def run(args: argparse.Namespace) -> Report:
         wall_s=wall,
         audio_s_per_s=sum(s.audio_s for s in ok) / wall if wall > 0 else 0.0,
         rtf_mean=statistics.fmean(s.latency_s / s.audio_s for s in ok) if ok else float("nan"),
-        latency_ms={"p50": percentile(latencies, 50), "p90": percentile(latencies, 90), "p99": percentile(latencies, 99)},
+        latency_ms={
+            "p50": percentile(latencies, 50),
+            "p90": percentile(latencies, 90),
+            "p99": percentile(latencies, 99),
+        },
         server_queue_ms_p50=percentile([s.queue_ms for s in ok], 50),
         server_inference_ms_p50=percentile([s.inference_ms for s in ok], 50),
         first_result_ms={"p50": percentile(firsts, 50), "p99": percentile(firsts, 99)},

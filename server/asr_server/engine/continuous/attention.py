@@ -42,9 +42,7 @@ def paged_decode_attention_torch(
     if rep > 1:
         keys = keys.repeat_interleave(rep, dim=1)
         values = values.repeat_interleave(rep, dim=1)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, None, :], keys, values, attn_mask=mask, scale=scale
-    )
+    out = torch.nn.functional.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask, scale=scale)
     return out[:, :, 0, :]
 
 

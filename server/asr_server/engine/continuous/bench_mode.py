@@ -29,9 +29,7 @@ class ForcedTokensCore:
         self.model_id = inner.model_id
 
     def add(self, item: WorkItem) -> None:
-        request = dataclasses.replace(
-            item.request, forced_num_tokens=forced_tokens(item.request.audio_s, self._rate)
-        )
+        request = dataclasses.replace(item.request, forced_num_tokens=forced_tokens(item.request.audio_s, self._rate))
         self._inner.add(dataclasses.replace(item, request=request))
 
     def warmup(self) -> None:

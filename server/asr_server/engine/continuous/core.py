@@ -54,6 +54,8 @@ class ContinuousConfig:
     encoder_batch_audio_s: float = 960.0
     cuda_graphs: bool = True
     preprocess_threads: int = 4
+    # Benchmarks: synchronise after each phase and add up its time in ContinuousEngine.profile (slower).
+    profile: bool = False
 
 
 @dataclass
@@ -133,8 +135,9 @@ class ContinuousEngine:
         self._waiting: deque[_Request] = deque()
         self._running: dict[str, _Request] = {}
         self._pending: deque[_PendingTokens] = deque()
-        self._host_pages = 0  # pages reserved by running requests
         self.steps = 0
+        self.profile: dict[str, float] = {}
+        self.decode_ms_by_bucket: dict[int, list[float]] = {}
         logger.info(
             "continuous engine on %s: %d KV pages of %d tokens (%d tokens, %.1f GiB), %d rows",
             dev,
@@ -200,6 +203,14 @@ class ContinuousEngine:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._graphs.clear()
+
+    def _mark(self, name: str, since: float) -> float:
+        """Profile mode: waits for the device, adds the time since `since` to `name`, returns now."""
+        if self._cuda:
+            torch.cuda.synchronize(self._device)
+        now = time.perf_counter()
+        self.profile[name] = self.profile.get(name, 0.0) + (now - since)
+        return now
 
     def step(self) -> list[EngineOutput]:
         outputs: list[EngineOutput] = []
@@ -313,7 +324,13 @@ class ContinuousEngine:
 
     def _prefill(self, admitted: list[_Request]) -> None:
         prepared = [req.prepared.result() for req in admitted]
+        profiling = self._config.profile
+        t0 = time.perf_counter()
+        if profiling:
+            t0 = self._mark("drain", t0)
         audio_embeds = self._encode(prepared)
+        if profiling:
+            t0 = self._mark("encoder", t0)
         decoder = self._decoder
         dev = self._device
         page = self._config.page_size
@@ -340,6 +357,8 @@ class ContinuousEngine:
             self._cache,
             suppress,
         )
+        if profiling:
+            self._mark("prefill", t0)
         # Insert the rows: first token, its position, the block table row, flags.
         rows = [r.row for r in admitted]
         index = torch.tensor(rows, dtype=torch.long, device=dev)
@@ -403,11 +422,18 @@ class ContinuousEngine:
 
     def _launch_decode(self) -> None:
         rows, max_pages = self._bucket()
+        profiling = self._config.profile
+        t0 = time.perf_counter()
+        if profiling:
+            t0 = self._mark("drain", t0)
         graph = self._graphs.get(rows)
         if graph is not None:
             graph.replay()
         else:
             self._decoder.decode_step(self._buffers, self._cache, rows, max_pages)
+        if profiling:
+            now = self._mark("decode", t0)
+            self.decode_ms_by_bucket.setdefault(rows, []).append((now - t0) * 1000)
         owners = [(i, owner) for i, owner in enumerate(self._row_owner[:rows]) if owner is not None]
         self._push_pending(self._buffers.out_tokens[:rows], owners)
 

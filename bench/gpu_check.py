@@ -1,0 +1,174 @@
+"""In-process GPU checks and engine profile (no gRPC): run on the GPU machine by bench/run_gpu.sh.
+
+    python bench/gpu_check.py kernel
+    python bench/gpu_check.py parity --model DIR [--n 24 --max-new 48]
+    python bench/gpu_check.py engine --model DIR [--n 128 --audio-s 120]
+
+kernel: the Triton paged decode attention against the torch reference on random bf16 data (relative error).
+parity: bf16 greedy tokens of the continuous engine against `model.generate` run on each request alone; prints
+  the share of requests whose tokens match exactly and where the others first differ.
+engine: throughput of the continuous engine alone (all requests submitted at once, forced 4 tokens/s + 6), then
+  the same with per-phase synchronisation for a breakdown (encoder, prefill, decode, host), then one request alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from asr_server.engine.continuous.attention import (
+    num_splits_for,
+    paged_decode_attention_torch,
+    paged_decode_attention_triton,
+)
+from asr_server.engine.continuous.bench_mode import forced_tokens
+from asr_server.engine.continuous.core import ContinuousConfig, ContinuousEngine
+from asr_server.engine.generate_core import GenerateEngine
+from asr_server.engine.types import DecodeOptions, DecodeRequest, WorkItem
+from asr_server.models.loading import load_asr_model
+
+
+def kernel_check() -> dict[str, Any]:
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    heads, kv_heads, dim, page = 16, 8, 128, 64
+    pages_total = 4096
+    k = torch.randn(pages_total, kv_heads, page, dim, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    results = {}
+    for batch in (1, 7, 64, 128):
+        lens = torch.randint(1, 2600, (batch,), device=dev, dtype=torch.int32)
+        width = 64
+        perm = torch.randperm(pages_total - 1, device=dev)[: batch * width].reshape(batch, width) + 1
+        table = perm.to(torch.int32)
+        q = torch.randn(batch, heads, dim, device=dev, dtype=torch.bfloat16)
+        max_pages = int((lens.max().item() + page - 1) // page)
+        ref = paged_decode_attention_torch(q.float(), k.float(), v.float(), table, lens, dim**-0.5, max_pages)
+        splits = num_splits_for(batch, kv_heads, sms)
+        out = paged_decode_attention_triton(q, k, v, table, lens, dim**-0.5, splits).float()
+        rel = float((out - ref).norm() / ref.norm())
+        results[f"batch{batch}_splits{splits}"] = rel
+        print(f"kernel batch {batch:4d} splits {splits:2d}: rel err {rel:.2e}", flush=True)
+    return results
+
+
+def make_requests(n: int, seed: int, lengths_s: list[float], max_new: int, forced: bool) -> list[DecodeRequest]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        audio_s = lengths_s[i % len(lengths_s)]
+        audio = (0.1 * rng.standard_normal(int(audio_s * 16000))).astype(np.float32)
+        options = DecodeOptions(language=None, context="", max_new_tokens=max_new)
+        out.append(
+            DecodeRequest(f"r{i}", audio, options, forced_num_tokens=forced_tokens(audio_s, 4.0) if forced else None)
+        )
+    return out
+
+
+def run_engine(engine: ContinuousEngine, requests: list[DecodeRequest]) -> tuple[dict[str, tuple[int, ...]], float]:
+    start = time.perf_counter()
+    for r in requests:
+        engine.add(WorkItem(r, time.time_ns(), time.monotonic()))
+    got: dict[str, tuple[int, ...]] = {}
+    while engine.num_waiting() or engine.num_running():
+        for o in engine.step():
+            if o.error is not None:
+                print("ERROR", o.request_id, o.error, flush=True)
+            elif o.result is not None:
+                got[o.request_id] = o.result.token_ids
+    torch.cuda.synchronize()
+    return got, time.perf_counter() - start
+
+
+def parity(model_dir: str, n: int, max_new: int) -> dict[str, Any]:
+    loaded = load_asr_model(model_dir, dtype="bfloat16", device="cuda")
+    requests = make_requests(n, 1, [0.4, 1.5, 3.0, 5.0, 9.0, 17.0, 30.0], max_new, forced=False)
+    generate = GenerateEngine(loaded, max_batch_size=1)
+    ref = {}
+    for r in requests:
+        out = generate._run_batch([WorkItem(r, time.time_ns(), time.monotonic())])[0]
+        if out.result is not None:
+            ref[r.request_id] = out.result.token_ids
+    engine = ContinuousEngine(loaded, ContinuousConfig(max_running=32, kv_cache_tokens=200_000))
+    engine.warmup()
+    got, _ = run_engine(engine, requests)
+    exact = sum(1 for k in ref if got.get(k) == ref[k])
+    diverge = []
+    for k in ref:
+        a, b = ref[k], got.get(k, ())
+        if a != b:
+            first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+            diverge.append(first)
+    print(f"parity bf16: {exact}/{len(ref)} requests exact; first differing token at {sorted(diverge)}", flush=True)
+    engine.close()
+    return {"exact": exact, "total": len(ref), "first_divergence": sorted(diverge)}
+
+
+def engine_bench(model_dir: str, n: int, audio_s: float) -> dict[str, Any]:
+    loaded = load_asr_model(model_dir, dtype="bfloat16", device="cuda")
+    results: dict[str, Any] = {}
+    engine = ContinuousEngine(loaded, ContinuousConfig(max_running=max(128, n)))
+    t = time.perf_counter()
+    engine.warmup()
+    results["warmup_s"] = time.perf_counter() - t
+    print(f"warmup + graph capture {results['warmup_s']:.1f} s", flush=True)
+    for label, count, secs in (("single_120s", 1, 120.0), ("single_5s", 1, 5.0), ("single_5s_b", 1, 5.0)):
+        _, wall = run_engine(engine, make_requests(count, 2, [secs], 8192, forced=True))
+        results[label] = wall
+        print(f"{label}: {wall * 1000:.0f} ms", flush=True)
+    requests = make_requests(n, 3, [audio_s], 8192, forced=True)
+    _, wall = run_engine(engine, requests)
+    results["throughput_audio_s_per_s"] = n * audio_s / wall
+    results["throughput_wall_s"] = wall
+    print(f"engine alone: {n} x {audio_s:.0f} s in {wall:.2f} s = {n * audio_s / wall:.0f} audio-s/s", flush=True)
+    engine.close()
+    del engine
+    torch.cuda.empty_cache()
+    engine = ContinuousEngine(loaded, ContinuousConfig(max_running=max(128, n), profile=True))
+    engine.warmup()
+    engine.profile.clear()
+    engine.decode_ms_by_bucket.clear()
+    _, wall = run_engine(engine, make_requests(n, 3, [audio_s], 8192, forced=True))
+    results["profile_wall_s"] = wall
+    results["profile_s"] = dict(engine.profile)
+    results["decode_ms_by_bucket"] = {
+        str(b): {"steps": len(v), "median_ms": float(np.median(v))} for b, v in engine.decode_ms_by_bucket.items()
+    }
+    print(
+        f"profile (synchronised) wall {wall:.2f} s: " + json.dumps({k: round(v, 3) for k, v in engine.profile.items()})
+    )
+    print("decode ms by bucket: " + json.dumps(results["decode_ms_by_bucket"]), flush=True)
+    results["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    engine.close()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("part", choices=("kernel", "parity", "engine"))
+    parser.add_argument("--model", default="")
+    parser.add_argument("--n", type=int, default=0)
+    parser.add_argument("--max-new", type=int, default=48)
+    parser.add_argument("--audio-s", type=float, default=120.0)
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    if args.part == "kernel":
+        out = kernel_check()
+    elif args.part == "parity":
+        out = parity(args.model, args.n or 24, args.max_new)
+    else:
+        out = engine_bench(args.model, args.n or 128, args.audio_s)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(out, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

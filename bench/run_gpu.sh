@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The GPU benchmark, in one call of the device tool (or by hand on any CUDA machine). Sections:
+#   bash bench/run_gpu.sh setup      # install carried wheels (.whl/) into /tmp/site
+#   bash bench/run_gpu.sh kernel     # Triton paged attention vs torch reference
+#   bash bench/run_gpu.sh engine17   # build the random 1.7B, in-process engine throughput + profile
+#   bash bench/run_gpu.sh grpc17     # gRPC server with the random 1.7B + the load generator table
+#   bash bench/run_gpu.sh parity06   # build the random 0.6B, bf16 token parity share vs model.generate
+#   bash bench/run_gpu.sh grpc06     # gRPC server with the random 0.6B, 128 x 120 s
+#   bash bench/run_gpu.sh replicas   # two replicas (--devices cuda:0,cuda:1) vs one, same load
+# Results go to $OUT (or bench/out) as JSON and logs; each load line is printed as it finishes.
+set -uo pipefail
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT"
+export PYTHONPATH=/tmp/site:server:gen/python:clients/python
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+PORT=${PORT:-50551}
+SERVER_PID=""
+
+start_server() {  # $1 model dir, $2 log name, rest: extra flags
+  local model=$1 log=$2
+  shift 2
+  $PY -m asr_server.cli serve --model "$model" --port "$PORT" --engine continuous \
+    --bench-forced-tokens-per-audio-s 4 --max-batch-wait-ms 0 --max-inference-batch-size 128 \
+    --max-running-requests 128 --no-reflection "$@" >"$OUT/$log" 2>&1 &
+  SERVER_PID=$!
+  for _ in $(seq 1 300); do
+    if grep -q "asr-server: serving" "$OUT/$log"; then return 0; fi
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then echo "server died:"; tail -30 "$OUT/$log"; return 1; fi
+    sleep 1
+  done
+  echo "server did not start"; tail -30 "$OUT/$log"; return 1
+}
+
+stop_server() {
+  if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null; SERVER_PID=""; fi
+}
+
+load() {  # label, then loadgen flags
+  local label=$1
+  shift
+  $PY bench/loadgen.py --target "localhost:$PORT" --label "$label" --json "$OUT/load-$label.json" "$@" \
+    | tee -a "$OUT/table.txt"
+}
+
+for section in "$@"; do
+  case $section in
+    setup)
+      $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+      nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv
+      $PY -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+      ;;
+    kernel)
+      $PY bench/gpu_check.py kernel --json "$OUT/kernel.json"
+      ;;
+    engine17)
+      [ -d /tmp/rand-1.7b ] || $PY bench/build_random_checkpoint.py --size 1.7b --out /tmp/rand-1.7b --device cuda
+      $PY bench/gpu_check.py engine --model /tmp/rand-1.7b --json "$OUT/engine17.json" 2>&1 | grep -v "Loading weights"
+      ;;
+    grpc17)
+      [ -d /tmp/rand-1.7b ] || $PY bench/build_random_checkpoint.py --size 1.7b --out /tmp/rand-1.7b --device cuda
+      start_server /tmp/rand-1.7b server17.log || continue
+      load 1.7b-alone-120s --concurrency 1 --audio-s 120 --requests 3
+      load 1.7b-alone-5s --concurrency 1 --audio-s 5 --requests 20
+      load 1.7b-c64-5s --concurrency 64 --audio-s 5 --requests 640
+      load 1.7b-c128-120s --concurrency 128 --audio-s 120 --requests 256
+      load 1.7b-c128-120s-stream --concurrency 128 --audio-s 120 --requests 128 --mode stream
+      load 1.7b-c8-5s-bidi --concurrency 8 --audio-s 5 --requests 16 --mode bidi
+      grep -E "continuous engine on|captured|ERROR|Traceback" "$OUT/server17.log" | head -20
+      stop_server
+      ;;
+    parity06)
+      [ -d /tmp/rand-0.6b ] || $PY bench/build_random_checkpoint.py --size 0.6b --out /tmp/rand-0.6b --device cuda
+      $PY bench/gpu_check.py parity --model /tmp/rand-0.6b --n 24 --max-new 48 --json "$OUT/parity06.json" 2>&1 \
+        | grep -v "Loading weights"
+      ;;
+    grpc06)
+      [ -d /tmp/rand-0.6b ] || $PY bench/build_random_checkpoint.py --size 0.6b --out /tmp/rand-0.6b --device cuda
+      start_server /tmp/rand-0.6b server06.log || continue
+      load 0.6b-alone-120s --concurrency 1 --audio-s 120 --requests 3
+      load 0.6b-c128-120s --concurrency 128 --audio-s 120 --requests 256
+      stop_server
+      ;;
+    replicas)
+      [ -d /tmp/rand-1.7b ] || $PY bench/build_random_checkpoint.py --size 1.7b --out /tmp/rand-1.7b --device cuda
+      start_server /tmp/rand-1.7b server-1gpu.log --devices cuda:0 || continue
+      load 1.7b-1gpu-c128-120s --concurrency 128 --audio-s 120 --requests 256
+      stop_server
+      start_server /tmp/rand-1.7b server-2gpu.log --devices cuda:0,cuda:1 || continue
+      load 1.7b-2gpu-c256-120s --concurrency 256 --audio-s 120 --requests 512
+      stop_server
+      ;;
+    *) echo "unknown section $section"; exit 2 ;;
+  esac
+done
+echo "==== table"
+cat "$OUT/table.txt" 2>/dev/null
