@@ -1,0 +1,516 @@
+"""One live recognition stream: audio pieces in, speech events and interim/final results out.
+
+Pure asyncio over the Transcriber and the VAD batcher; the gRPC servicer only converts messages.
+
+Per channel (one for a downmix, one per channel with ChannelMode.SEPARATE):
+  raw bytes -> whole frames -> (downmix) -> incremental 16 kHz resampling -> VAD (32 ms frames) -> endpointer
+  -> utterances. The channel keeps only the audio of its open utterance (plus a few frames before it), so
+  memory is bounded by max_utterance_ms however long the stream runs.
+- Interim decodes of the open utterance, every `interim_interval_ms` of new audio, with the previous interim's
+  output minus its last tokens as prefix (prefix.py). At most one is in flight per channel: when one is still
+  queued in the engine as new audio arrives, nothing more is queued, and the next one starts from the newest
+  audio when it returns. A closing utterance cancels its interim (the engine drops it if still queued).
+- When an utterance closes, its final decode is exactly the unary path for its 16 kHz samples
+  (Transcriber.decode_piece, no prefix), then the aligner when word timestamps are asked for. Finals are
+  decoded concurrently but emitted in utterance order.
+Cost per utterance is bounded: at most (length / interval) interims of at most max_utterance_ms audio each,
+plus one final of its own audio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from asr_server.audio.assembler import StreamAssembler, StreamResampler
+from asr_server.audio.formats import AudioFormat, AudioLimits
+from asr_server.errors import AsrError, FailedPrecondition, InvalidInput
+from asr_server.results import ChannelMode, Word, WordTimestampsStatus
+from asr_server.streaming.endpoint import Endpointer, EndpointEvent, EndpointSettings, SpeechStarted, UtteranceEnded
+from asr_server.streaming.prefix import TokenDecoder, rollback
+from asr_server.streaming.vad import FRAME_SAMPLES, VadBatcher, VadState
+from asr_server.transcription import TranscribeOptions, Transcriber
+
+logger = logging.getLogger(__name__)
+
+_SAMPLES_PER_MS = 16
+# The smallest open utterance worth an interim decode (the model pads anything shorter to 0.5 s anyway).
+_MIN_INTERIM_SAMPLES = 8_000
+# Interim stability is the agreement with the previous interim, scaled below this (1.0 is for finals).
+_MAX_INTERIM_STABILITY = 0.9
+
+
+class IdleTimeout(AsrError):
+    """No message arrived for the configured idle time (the edge answers DEADLINE_EXCEEDED)."""
+
+
+class SpeechEventKind(enum.Enum):
+    STARTED = "started"
+    ENDED = "ended"
+    END_OF_SINGLE_UTTERANCE = "end_of_single_utterance"
+
+
+@dataclass(frozen=True)
+class SpeechEvent:
+    kind: SpeechEventKind
+    offset_ms: int
+    channel_index: int
+    processed_ms: int
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    is_final: bool
+    utterance_index: int
+    channel_index: int
+    text: str
+    language: str
+    stability: float
+    start_ms: int
+    end_ms: int
+    processed_ms: int
+    words: tuple[Word, ...] = ()
+    word_timestamps_status: WordTimestampsStatus = WordTimestampsStatus.NOT_REQUESTED
+
+
+StreamEvent = SpeechEvent | StreamResult
+
+
+@dataclass(frozen=True)
+class StreamingOptions:
+    transcribe: TranscribeOptions
+    endpoint: EndpointSettings = field(default_factory=EndpointSettings)
+    interim_results: bool = False
+    interim_interval_ms: int = 1000
+    single_utterance: bool = False
+    # The reference's rollback: drop this many tokens of the previous interim, and use no prefix for the
+    # first `unprefixed_interims` interims of an utterance (too little audio for a reliable prefix).
+    rollback_tokens: int = 5
+    unprefixed_interims: int = 2
+
+
+@dataclass(frozen=True)
+class UtteranceWork:
+    """What one utterance cost the engine (for tests and benchmarks)."""
+
+    channel_index: int
+    utterance_index: int
+    audio_samples: int
+    interim_decodes: int
+    interim_samples: int
+    skipped_interims: int
+
+
+def samples_to_ms(samples: int) -> int:
+    return samples // _SAMPLES_PER_MS
+
+
+class _AudioBuffer:
+    """16 kHz samples [base, end) of one channel; the front is dropped as utterances close."""
+
+    def __init__(self) -> None:
+        self.base = 0
+        self._chunks: list[npt.NDArray[np.float32]] = []
+        self._length = 0
+
+    @property
+    def end(self) -> int:
+        return self.base + self._length
+
+    @property
+    def held(self) -> int:
+        return self._length
+
+    def append(self, samples: npt.NDArray[np.float32]) -> None:
+        if samples.shape[0]:
+            self._chunks.append(samples)
+            self._length += samples.shape[0]
+
+    def _joined(self) -> npt.NDArray[np.float32]:
+        if len(self._chunks) != 1:
+            joined = np.concatenate(self._chunks) if self._chunks else np.zeros(0, dtype=np.float32)
+            self._chunks = [joined] if joined.shape[0] else []
+        return self._chunks[0] if self._chunks else np.zeros(0, dtype=np.float32)
+
+    def slice(self, start: int, end: int) -> npt.NDArray[np.float32]:
+        if start < self.base or end > self.end or start > end:
+            raise RuntimeError(f"samples [{start}, {end}) are not held (held: [{self.base}, {self.end}))")
+        return self._joined()[start - self.base : end - self.base].copy()
+
+    def drop_before(self, sample: int) -> None:
+        cut = min(max(sample, self.base), self.end) - self.base
+        if cut <= 0:
+            return
+        joined = self._joined()
+        rest = joined[cut:].copy()
+        self._chunks = [rest] if rest.shape[0] else []
+        self._length = rest.shape[0]
+        self.base += cut
+
+
+@dataclass(eq=False)
+class _Channel:
+    index: int
+    endpointer: Endpointer
+    vad: VadState = field(default_factory=VadState)
+    buffer: _AudioBuffer = field(default_factory=_AudioBuffer)
+    utterance_index: int = 0
+    finals: asyncio.Queue[asyncio.Task[StreamResult] | None] = field(default_factory=asyncio.Queue)
+    emitter: asyncio.Task[None] | None = None
+    # The open utterance's interim state.
+    interim_task: asyncio.Task[None] | None = None
+    interim_from: int = 0  # audio end of the last interim (or the utterance start)
+    interim_ids: tuple[int, ...] = ()
+    interim_text: str = ""
+    interim_count: int = 0
+    interim_samples: int = 0
+    interims_skipped: int = 0
+
+
+class StreamingSession:
+    """Feed audio with `feed`, end with `finish` (half-close) or `cancel`; read `events()` concurrently.
+
+    `feed` returns once the piece went through VAD and endpointing (its decodes run on in the background), so
+    a caller that awaits it gets natural back-pressure. Errors of the stream (a final's decode failing) end
+    `events()` with the exception.
+    """
+
+    def __init__(
+        self,
+        options: StreamingOptions,
+        audio_format: AudioFormat,
+        *,
+        transcriber: Transcriber,
+        vad: VadBatcher,
+        limits: AudioLimits,
+        token_decoder: TokenDecoder | None = None,
+        on_utterance_work: Callable[[UtteranceWork], None] | None = None,
+    ) -> None:
+        if not audio_format.encoding.is_raw:
+            raise InvalidInput(
+                "StreamingRecognize needs a raw encoding (LINEAR16, FLOAT32, MULAW or ALAW) with sample_rate_hz "
+                "and channel_count; encoded files can only be decoded whole: send them with TranscribeStream"
+            )
+        if options.transcribe.return_word_timestamps and not transcriber.has_aligner:
+            raise FailedPrecondition(
+                "return_word_timestamps needs the forced aligner, and this server runs without one; "
+                "start it with --aligner-model (e.g. Qwen/Qwen3-ForcedAligner-0.6B-hf)"
+            )
+        self.options = options
+        self.format = audio_format
+        self._transcriber = transcriber
+        self._vad = vad
+        self._decoder = token_decoder
+        self._on_work = on_utterance_work
+        self._assembler = StreamAssembler(audio_format, limits=limits, keep_for_finish=False)
+        separate = options.transcribe.channel_mode is ChannelMode.SEPARATE and audio_format.channel_count > 1
+        self._downmix = not separate and audio_format.channel_count > 1
+        count = audio_format.channel_count if separate else 1
+        self._resampler = StreamResampler(audio_format.sample_rate_hz, count)
+        self._channels = [_Channel(i, Endpointer(options.endpoint)) for i in range(count)]
+        self._out: asyncio.Queue[StreamEvent | None] = asyncio.Queue()
+        self._error: BaseException | None = None
+        self._stopped = False  # no more audio is processed (single utterance done, finished or cancelled)
+        self._flushing = False  # finish() is pushing the last samples through
+        self._finished = False
+        self._interval_samples = options.interim_interval_ms * _SAMPLES_PER_MS
+
+    # ---- input ----
+
+    @property
+    def accepting_audio(self) -> bool:
+        return not self._stopped
+
+    @property
+    def processed_ms(self) -> int:
+        return samples_to_ms(min(c.endpointer.frames_seen for c in self._channels) * FRAME_SAMPLES)
+
+    @property
+    def held_samples(self) -> int:
+        """16 kHz samples the session holds right now, all channels (bounded by max_utterance_ms)."""
+        return sum(c.buffer.held for c in self._channels)
+
+    async def feed(self, piece: bytes) -> None:
+        """Adds one audio piece of any size. Raises InvalidInput or LimitExceeded for bad or too much audio."""
+        if self._stopped:
+            return
+        self._assembler.append(piece)
+        frames = self._assembler.take_frames()
+        if frames is None:
+            return
+        if self._downmix:
+            frames = frames.mean(axis=0, dtype=np.float32, keepdims=True)
+        await self._process(self._resampler.process(frames))
+
+    async def finish(self) -> None:
+        """The client half-closed: flush the open utterances as finals; `events()` ends after the last one."""
+        if self._finished:
+            return
+        self._finished = True
+        if not self._stopped:
+            self._stopped = True
+            self._flushing = True
+            await self._process(self._resampler.flush(), flushing=True)
+            self._flushing = False
+            for channel in self._channels:
+                ended = channel.endpointer.flush(channel.buffer.end)
+                if ended is not None:
+                    self._close_utterance(channel, ended)
+        await self._drain_finals()
+        self._out.put_nowait(None)
+
+    def cancel(self) -> None:
+        """The client went away: drop every decode at once (queued ones leave the engine queue)."""
+        self._stopped = True
+        self._finished = True
+        for channel in self._channels:
+            if channel.interim_task is not None:
+                channel.interim_task.cancel()
+                channel.interim_task = None
+            if channel.emitter is not None:
+                channel.emitter.cancel()
+            while not channel.finals.empty():
+                task = channel.finals.get_nowait()
+                if task is not None:
+                    task.cancel()
+        self._out.put_nowait(None)
+
+    async def events(self) -> AsyncIterator[StreamEvent]:
+        while True:
+            event = await self._out.get()
+            if event is None:
+                if self._error is not None:
+                    raise self._error
+                return
+            yield event
+
+    # ---- processing ----
+
+    async def _process(self, samples_16k: npt.NDArray[np.float32], *, flushing: bool = False) -> None:
+        if samples_16k.shape[1] == 0:
+            return
+        await asyncio.gather(*(self._process_channel(c, samples_16k[c.index]) for c in self._channels))
+        if not flushing:
+            for channel in self._channels:
+                self._maybe_interim(channel)
+
+    async def _process_channel(self, channel: _Channel, samples: npt.NDArray[np.float32]) -> None:
+        channel.buffer.append(np.ascontiguousarray(samples, dtype=np.float32))
+        first = channel.endpointer.frames_seen
+        probs = await self._vad.probabilities(channel.vad, samples)
+        if self._stopped and not self._flushing:
+            return
+        n = probs.shape[0]
+        if n:
+            frames = channel.buffer.slice(first * FRAME_SAMPLES, (first + n) * FRAME_SAMPLES).reshape(n, -1)
+            energies = np.mean(np.square(frames, dtype=np.float64), axis=1).astype(np.float32)
+            for event in channel.endpointer.push(probs, energies):
+                self._on_endpoint(channel, event)
+                if self._stopped and not self._flushing:
+                    return  # single utterance: nothing after the first final
+        # Keep the open utterance, or what a future one could be back-dated into.
+        keep = channel.endpointer.open_start
+        if keep is None:
+            keep = channel.endpointer.frames_seen * FRAME_SAMPLES - channel.endpointer.settings.start_pad_samples
+            pending = channel.endpointer.pending_start
+            if pending is not None:
+                keep = min(keep, pending)
+        channel.buffer.drop_before(keep)
+
+    def _on_endpoint(self, channel: _Channel, event: EndpointEvent) -> None:
+        if isinstance(event, SpeechStarted):
+            self._reset_interim(channel, event.sample)
+            self._emit(SpeechEvent(SpeechEventKind.STARTED, samples_to_ms(event.sample), channel.index, 0))
+        elif isinstance(event, UtteranceEnded):
+            self._close_utterance(channel, event)
+
+    def _close_utterance(self, channel: _Channel, ended: UtteranceEnded) -> None:
+        audio = channel.buffer.slice(ended.start_sample, ended.end_sample)
+        index = channel.utterance_index
+        channel.utterance_index += 1
+        if self._on_work is not None:
+            self._on_work(
+                UtteranceWork(
+                    channel.index,
+                    index,
+                    audio.shape[0],
+                    channel.interim_count,
+                    channel.interim_samples,
+                    channel.interims_skipped,
+                )
+            )
+        self._reset_interim(channel, ended.end_sample)
+        self._emit(SpeechEvent(SpeechEventKind.ENDED, samples_to_ms(ended.end_sample), channel.index, 0))
+        task = asyncio.get_running_loop().create_task(
+            self._final(channel.index, index, ended.start_sample, ended.end_sample, audio)
+        )
+        if channel.emitter is None:
+            channel.emitter = asyncio.get_running_loop().create_task(self._emit_finals(channel))
+        channel.finals.put_nowait(task)
+        if self.options.single_utterance and not self._stopped:
+            self._stopped = True
+            self._emit(
+                SpeechEvent(SpeechEventKind.END_OF_SINGLE_UTTERANCE, samples_to_ms(ended.end_sample), channel.index, 0)
+            )
+            for other in self._channels:
+                self._reset_interim(other, other.buffer.end)
+            asyncio.get_running_loop().create_task(self.finish())
+
+    async def _final(
+        self, channel_index: int, utterance_index: int, start: int, end: int, audio: npt.NDArray[np.float32]
+    ) -> StreamResult:
+        options = self.options.transcribe
+        result = await self._transcriber.decode_piece(audio, options)
+        words: tuple[Word, ...] = ()
+        status = WordTimestampsStatus.NOT_REQUESTED
+        if options.return_word_timestamps:
+            words, status, _ = await self._transcriber.align_piece(
+                audio, result.text, result.language, samples_to_ms(start)
+            )
+        return StreamResult(
+            is_final=True,
+            utterance_index=utterance_index,
+            channel_index=channel_index,
+            text=result.text,
+            language=result.language,
+            stability=1.0,
+            start_ms=samples_to_ms(start),
+            end_ms=samples_to_ms(end),
+            processed_ms=0,
+            words=words,
+            word_timestamps_status=status,
+        )
+
+    async def _emit_finals(self, channel: _Channel) -> None:
+        while True:
+            task = await channel.finals.get()
+            if task is None:
+                return
+            try:
+                result = await task
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the stream ends with the first failed final
+                self.fail(exc)
+                return
+            self._emit(result)
+
+    async def _drain_finals(self) -> None:
+        for channel in self._channels:
+            if channel.emitter is not None:
+                channel.finals.put_nowait(None)
+        emitters = [c.emitter for c in self._channels if c.emitter is not None]
+        if emitters:
+            await asyncio.gather(*emitters, return_exceptions=True)
+
+    def fail(self, exc: Exception) -> None:
+        """Ends the stream with `exc` at once: `events()` raises it; every decode is dropped."""
+        if self._error is None:
+            self._error = exc
+            self.cancel()
+
+    def _emit(self, event: StreamEvent) -> None:
+        self._out.put_nowait(dataclasses.replace(event, processed_ms=self.processed_ms))
+
+    # ---- interims ----
+
+    def _reset_interim(self, channel: _Channel, start: int) -> None:
+        if channel.interim_task is not None:
+            channel.interim_task.cancel()
+            channel.interim_task = None
+        channel.interim_from = start
+        channel.interim_ids = ()
+        channel.interim_text = ""
+        channel.interim_count = 0
+        channel.interim_samples = 0
+        channel.interims_skipped = 0
+
+    def _maybe_interim(self, channel: _Channel) -> None:
+        start = channel.endpointer.open_start
+        if not self.options.interim_results or self._stopped or start is None:
+            return
+        end = channel.buffer.end
+        if end - channel.interim_from < self._interval_samples or end - start < _MIN_INTERIM_SAMPLES:
+            return
+        if channel.interim_task is not None:
+            # Still queued or running: do not pile up work; the next one takes the newest audio.
+            channel.interims_skipped += 1
+            return
+        prefix_ids: tuple[int, ...] = ()
+        prefix_text = ""
+        if self._decoder is not None and channel.interim_count >= self.options.unprefixed_interims:
+            prefix_ids, prefix_text = rollback(channel.interim_ids, self.options.rollback_tokens, self._decoder)
+        audio = channel.buffer.slice(start, end)
+        channel.interim_from = end
+        channel.interim_count += 1
+        channel.interim_samples += audio.shape[0]
+        channel.interim_task = asyncio.get_running_loop().create_task(
+            self._interim(channel, channel.utterance_index, start, end, audio, prefix_ids, prefix_text)
+        )
+
+    async def _interim(
+        self,
+        channel: _Channel,
+        utterance_index: int,
+        start: int,
+        end: int,
+        audio: npt.NDArray[np.float32],
+        prefix_ids: tuple[int, ...],
+        prefix_text: str,
+    ) -> None:
+        try:
+            result = await self._transcriber.decode_piece(audio, self.options.transcribe, prefix_text=prefix_text)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - interims are best effort; the final is what counts
+            logger.warning("interim decode failed (%s); waiting for the next one", exc)
+            if channel.interim_task is asyncio.current_task():
+                channel.interim_task = None
+            return
+        if channel.interim_task is not asyncio.current_task() or channel.utterance_index != utterance_index:
+            return  # the utterance closed meanwhile: its final supersedes this
+        channel.interim_task = None
+        channel.interim_ids = prefix_ids + tuple(result.token_ids)
+        stability = _agreement(channel.interim_text, result.text) * _MAX_INTERIM_STABILITY
+        channel.interim_text = result.text
+        self._emit(
+            StreamResult(
+                is_final=False,
+                utterance_index=utterance_index,
+                channel_index=channel.index,
+                text=result.text,
+                language=result.language,
+                stability=round(stability, 3),
+                start_ms=samples_to_ms(start),
+                end_ms=samples_to_ms(end),
+                processed_ms=0,
+            )
+        )
+        self._maybe_interim(channel)
+
+
+def _agreement(previous: str, current: str) -> float:
+    """The share of `current` that the previous interim already had (common prefix, in characters)."""
+    if not current:
+        return 0.0
+    same = 0
+    for a, b in zip(previous, current, strict=False):
+        if a != b:
+            break
+        same += 1
+    return same / len(current)
+
+
+async def close_quietly(session: StreamingSession) -> None:
+    """Cancels a session and swallows what its tasks raise (used on client cancellation)."""
+    session.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.sleep(0)
