@@ -12,7 +12,7 @@ from asr_server.audio.assembler import StreamAssembler, StreamResampler
 from asr_server.audio.decode import decode_audio, decode_payload
 from asr_server.audio.formats import AudioFormat, AudioLimits, Encoding
 from asr_server.audio.g711 import mulaw_encode
-from asr_server.audio.raw import decode_raw_frames
+from asr_server.audio.raw import decode_raw_channels
 from asr_server.audio.resample import resample_to_model_rate
 from asr_server.errors import InvalidInput, LimitExceeded
 
@@ -92,7 +92,7 @@ def test_stereo_mulaw_telephony_frames(piece_bytes: int) -> None:
         if frames is not None:
             taken.append(frames)
     assert assembler.received_ms == 1000
-    np.testing.assert_array_equal(np.concatenate(taken, axis=1), decode_raw_frames(data, fmt).T)
+    np.testing.assert_array_equal(np.concatenate(taken, axis=1), decode_raw_channels(data, fmt))
     assert_same_audio(assembler.finish(), decode_audio(data, fmt, limits=LIMITS))
 
 

@@ -365,7 +365,7 @@ def test_partial_stereo_frame() -> None:
 def test_non_finite_float32_is_refused_with_position(bad: float) -> None:
     samples = np.zeros(100, dtype="<f4")
     samples[37] = bad
-    with pytest.raises(InvalidInput, match=r"NaN or Inf \(first at sample 37"):
+    with pytest.raises(InvalidInput, match=r"NaN or Inf \(first at frame 37 of channel 0"):
         decode_audio(samples.tobytes(), AudioFormat(Encoding.FLOAT32, 16000, 1), limits=LIMITS)
 
 
@@ -381,7 +381,7 @@ def test_raw_duration_over_limit_is_refused_before_decoding(monkeypatch: pytest.
     def must_not_decode(*_: object) -> None:
         raise AssertionError("decoded audio that was over the limit")
 
-    monkeypatch.setattr(decode_module, "decode_raw_frames", must_not_decode)
+    monkeypatch.setattr(decode_module, "decode_raw_channels", must_not_decode)
     over = b"\x00" * (8000 * 61)
     with pytest.raises(LimitExceeded, match=r"61.0 s long.*max_audio_duration_s=60 s") as raised:
         decode_audio(over, AudioFormat(Encoding.MULAW, 8000, 1), limits=LIMITS)

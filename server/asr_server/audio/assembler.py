@@ -13,7 +13,7 @@ import numpy.typing as npt
 from asr_server.audio.decode import DecodedAudio, decode_payload
 from asr_server.audio.formats import AudioFormat, AudioLimits, Encoding
 from asr_server.audio.limits import check_duration, check_stream_bytes
-from asr_server.audio.raw import Buffer, decode_raw_frames
+from asr_server.audio.raw import Buffer, decode_raw_channels
 from asr_server.audio.resample import StreamResampler
 from asr_server.errors import InvalidInput
 
@@ -99,8 +99,7 @@ class StreamAssembler:
         rest = joined[whole_bytes:]
         self._pending = [rest] if rest else []
         self._pending_bytes = len(rest)
-        frames = decode_raw_frames(memoryview(joined)[:whole_bytes], self.format)
-        return np.ascontiguousarray(frames.T)
+        return decode_raw_channels(memoryview(joined)[:whole_bytes], self.format)
 
     def finish(self, *, downmix: bool = False) -> DecodedAudio:
         """Decode the whole stream once. Raises InvalidInput (malformed, partial last frame, empty) or

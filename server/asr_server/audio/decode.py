@@ -7,13 +7,12 @@ resampling (soxr HQ).
 
 from __future__ import annotations
 
-import numpy as np
-
 from asr_server.audio.decoded import DecodedAudio, Samples, empty_audio_error
 from asr_server.audio.files import container_formats, decode_file
 from asr_server.audio.formats import AudioFormat, AudioLimits, Encoding
 from asr_server.audio.limits import check_duration, check_message_bytes
-from asr_server.audio.raw import Buffer, check_whole_frames, decode_raw_frames
+from asr_server.audio.mix import average_rows
+from asr_server.audio.raw import Buffer, check_whole_frames, decode_raw_channels
 from asr_server.audio.resample import resample_to_model_rate
 
 __all__ = ["DecodedAudio", "Samples", "container_formats", "decode_audio", "decode_payload"]
@@ -42,16 +41,14 @@ def _decode_raw(data: Buffer, fmt: AudioFormat, *, max_audio_duration_s: int, do
     check_whole_frames(len(data), fmt)
     frame_count = len(data) // fmt.bytes_per_frame
     check_duration(frame_count, fmt.sample_rate_hz, max_audio_duration_s)
-    frames = decode_raw_frames(data, fmt)
+    channels = decode_raw_channels(data, fmt)
     mixing = downmix and fmt.channel_count > 1
-    if mixing:
-        frames = frames.mean(axis=1, dtype=np.float32, keepdims=True)
-    resampled = resample_to_model_rate(frames, fmt.sample_rate_hz)
-    if resampled.shape[0] == 0:
+    sources = [average_rows(channels)] if mixing else list(channels)
+    resampled = tuple(resample_to_model_rate(samples, fmt.sample_rate_hz) for samples in sources)
+    if resampled[0].shape[0] == 0:
         raise empty_audio_error(frame_count, fmt.sample_rate_hz)
-    per_channel = np.ascontiguousarray(resampled.T)
     return DecodedAudio(
-        channels=tuple(per_channel),
+        channels=resampled,
         source_sample_rate_hz=fmt.sample_rate_hz,
         source_channel_count=fmt.channel_count,
         source_frame_count=frame_count,

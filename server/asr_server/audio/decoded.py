@@ -8,6 +8,7 @@ import numpy as np
 import numpy.typing as npt
 
 from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
+from asr_server.audio.mix import average_rows
 from asr_server.errors import InvalidInput
 
 Samples = npt.NDArray[np.float32]
@@ -43,8 +44,7 @@ class DecodedAudio:
         rounding; ask decode_audio(downmix=True) to mix first and resample once)."""
         if len(self.channels) == 1:
             return self.channels[0]
-        mixed: Samples = np.mean(np.stack(self.channels), axis=0, dtype=np.float32)
-        return mixed
+        return average_rows(self.channels)
 
 
 def empty_audio_error(frame_count: int, sample_rate_hz: int) -> InvalidInput:

@@ -16,6 +16,7 @@ from asr_server.audio.decoded import DecodedAudio, empty_audio_error
 from asr_server.audio.file_headers import check_declared_length
 from asr_server.audio.formats import AudioFormat
 from asr_server.audio.limits import check_duration
+from asr_server.audio.mix import average_rows
 from asr_server.audio.raw import check_finite
 from asr_server.audio.resample import StreamResampler
 from asr_server.errors import InvalidInput
@@ -99,13 +100,14 @@ def decode_file(data: bytes, fmt: AudioFormat, *, max_audio_duration_s: int, dow
                 ) from error
             if got.shape[0] == 0:
                 break
-            frames_read += got.shape[0]
             # The header's count may be an estimate (MP3): keep enforcing the limit on what really decodes.
-            check_duration(frames_read, sample_rate_hz, max_audio_duration_s)
-            check_finite(got, what=f"the {kind} file")
+            check_duration(frames_read + got.shape[0], sample_rate_hz, max_audio_duration_s)
+            by_channel = np.ascontiguousarray(got.T)
+            check_finite(by_channel, what=f"the {kind} file", first_frame=frames_read)
+            frames_read += got.shape[0]
             if downmix and channel_count > 1:
-                got = got.mean(axis=1, dtype=np.float32, keepdims=True)
-            pieces.append(resampler.process(np.ascontiguousarray(got.T)))
+                by_channel = average_rows(by_channel).reshape(1, -1)
+            pieces.append(resampler.process(by_channel))
         pieces.append(resampler.flush())
     if frames_read < header_frames and kind not in _FORMATS_WITHOUT_EXACT_LENGTH:
         raise InvalidInput(

@@ -28,34 +28,47 @@ def check_whole_frames(byte_count: int, fmt: AudioFormat) -> None:
         )
 
 
-def decode_raw_frames(data: Buffer, fmt: AudioFormat) -> npt.NDArray[np.float32]:
-    """Decode whole frames of raw audio to float32, shape (frames, channels), at the source rate.
+def decode_raw_channels(data: Buffer, fmt: AudioFormat) -> npt.NDArray[np.float32]:
+    """Decode whole frames of raw audio to float32 of shape (channels, frames), C-contiguous, at the source rate.
 
-    Raises InvalidInput for a partial trailing frame or for NaN/Inf in FLOAT32 audio.
+    Channels are de-interleaved while converting (one strided gather per channel), so each channel comes out
+    contiguous without a separate transpose pass. Raises InvalidInput for a partial trailing frame or for
+    NaN/Inf in FLOAT32 audio.
     """
     check_whole_frames(len(data), fmt)
     encoding = fmt.encoding
+    channel_count = fmt.channel_count
+    out = np.empty((channel_count, len(data) // fmt.bytes_per_frame), dtype=np.float32)
+    if encoding in (Encoding.MULAW, Encoding.ALAW):
+        codes = np.frombuffer(data, dtype=np.uint8)
+        table = MULAW_TO_FLOAT32 if encoding is Encoding.MULAW else ALAW_TO_FLOAT32
+        for channel in range(channel_count):
+            np.take(table, codes[channel::channel_count], out=out[channel])
+        return out
     if encoding is Encoding.LINEAR16:
-        samples = np.frombuffer(data, dtype="<i2").astype(np.float32)
-        samples *= _INT16_FULL_SCALE
-    elif encoding is Encoding.FLOAT32:
-        samples = np.frombuffer(data, dtype="<f4").astype(np.float32)
-        check_finite(samples, what="FLOAT32 audio")
-    elif encoding is Encoding.MULAW:
-        samples = MULAW_TO_FLOAT32[np.frombuffer(data, dtype=np.uint8)]
-    elif encoding is Encoding.ALAW:
-        samples = ALAW_TO_FLOAT32[np.frombuffer(data, dtype=np.uint8)]
-    else:
-        raise ValueError(f"{encoding.name} is not a raw encoding")
-    return samples.reshape(-1, fmt.channel_count)
+        pcm = np.frombuffer(data, dtype="<i2")
+        for channel in range(channel_count):
+            out[channel] = pcm[channel::channel_count]
+        out *= _INT16_FULL_SCALE
+        return out
+    if encoding is Encoding.FLOAT32:
+        floats = np.frombuffer(data, dtype="<f4")
+        for channel in range(channel_count):
+            out[channel] = floats[channel::channel_count]
+        check_finite(out, what="FLOAT32 audio")
+        return out
+    raise ValueError(f"{encoding.name} is not a raw encoding")
 
 
-def check_finite(samples: npt.NDArray[np.float32], *, what: str) -> None:
-    """NaN or Inf would poison every feature frame they touch; refuse them with their position."""
-    finite = np.isfinite(samples)
+def check_finite(channels: npt.NDArray[np.float32], *, what: str, first_frame: int = 0) -> None:
+    """NaN or Inf would poison every feature frame they touch; refuse them, saying where the first one is.
+
+    `channels` has shape (channels, frames); `first_frame` is the stream position of its first frame.
+    """
+    finite = np.isfinite(channels)
     if not finite.all():
-        first_bad = int(np.argmin(finite.reshape(-1)))
+        channel, frame = np.unravel_index(int(np.argmin(finite)), finite.shape)
         raise InvalidInput(
-            f"{what} contains NaN or Inf (first at sample {first_bad}, value "
-            f"{samples.reshape(-1)[first_bad]!r}); only finite values, nominally in [-1, 1], are accepted"
+            f"{what} contains NaN or Inf (first at frame {first_frame + int(frame)} of channel {int(channel)}, "
+            f"value {channels[channel, frame]!r}); only finite values, nominally in [-1, 1], are accepted"
         )

@@ -2,7 +2,8 @@
 
 Quality 'HQ' (20-bit precision, linear phase, pass band to about 0.91 of Nyquist): it is what the reference
 library uses (librosa's default `soxr_hq`), its error floor (about -120 dB) is far below both 16-bit input
-(-96 dB) and what a log-mel front end resolves, and it is about 1.7x faster than 'VHQ' (28-bit) at 48 kHz.
+(-96 dB) and what a log-mel front end resolves, and it is 1.2-1.5x faster than 'VHQ' (28-bit; measured on one
+core: 44.1 kHz 6,400 vs 4,400 audio-s per s, 48 kHz 7,000 vs 5,500, 8 kHz 21,500 vs 18,600).
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
 SOXR_QUALITY = "HQ"
 
 
-def resample_to_model_rate(frames: npt.NDArray[np.float32], source_sample_rate_hz: int) -> npt.NDArray[np.float32]:
-    """One-shot resample of (frames, channels) float32 to 16 kHz, same layout. Output length is
-    round(frames * 16000 / source rate)."""
+def resample_to_model_rate(samples: npt.NDArray[np.float32], source_sample_rate_hz: int) -> npt.NDArray[np.float32]:
+    """One-shot resample of one channel (1-D float32) to 16 kHz; output length is round(n * 16000 / rate).
+    Channels are resampled one by one: soxr on interleaved channels plus the transpose back costs ~2x more."""
     if source_sample_rate_hz == MODEL_SAMPLE_RATE_HZ:
-        return frames
+        return samples
     out: npt.NDArray[np.float32] = soxr.resample(
-        frames, source_sample_rate_hz, MODEL_SAMPLE_RATE_HZ, quality=SOXR_QUALITY
+        samples, source_sample_rate_hz, MODEL_SAMPLE_RATE_HZ, quality=SOXR_QUALITY
     )
     return out
 
