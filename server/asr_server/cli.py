@@ -28,6 +28,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     tiny.add_argument("--out", type=Path, required=True, help="directory to write tiny-asr-hf, ... into")
     tiny.add_argument("--seed", type=int, default=0)
 
+    aligner = commands.add_parser(
+        "aligner", help="run the forced-aligner sidecar (word timestamps) on a unix socket or a TCP port"
+    )
+    from asr_server.aligner.sidecar import add_aligner_arguments
+
+    add_aligner_arguments(aligner)
+
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -37,6 +44,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         paths = build_all(args.out, seed=args.seed)
         print(f"tiny random-weight checkpoints (gibberish transcripts) written: {paths}")
+        return 0
+    if args.command == "aligner":
+        from asr_server.aligner.sidecar import check_arguments, serve_sidecar
+
+        error = check_arguments(args)
+        if error:
+            aligner.error(error)
+        asyncio.run(serve_sidecar(args))
         return 0
     try:
         config = config_from_args(args, os.environ)
