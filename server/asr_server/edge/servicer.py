@@ -194,8 +194,11 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             except AsrError as exc:
                 await _abort(context, span, status_for(exc), str(exc))
             except ExceptionGroup as group:
-                # A TaskGroup wraps the first failure of a request's chunks; report that one.
-                first = group.exceptions[0]
+                # A TaskGroup wraps the first failure of a request's chunks; report that one. TaskGroups nest
+                # (channels, then chunks), so look through to the innermost failure.
+                first: BaseException = group
+                while isinstance(first, BaseExceptionGroup) and first.exceptions:
+                    first = first.exceptions[0]
                 if isinstance(first, AsrError):
                     await _abort(context, span, status_for(first), str(first))
                 logger.error("%s failed", method, exc_info=group)
