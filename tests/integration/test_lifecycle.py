@@ -12,11 +12,11 @@ import threading
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from qwenasr.v1 import asr_pb2 as pb
-from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 
 from asr_server.edge.server import AsrServer
 from asr_server.engine.fake import FakeEngine
+from qwenasr.v1 import asr_pb2 as pb
+from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 from tests.helpers import fake_config, tone, wav_bytes
 
 Status = health_pb2.HealthCheckResponse

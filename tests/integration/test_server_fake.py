@@ -7,11 +7,11 @@ import asyncio
 import grpc
 import numpy as np
 import pytest
-from qwenasr.v1 import asr_pb2 as pb
-from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 
 from asr_server.engine.fake import FakeEngine, fake_transcript
 from asr_server.engine.types import DecodeOptions, DecodeRequest
+from qwenasr.v1 import asr_pb2 as pb
+from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 from tests.helpers import fake_config, running_server, tone, wav_bytes, with_limits, with_server
 
 

@@ -36,18 +36,16 @@ def prepare_single(loaded: LoadedAsrModel, request: DecodeRequest) -> PreparedIn
     processor = loaded.processor
     options = request.options
     prompt = options.context if options.context else None
+    inputs = processor.apply_transcription_request(audio=request.audio_16k, language=options.language, prompt=prompt)
+    input_ids = inputs["input_ids"]
     if request.prefix_text:
-        texts = processor.apply_transcription_request(
-            audio=request.audio_16k, language=options.language, prompt=prompt, tokenize=False
-        )
-        inputs = processor(
-            text=[texts[0] + request.prefix_text], audio=[request.audio_16k], sampling_rate=SAMPLE_RATE_HZ
-        )
-    else:
-        inputs = processor.apply_transcription_request(
-            audio=request.audio_16k, language=options.language, prompt=prompt
-        )
-    return PreparedInputs(inputs["input_ids"], inputs["input_features"], inputs["input_features_mask"])
+        import torch
+
+        # Appended as tokens, not text: transformers 5.17's apply_transcription_request cannot return the prompt
+        # string, and the prompt ends at a special token or a newline, where BPE never merges across anyway.
+        prefix_ids = processor.tokenizer(request.prefix_text, add_special_tokens=False)["input_ids"]
+        input_ids = torch.cat([input_ids, torch.tensor([prefix_ids], dtype=input_ids.dtype)], dim=1)
+    return PreparedInputs(input_ids, inputs["input_features"], inputs["input_features_mask"])
 
 
 def collate(prepared: list[PreparedInputs], pad_token_id: int) -> dict[str, Any]:
