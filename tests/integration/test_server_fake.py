@@ -157,16 +157,6 @@ async def test_bad_input_gets_a_precise_status_while_good_requests_succeed(name,
         assert ok.transcripts[0].text == expected_text(wav_roundtrip(good))
 
 
-async def test_streaming_recognize_is_unimplemented_with_a_clear_message() -> None:
-    async with running_server(fake_config()) as (_, channel):
-        call = pb_grpc.AsrServiceStub(channel).StreamingRecognize(iter([pb.StreamingRecognizeRequest()]))
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            async for _ in call:
-                pass
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "TranscribeStream" in (caught.value.details() or "")
-
-
 async def test_auth_token_is_required_except_for_health() -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
