@@ -1,5 +1,45 @@
-"""Python client for the Qwen3-ASR gRPC server."""
+"""Python client for the Qwen3-ASR gRPC server, shaped like the `qwen_asr` library.
 
-from asr_client.client import AsrClient
+    from asr_client import AsrClient
 
-__all__ = ["AsrClient"]
+    with AsrClient("localhost:50051") as client:
+        results = client.transcribe("speech.wav", language="English", return_time_stamps=True)
+        print(results[0].language, results[0].text)
+        for word in results[0].time_stamps or []:
+            print(word.text, word.start_time, word.end_time)
+"""
+
+from asr_client.aio import AsyncAsrClient
+from asr_client.audio import AudioLike
+from asr_client.client import DEFAULT_TARGET, AsrClient
+from asr_client.errors import (
+    AsrError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+)
+from asr_client.results import ASRTranscription, ForcedAlignItem, ForcedAlignResult, Segment, StreamingResult
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "ASRTranscription",
+    "AsrClient",
+    "AsrError",
+    "AsyncAsrClient",
+    "AudioLike",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "ForcedAlignItem",
+    "ForcedAlignResult",
+    "InvalidArgumentError",
+    "ResourceExhaustedError",
+    "Segment",
+    "StreamingResult",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+]

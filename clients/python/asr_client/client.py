@@ -1,41 +1,199 @@
-"""A small synchronous client over the generated stubs."""
+"""The synchronous client: `AsrClient(target).transcribe(audio)` like `qwen_asr.Qwen3ASRModel.transcribe`."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
+import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from asr_client._core import (
+    DEFAULT_LIVE_FORMAT,
+    DEFAULT_STREAM_THRESHOLD_BYTES,
+    DEFAULT_TARGET,
+    Job,
+    auth_metadata,
+    channel_options,
+    is_single_audio,
+    live_config,
+    pcm_frames,
+    plan_batch,
+    stream_upload,
+)
+from asr_client.audio import AudioLike, bytes_per_second, frame_to_bytes
+from asr_client.errors import AsrError, error_from_rpc
+from asr_client.results import ASRTranscription, StreamingResult, streaming_result_from_pb, transcription_from_pb
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 
-DEFAULT_TARGET = "localhost:50051"
-_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+__all__ = ["DEFAULT_TARGET", "AsrClient"]
+
+Frame = bytes | bytearray | memoryview | npt.NDArray[Any]
 
 
 class AsrClient:
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float | None = 60.0, auth_token: str = "") -> None:
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES + 1024 * 1024),
-                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-            ],
-        )
+    """A connection to a Qwen3-ASR server. Thread-safe; use one per process and close it (or use `with`).
+
+    `credentials`: `grpc.ssl_channel_credentials(...)` for TLS; None for a plaintext channel.
+    `auth_token`: sent as "authorization: Bearer <token>" for servers started with --auth-token.
+    `timeout_s`: the deadline of every call (None: none). A call past it raises `DeadlineExceededError`.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        credentials: grpc.ChannelCredentials | None = None,
+        *,
+        auth_token: str = "",
+        timeout_s: float | None = 60.0,
+        stream_threshold_bytes: int = DEFAULT_STREAM_THRESHOLD_BYTES,
+        fetch_timeout_s: float = 30.0,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        opts = channel_options(options)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=opts)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=opts)
         self._stub = pb_grpc.AsrServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout_s = timeout_s
-        self._metadata = [("authorization", f"Bearer {auth_token}")] if auth_token else []
+        self._metadata = auth_metadata(auth_token)
+        self._stream_threshold_bytes = stream_threshold_bytes
+        self._fetch_timeout_s = fetch_timeout_s
 
     def __enter__(self) -> AsrClient:
         return self
 
-    def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def close(self) -> None:
         self._channel.close()
+
+    # ---- the qwen_asr-shaped API ----
+
+    def transcribe(
+        self,
+        audio: AudioLike | Sequence[AudioLike],
+        context: str | Sequence[str] = "",
+        language: str | None | Sequence[str | None] = None,
+        return_time_stamps: bool = False,
+    ) -> list[ASRTranscription]:
+        """Transcribes one audio input or a list of them; returns one `ASRTranscription` per input, in order.
+
+        `audio`: a path, an http(s) URL, a ``data:audio/...;base64,`` URL, encoded file bytes, a
+        ``(numpy array, sample_rate)`` tuple, or a list of these (sent concurrently; the server batches them).
+        `context` and `language` (a name such as "English" or a code such as "en"; None: detect) are either
+        one value for every input or a list as long as `audio` (else ValueError).
+        `return_time_stamps`: word timestamps in `.time_stamps` (the server needs its forced aligner).
+        """
+        jobs = plan_batch(audio, context, language, return_time_stamps, fetch_timeout_s=self._fetch_timeout_s)
+        calls = [self._start(job) for job in jobs]
+        try:
+            responses = [self._result(method, call) for method, call in calls]
+        finally:
+            for _, call in calls:
+                call.cancel()  # no-op for finished calls; frees the others after a failure
+        return [transcription_from_pb(r, time_stamps=return_time_stamps) for r in responses]
+
+    def stream(
+        self,
+        audio: AudioLike | Iterable[Frame],
+        *,
+        audio_format: pb.AudioFormat | None = None,
+        language: str | None = None,
+        context: str = "",
+        return_time_stamps: bool = False,
+        interim_results: bool = True,
+        interim_interval_ms: int = 0,
+        single_utterance: bool = False,
+        endpointing: pb.EndpointingConfig | None = None,
+        realtime: bool = True,
+        frame_ms: int = 20,
+        timeout_s: float | None = None,
+    ) -> Iterator[StreamingResult]:
+        """Live recognition over StreamingRecognize: yields interim (if asked) and final results as they come.
+
+        `audio` is a file, URL, bytes or ``(array, rate)`` (decoded to PCM and sent in `frame_ms` frames), or an
+        iterable of frames: bytes laid out as `audio_format` says (default LINEAR16, 16 kHz, mono) or numpy
+        arrays (converted to that encoding). `realtime` paces the upload like a live source. `timeout_s` is the
+        deadline of the whole stream (None: none). Raises `UnimplementedError` when the server does not serve
+        StreamingRecognize.
+        """
+        if is_single_audio(audio):
+            fmt, frames = pcm_frames(audio, frame_ms, fetch_timeout_s=self._fetch_timeout_s)  # type: ignore[arg-type]
+            source: Iterable[Frame] = frames
+        else:
+            fmt, source = audio_format or DEFAULT_LIVE_FORMAT, audio  # type: ignore[assignment]
+        first = live_config(
+            fmt,
+            language=language,
+            context=context,
+            return_time_stamps=return_time_stamps,
+            interim_results=interim_results,
+            interim_interval_ms=interim_interval_ms,
+            single_utterance=single_utterance,
+            endpointing=endpointing,
+        )
+        upload = _Upload(first, source, fmt, realtime)
+        call = self._stub.StreamingRecognize(upload, timeout=timeout_s, metadata=self._metadata)
+        try:
+            for response in call:
+                if response.WhichOneof("event") == "result":
+                    yield streaming_result_from_pb(response, time_stamps=return_time_stamps)
+        except grpc.RpcError as exc:
+            upload.raise_if_failed()
+            raise error_from_rpc("StreamingRecognize", exc, timeout_s=timeout_s) from exc
+        finally:
+            call.cancel()  # type: ignore[no-untyped-call]  # ends the upload when the caller stops early
+        upload.raise_if_failed()
+
+    # ---- health and server info ----
+
+    def health(self, service: str = "") -> str:
+        """The health status name: "SERVING", "NOT_SERVING" (loading or shutting down), ..."""
+        try:
+            response = self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=self._timeout_s, metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc("Health/Check", exc, timeout_s=self._timeout_s) from exc
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    def wait_until_serving(self, timeout_s: float = 120.0, *, poll_s: float = 0.25) -> None:
+        """Polls health until SERVING (the server loads its model first); raises TimeoutError after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                last = self.health()
+                if last == "SERVING":
+                    return
+            except AsrError as exc:
+                last = str(exc)
+            time.sleep(poll_s)
+        raise TimeoutError(f"the server was not SERVING within {timeout_s:g} s (last: {last})")
+
+    def server_info(self) -> pb.GetServerInfoResponse:
+        """Model, languages, limits and features of the server."""
+        try:
+            response: pb.GetServerInfoResponse = self._stub.GetServerInfo(
+                pb.GetServerInfoRequest(), timeout=self._timeout_s, metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc("GetServerInfo", exc, timeout_s=self._timeout_s) from exc
+        return response
+
+    # ---- protobuf-level calls ----
 
     def transcribe_bytes(
         self,
@@ -47,6 +205,7 @@ class AsrClient:
         return_word_timestamps: bool = False,
         max_new_tokens: int = 0,
     ) -> pb.TranscribeResponse:
+        """One Transcribe call (TranscribeStream for large audio) returning the full protobuf response."""
         config = pb.RecognitionConfig(
             audio_format=audio_format or pb.AudioFormat(),
             language=language,
@@ -54,20 +213,77 @@ class AsrClient:
             return_word_timestamps=return_word_timestamps,
             max_new_tokens=max_new_tokens,
         )
-        response: pb.TranscribeResponse = self._stub.Transcribe(
-            pb.TranscribeRequest(config=config, audio=audio), timeout=self._timeout_s, metadata=self._metadata
+        from asr_client.audio import PreparedAudio
+
+        method, call = self._start(Job(PreparedAudio(bytes(audio), config.audio_format, "bytes"), config))
+        return self._result(method, call)
+
+    def transcribe_file(self, path: str | Path, **options: Any) -> pb.TranscribeResponse:
+        return self.transcribe_bytes(Path(path).read_bytes(), **options)
+
+    # ---- internals ----
+
+    def _start(self, job: Job) -> tuple[str, grpc.Future[pb.TranscribeResponse]]:
+        if len(job.audio.data) <= self._stream_threshold_bytes:
+            request = pb.TranscribeRequest(config=job.config, audio=job.audio.data)
+            return "Transcribe", self._stub.Transcribe.future(
+                request, timeout=self._timeout_s, metadata=self._metadata
+            )
+        return "TranscribeStream", self._stub.TranscribeStream.future(
+            stream_upload(job), timeout=self._timeout_s, metadata=self._metadata
         )
+
+    def _result(self, method: str, call: grpc.Future[pb.TranscribeResponse]) -> pb.TranscribeResponse:
+        try:
+            response: pb.TranscribeResponse = call.result()
+        except grpc.RpcError as exc:
+            raise error_from_rpc(method, exc, timeout_s=self._timeout_s) from exc
         return response
 
-    def transcribe_file(self, path: str | Path, **options: object) -> pb.TranscribeResponse:
-        return self.transcribe_bytes(Path(path).read_bytes(), **options)  # type: ignore[arg-type]
 
-    def health(self, service: str = "") -> str:
-        response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self._timeout_s)
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+class _Upload(Iterator[pb.StreamingRecognizeRequest]):
+    """The request side of a live stream: the config, then frames, paced in real time if asked.
 
-    def server_info(self) -> pb.GetServerInfoResponse:
-        response: pb.GetServerInfoResponse = self._stub.GetServerInfo(
-            pb.GetServerInfoRequest(), timeout=self._timeout_s, metadata=self._metadata
-        )
-        return response
+    gRPC pulls it from its own thread and hides exceptions raised here behind CANCELLED, so one (a bad frame
+    from the caller's iterator) is kept and re-raised to the caller by `raise_if_failed`.
+    """
+
+    def __init__(
+        self, first: pb.StreamingRecognizeRequest, frames: Iterable[Frame], fmt: pb.AudioFormat, realtime: bool
+    ) -> None:
+        self._first: pb.StreamingRecognizeRequest | None = first
+        self._frames = iter(frames)
+        self._format = fmt
+        self._bytes_per_second = bytes_per_second(fmt)
+        self._realtime = realtime
+        self._sent_bytes = 0
+        self._started = 0.0
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def __next__(self) -> pb.StreamingRecognizeRequest:
+        if self._first is not None:
+            first, self._first = self._first, None
+            self._started = time.monotonic()
+            return first
+        try:
+            data = frame_to_bytes(next(self._frames), self._format)
+        except StopIteration:
+            raise
+        except BaseException as exc:
+            with self._lock:
+                self._error = exc
+            raise StopIteration from exc
+        self._sent_bytes += len(data)
+        if self._realtime:
+            # A live source delivers a frame once it has been recorded: at the end of its time span.
+            delay = self._started + self._sent_bytes / self._bytes_per_second - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        return pb.StreamingRecognizeRequest(audio=data)
+
+    def raise_if_failed(self) -> None:
+        with self._lock:
+            error = self._error
+        if error is not None:
+            raise error

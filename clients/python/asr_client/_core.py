@@ -1,0 +1,137 @@
+"""What the sync and asyncio clients share: batch broadcasting, request building, frame slicing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from asr_client.audio import AudioLike, PreparedAudio, load_audio, to_pcm
+from qwenasr.v1 import asr_pb2 as pb
+
+DEFAULT_TARGET = "localhost:50051"
+# Audio up to this size goes in one Transcribe message; larger audio over TranscribeStream in pieces.
+DEFAULT_STREAM_THRESHOLD_BYTES = 4 * 1024 * 1024
+STREAM_PIECE_BYTES = 1024 * 1024
+MAX_RECEIVE_BYTES = 64 * 1024 * 1024
+# Live streams: frames at 16 kHz LINEAR16 mono unless the caller says otherwise.
+DEFAULT_LIVE_FORMAT = pb.AudioFormat(encoding=pb.AUDIO_ENCODING_LINEAR16, sample_rate_hz=16_000, channel_count=1)
+
+def channel_options(extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    return [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES), *extra]
+
+
+def auth_metadata(auth_token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
+
+
+def broadcast(name: str, value: object, n: int) -> list[Any]:
+    """A scalar or a one-item list applies to every audio; otherwise the list must match the batch."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(values) == 1 and n > 1:
+        values = values * n
+    if len(values) != n:
+        raise ValueError(f"batch size mismatch: {n} audio inputs but {len(values)} values for {name}")
+    return values
+
+
+@dataclass(frozen=True)
+class Job:
+    audio: PreparedAudio
+    config: pb.RecognitionConfig
+
+
+def audio_items(audio: AudioLike | Sequence[AudioLike]) -> list[AudioLike]:
+    """The inputs of a batch: a list (or a tuple that is not one ``(array, rate)`` pair), else one input."""
+    if isinstance(audio, list):
+        return audio
+    if isinstance(audio, tuple) and not (len(audio) == 2 and isinstance(audio[0], np.ndarray)):
+        return list(audio)
+    return [audio]  # type: ignore[list-item]
+
+
+def plan_batch(
+    audio: AudioLike | Sequence[AudioLike],
+    context: str | Sequence[str],
+    language: str | None | Sequence[str | None],
+    return_time_stamps: bool,
+    *,
+    fetch_timeout_s: float,
+) -> list[Job]:
+    """Checks the batch shape first (cheap ValueErrors), then loads every audio input."""
+    items = audio_items(audio)
+    if not items:
+        raise ValueError("no audio given")
+    contexts: list[str] = broadcast("context", context, len(items))
+    languages: list[str | None] = broadcast("language", language, len(items))
+    jobs = []
+    for item, ctx, lang in zip(items, contexts, languages, strict=True):
+        prepared = load_audio(item, fetch_timeout_s=fetch_timeout_s)
+        config = pb.RecognitionConfig(
+            audio_format=prepared.audio_format,
+            language=(lang or "").strip(),
+            context=ctx or "",
+            return_word_timestamps=return_time_stamps,
+        )
+        jobs.append(Job(prepared, config))
+    return jobs
+
+
+def stream_upload(job: Job, piece_bytes: int = STREAM_PIECE_BYTES) -> Iterator[pb.TranscribeStreamRequest]:
+    yield pb.TranscribeStreamRequest(config=job.config)
+    data = job.audio.data
+    for start in range(0, len(data), piece_bytes):
+        yield pb.TranscribeStreamRequest(audio=data[start : start + piece_bytes])
+
+
+def live_config(
+    audio_format: pb.AudioFormat,
+    *,
+    language: str | None,
+    context: str,
+    return_time_stamps: bool,
+    interim_results: bool,
+    interim_interval_ms: int,
+    single_utterance: bool,
+    endpointing: pb.EndpointingConfig | None,
+) -> pb.StreamingRecognizeRequest:
+    config = pb.RecognitionConfig(
+        audio_format=audio_format,
+        language=(language or "").strip(),
+        context=context,
+        return_word_timestamps=return_time_stamps,
+        endpointing=endpointing,
+    )
+    return pb.StreamingRecognizeRequest(
+        config=pb.StreamingRecognitionConfig(
+            config=config,
+            interim_results=interim_results,
+            interim_interval_ms=interim_interval_ms,
+            single_utterance=single_utterance,
+        )
+    )
+
+
+def is_single_audio(audio: object) -> bool:
+    """Whether a stream source is one piece of audio (path, URL, bytes, (array, rate)) rather than frames."""
+    import os
+
+    return isinstance(audio, (str, os.PathLike, bytes, bytearray, memoryview, tuple))
+
+
+def pcm_frames(audio: AudioLike, frame_ms: int, *, fetch_timeout_s: float) -> tuple[pb.AudioFormat, Iterator[bytes]]:
+    """A file, URL or array as raw PCM frames of `frame_ms` (the last may be shorter)."""
+    pcm = to_pcm(load_audio(audio, fetch_timeout_s=fetch_timeout_s))
+    fmt = pcm.audio_format
+    sample_frame = pcm.bytes_per_second // fmt.sample_rate_hz  # bytes of one sample of every channel
+    frame_size = max(sample_frame, pcm.bytes_per_second * frame_ms // 1000 // sample_frame * sample_frame)
+    data = pcm.data
+    return fmt, (data[i : i + frame_size] for i in range(0, len(data), frame_size))
+
+
+def rpc_error(error: BaseException) -> grpc.RpcError | None:
+    """The error as a gRPC status error (it carries code() and details()), else None."""
+    return error if isinstance(error, grpc.RpcError) and hasattr(error, "code") else None
