@@ -15,6 +15,7 @@ PROTOS := $(shell find proto -name '*.proto')
 # clients/setup.sh (Debian packages and npm only).
 system-deps:
 	bash scripts/system-deps.sh
+	bash clients/setup.sh
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,12 +48,11 @@ test-unit: proto
 	$(PY) -m pytest -q tests/unit
 
 test-clients: setup
-	bash clients/setup.sh
-	$(PY) -m pytest -q -m clients tests/clients
+	$(PY) -m pytest -q tests/clients $(wildcard tests/unit/test_python_client*.py)
 
 lint: proto
 	$(VENV)/bin/ruff check server clients/python tests bench
-	$(VENV)/bin/mypy server/asr_server
+	$(VENV)/bin/mypy server/asr_server clients/python/asr_client
 
 typecheck: lint
 
