@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from asr_server.streaming.endpoint import Endpointer, EndpointSettings, SpeechStarted, UtteranceEnded
 from asr_server.streaming.vad import FRAME_SAMPLES
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from qwenasr.v1 import asr_pb2 as pb
-
 from asr_server import __version__
 from asr_server.audio.formats import AudioFormat, Encoding
 from asr_server.config import Config
@@ -22,7 +20,10 @@ from asr_server.results import (
     Word,
     WordTimestampsStatus,
 )
+from asr_server.streaming.endpoint import EndpointSettings
+from asr_server.streaming.session import SpeechEvent, SpeechEventKind, StreamEvent, StreamingOptions, StreamResult
 from asr_server.transcription import TranscribeOptions
+from qwenasr.v1 import asr_pb2 as pb
 
 API_VERSION = "qwenasr.v1"
 
@@ -179,4 +180,93 @@ def server_info_to_pb(
             pb.AUDIO_ENCODING_ALAW,
         ],
         container_formats=list(container_formats),
+    )
+
+
+# ---- live streams and endpointing ----
+
+_SPEECH_EVENTS: dict[SpeechEventKind, pb.SpeechEventType.ValueType] = {
+    SpeechEventKind.STARTED: pb.SPEECH_EVENT_TYPE_SPEECH_STARTED,
+    SpeechEventKind.ENDED: pb.SPEECH_EVENT_TYPE_SPEECH_ENDED,
+    SpeechEventKind.END_OF_SINGLE_UTTERANCE: pb.SPEECH_EVENT_TYPE_END_OF_SINGLE_UTTERANCE,
+}
+
+
+def endpoint_settings_from_pb(msg: pb.EndpointingConfig, limits_max_chunk_s: int) -> EndpointSettings:
+    """0 means the default for every field; the contract publishes the accepted ranges."""
+    defaults = EndpointSettings()
+    trailing = int(msg.trailing_silence_ms) or defaults.trailing_silence_ms
+    if not 100 <= trailing <= 10_000:
+        raise InvalidInput(
+            f"endpointing.trailing_silence_ms {msg.trailing_silence_ms} is out of range; accepted: 100 to 10000, "
+            f"or 0 for the default ({defaults.trailing_silence_ms})"
+        )
+    max_utterance = int(msg.max_utterance_ms) or defaults.max_utterance_ms
+    if not 1_000 <= max_utterance <= 60_000:
+        raise InvalidInput(
+            f"endpointing.max_utterance_ms {msg.max_utterance_ms} is out of range; accepted: 1000 to 60000, "
+            f"or 0 for the default ({defaults.max_utterance_ms})"
+        )
+    threshold = float(msg.speech_threshold) or defaults.speech_threshold
+    if not 0.0 < threshold < 1.0:
+        raise InvalidInput(
+            f"endpointing.speech_threshold {msg.speech_threshold} is out of range; accepted: above 0 and below "
+            f"1, or 0 for the default ({defaults.speech_threshold})"
+        )
+    # An utterance is decoded in one piece, exactly as a unary call decodes audio up to max_chunk_s: keep
+    # it within that, so a final always equals the unary result for its audio.
+    max_utterance = min(max_utterance, limits_max_chunk_s * 1000)
+    return EndpointSettings(trailing_silence_ms=trailing, max_utterance_ms=max_utterance, speech_threshold=threshold)
+
+
+def streaming_config_from_pb(
+    msg: pb.StreamingRecognitionConfig, config: Config
+) -> tuple[AudioFormat, StreamingOptions]:
+    audio_format = audio_format_from_pb(msg.config.audio_format)
+    options = options_from_pb(msg.config, config)
+    interval = int(msg.interim_interval_ms) or 1000
+    if not 200 <= interval <= 10_000:
+        raise InvalidInput(
+            f"interim_interval_ms {msg.interim_interval_ms} is out of range; accepted: 200 to 10000, or 0 for the "
+            "default (1000)"
+        )
+    max_chunk_s = (
+        config.limits.max_chunk_with_timestamps_s if options.return_word_timestamps else config.limits.max_chunk_s
+    )
+    return audio_format, StreamingOptions(
+        transcribe=options,
+        endpoint=endpoint_settings_from_pb(msg.config.endpointing, max_chunk_s),
+        interim_results=msg.interim_results,
+        interim_interval_ms=interval,
+        single_utterance=msg.single_utterance,
+    )
+
+
+def stream_event_to_pb(event: StreamEvent) -> pb.StreamingRecognizeResponse:
+    if isinstance(event, SpeechEvent):
+        return pb.StreamingRecognizeResponse(
+            speech_event=pb.SpeechEvent(
+                type=_SPEECH_EVENTS[event.kind],
+                offset_ms=_clamp_u32(event.offset_ms),
+                channel_index=event.channel_index,
+            ),
+            processed_audio_ms=_clamp_u32(event.processed_ms),
+        )
+    return pb.StreamingRecognizeResponse(
+        result=stream_result_to_pb(event), processed_audio_ms=_clamp_u32(event.processed_ms)
+    )
+
+
+def stream_result_to_pb(result: StreamResult) -> pb.StreamingResult:
+    return pb.StreamingResult(
+        is_final=result.is_final,
+        utterance_index=result.utterance_index,
+        channel_index=result.channel_index,
+        text=result.text,
+        language=result.language,
+        stability=result.stability,
+        start_ms=_clamp_u32(result.start_ms),
+        end_ms=_clamp_u32(result.end_ms),
+        words=[word_to_pb(w) for w in result.words],
+        word_timestamps_status=status_to_pb(result.word_timestamps_status),
     )

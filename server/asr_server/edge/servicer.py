@@ -10,8 +10,6 @@ from typing import NoReturn, TypeVar
 
 import grpc
 from opentelemetry.trace import Span, StatusCode
-from qwenasr.v1 import asr_pb2 as pb
-from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 
 from asr_server.audio.assembler import StreamAssembler
 from asr_server.audio.decode import DecodedAudio, container_formats, decode_audio
@@ -26,8 +24,15 @@ from asr_server.errors import (
     LimitExceeded,
     Unavailable,
 )
+from asr_server.streaming.endpoint import EndpointSettings
+from asr_server.streaming.prefix import FakeTokenDecoder, TokenDecoder, load_hf_token_decoder
+from asr_server.streaming.segmenter import transcribe_by_utterance
+from asr_server.streaming.session import IdleTimeout, StreamingSession
+from asr_server.streaming.vad import VadBatcher
 from asr_server.tracing import rpc_span
 from asr_server.transcription import TranscribeOptions, Transcriber
+from qwenasr.v1 import asr_pb2 as pb
+from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,6 +43,7 @@ _CODES: tuple[tuple[type[AsrError], grpc.StatusCode], ...] = (
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (Cancelled, grpc.StatusCode.CANCELLED),
+    (IdleTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
 
 # Raw sample rates and channel counts the audio layer accepts; published in GetServerInfo.
@@ -72,6 +78,10 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             max_message_bytes=limits.max_message_bytes,
             max_stream_bytes=limits.max_stream_bytes,
         )
+        # Shared by every stream (and by endpointed unary calls), so VAD batches across them.
+        self._vad = VadBatcher()
+        self._token_decoder: TokenDecoder | None = None
+        self._token_decoder_loaded = False
 
     # ---- RPCs ----
 
@@ -90,9 +100,12 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
                 )
             audio_format = convert.audio_format_from_pb(request.config.audio_format)
             options = convert.options_from_pb(request.config, self._config)
+            endpointing = self._endpointing(request.config, options)
             decode_started = time.perf_counter()
             audio = await asyncio.to_thread(decode_audio, request.audio, audio_format, limits=self._audio_limits)
-            return await self._finish(span, audio, options, started, time.perf_counter() - decode_started)
+            return await self._finish(
+                span, audio, options, started, time.perf_counter() - decode_started, endpointing=endpointing
+            )
 
         return await self._guard("Transcribe", context, run)
 
@@ -105,6 +118,7 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             started = time.perf_counter()
             assembler: StreamAssembler | None = None
             options: TranscribeOptions | None = None
+            endpointing: EndpointSettings | None = None
             received_bytes = 0
             async for message in request_iterator:
                 payload = message.WhichOneof("payload")
@@ -116,6 +130,7 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
                         )
                     audio_format = convert.audio_format_from_pb(message.config.audio_format)
                     options = convert.options_from_pb(message.config, self._config)
+                    endpointing = self._endpointing(message.config, options)
                     assembler = StreamAssembler(audio_format, limits=self._audio_limits)
                 elif payload == "config":
                     raise InvalidInput(
@@ -130,7 +145,9 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             span.set_attribute("asr.stream.bytes", received_bytes)
             decode_started = time.perf_counter()
             audio = await asyncio.to_thread(assembler.finish)
-            return await self._finish(span, audio, options, started, time.perf_counter() - decode_started)
+            return await self._finish(
+                span, audio, options, started, time.perf_counter() - decode_started, endpointing=endpointing
+            )
 
         return await self._guard("TranscribeStream", context, run)
 
@@ -140,14 +157,33 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         context: grpc.aio.ServicerContext[pb.StreamingRecognizeRequest, pb.StreamingRecognizeResponse],
     ) -> AsyncIterator[pb.StreamingRecognizeResponse]:
         with rpc_span("StreamingRecognize", context.invocation_metadata()) as span:
-            span.set_status(StatusCode.ERROR, "unimplemented")
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED,
-                "StreamingRecognize is not served by this server version yet; use TranscribeStream for recorded "
-                "audio (see GetServerInfo.features.streaming_recognize)",
-            )
-        # Unreachable: abort raises. The yield makes this an async generator, as the stub expects.
-        yield pb.StreamingRecognizeResponse()  # pragma: no cover
+            session: StreamingSession | None = None
+            reader: asyncio.Task[None] | None = None
+            try:
+                session = await self._open_stream(request_iterator)
+                span.set_attribute("asr.stream.channels", session.format.channel_count)
+                reader = asyncio.create_task(self._read_stream(request_iterator, session))
+                finals = 0
+                async for event in session.events():
+                    finals += int(getattr(event, "is_final", False))
+                    yield convert.stream_event_to_pb(event)
+                span.set_attribute("asr.stream.finals", finals)
+                span.set_attribute("asr.stream.processed_s", session.processed_ms / 1000)
+                if reader.done():
+                    reader.result()  # an idle timeout ends the call with its status after the flushed finals
+            except AsrError as exc:
+                await _abort(context, span, status_for(exc), str(exc))
+            except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
+                raise
+            except Exception as exc:
+                logger.exception("StreamingRecognize failed")
+                await _abort(context, span, grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            finally:
+                # Client cancellation, an error or single_utterance's end: free everything at once.
+                if reader is not None and not reader.done():
+                    reader.cancel()
+                if session is not None:
+                    session.cancel()
 
     async def GetServerInfo(  # noqa: N802 - gRPC method name
         self,
@@ -160,8 +196,8 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
                 model_id=self._model_id() or self._config.model.model,
                 aligner_model_id=self._config.aligner.model,
                 aligner_ready=self._aligner_ready(),
-                streaming_recognize=False,
-                endpointing=False,
+                streaming_recognize=True,
+                endpointing=True,
                 container_formats=container_formats(),
                 min_sample_rate_hz=MIN_SAMPLE_RATE_HZ,
                 max_sample_rate_hz=MAX_SAMPLE_RATE_HZ,
@@ -170,14 +206,110 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
 
         return await self._guard("GetServerInfo", context, run)
 
+    # ---- live streams ----
+
+    async def _next_request(
+        self, request_iterator: AsyncIterator[pb.StreamingRecognizeRequest]
+    ) -> pb.StreamingRecognizeRequest | None:
+        idle_s = self._config.streaming.idle_timeout_s
+        try:
+            async with asyncio.timeout(idle_s):
+                return await anext(request_iterator, None)
+        except TimeoutError:
+            raise IdleTimeout(
+                f"no message for {idle_s:g} s (the server's --stream-idle-timeout-s); send audio continuously "
+                "(silence included) or half-close the stream when done"
+            ) from None
+
+    async def _open_stream(self, request_iterator: AsyncIterator[pb.StreamingRecognizeRequest]) -> StreamingSession:
+        first = await self._next_request(request_iterator)
+        if first is None:
+            raise InvalidInput("the stream was empty: send a config message first, then the audio")
+        payload = first.WhichOneof("payload")
+        if payload != "config":
+            raise InvalidInput(
+                "the first StreamingRecognizeRequest must carry config (StreamingRecognitionConfig with "
+                f"audio_format, language, ...); got {payload or 'an empty message'}"
+            )
+        audio_format, options = convert.streaming_config_from_pb(first.config, self._config)
+        return StreamingSession(
+            options,
+            audio_format,
+            transcriber=self._transcriber,
+            vad=self._vad,
+            limits=self._audio_limits,
+            token_decoder=await self._get_token_decoder(),
+        )
+
+    async def _read_stream(
+        self, request_iterator: AsyncIterator[pb.StreamingRecognizeRequest], session: StreamingSession
+    ) -> None:
+        """Feeds the session until the client half-closes. Bad input fails the session (the response loop
+        reports it); an idle timeout flushes first and is raised here for the response loop to report."""
+        received = 0
+        try:
+            while True:
+                try:
+                    message = await self._next_request(request_iterator)
+                except IdleTimeout:
+                    await session.finish()
+                    raise
+                if message is None:
+                    await session.finish()
+                    return
+                payload = message.WhichOneof("payload")
+                if payload == "config":
+                    raise InvalidInput(_second_config_message(message.config, session, received))
+                if payload == "audio" and session.accepting_audio:
+                    received += len(message.audio)
+                    await session.feed(message.audio)
+        except IdleTimeout:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure ends the call; the response loop reports it
+            if not isinstance(exc, AsrError):
+                logger.exception("StreamingRecognize: reading the stream failed")
+            session.fail(exc)
+
+    async def _get_token_decoder(self) -> TokenDecoder | None:
+        """The tokenizer that turns an interim's token ids back into a prefix (loaded once, on first use)."""
+        if not self._token_decoder_loaded:
+            self._token_decoder_loaded = True
+            if self._config.engine.kind == "fake":
+                self._token_decoder = FakeTokenDecoder()
+            else:
+                try:
+                    self._token_decoder = await asyncio.to_thread(load_hf_token_decoder, self._config.model.model)
+                except Exception:  # noqa: BLE001 - interims then go without a prefix; nothing else changes
+                    logger.warning("no tokenizer for interim prefixes; interims decode without one", exc_info=True)
+        return self._token_decoder
+
+    def _endpointing(self, msg: pb.RecognitionConfig, options: TranscribeOptions) -> EndpointSettings | None:
+        if not msg.HasField("endpointing"):
+            return None
+        limits = self._config.limits
+        max_chunk_s = limits.max_chunk_with_timestamps_s if options.return_word_timestamps else limits.max_chunk_s
+        return convert.endpoint_settings_from_pb(msg.endpointing, max_chunk_s)
+
     # ---- shared ----
 
     async def _finish(
-        self, span: Span, audio: DecodedAudio, options: TranscribeOptions, started: float, decode_s: float
+        self,
+        span: Span,
+        audio: DecodedAudio,
+        options: TranscribeOptions,
+        started: float,
+        decode_s: float,
+        *,
+        endpointing: EndpointSettings | None = None,
     ) -> pb.TranscribeResponse:
         span.set_attribute("asr.audio_s", audio.duration_ms / 1000)
         span.set_attribute("asr.channels", len(audio.channels))
-        result = await self._transcriber.transcribe(audio, options)
+        if endpointing is not None:
+            result = await transcribe_by_utterance(
+                self._transcriber, self._vad, audio, options, endpointing, model_id=self._model_id()
+            )
+        else:
+            result = await self._transcriber.transcribe(audio, options)
         return convert.result_to_pb(
             result, total_ms=(time.perf_counter() - started) * 1000, audio_decode_ms=decode_s * 1000
         )
@@ -208,6 +340,19 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             except Exception as exc:
                 logger.exception("%s failed", method)
                 await _abort(context, span, grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _second_config_message(msg: pb.StreamingRecognitionConfig, session: StreamingSession, received: int) -> str:
+    fmt = msg.config.audio_format
+    current = session.format
+    new = convert.audio_format_from_pb(fmt) if fmt.ByteSize() else None
+    if new is not None and new != current:
+        return (
+            f"the audio format cannot change mid-stream: the stream is {current.encoding.name} "
+            f"{current.sample_rate_hz} Hz x{current.channel_count}, a later config asks for {new.encoding.name} "
+            f"{new.sample_rate_hz} Hz x{new.channel_count}; start a new stream for the new format"
+        )
+    return f"config may be sent only once, in the first message; got a second one after {received} audio bytes"
 
 
 async def _abort(

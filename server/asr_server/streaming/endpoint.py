@@ -3,7 +3,9 @@
 Frames are the VAD's 32 ms frames, numbered from the stream's start; positions are 16 kHz sample indices.
 
 - An utterance starts once `min_speech_ms` of frames at or above `speech_threshold` have been seen without a
-  silence in between; its start is back-dated to the first of them, less `start_pad_ms`.
+  silence in between; its start is back-dated to the first of them, further back over the frames just before
+  it whose probability is already rising (at or above 0.1, at most 8 frames: Silero scores a leading fricative
+  such as the "s" of "streaming" low for a frame or three), less `start_pad_ms`.
 - Inside an utterance a frame is silence only below `speech_threshold - 0.15` (Silero's own hysteresis), so a
   wobbling probability does not chop words. The utterance closes once silence has lasted `trailing_silence_ms`;
   it ends at the start of its last frame at or above `speech_threshold`, plus `end_pad_ms`.
@@ -18,6 +20,7 @@ that is decoded.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +29,8 @@ import numpy.typing as npt
 from asr_server.streaming.vad import FRAME_MS, FRAME_SAMPLES
 
 _HYSTERESIS = 0.15
+_ONSET_PROBABILITY = 0.1
+_ONSET_FRAMES = 8
 _QUIET_WINDOW_FRAMES = 3
 
 
@@ -93,6 +98,7 @@ class Endpointer:
         self._candidate: int | None = None
         self._candidate_speech = 0
         self._candidate_silence = 0
+        self._recent: deque[float] = deque(maxlen=_ONSET_FRAMES)  # probabilities of the frames before this one
         # Open utterance: its start sample, the frame where the current silence began (None while speaking),
         # and the energies of its frames since `_energy_base` (bounded by max_utterance_ms).
         self._start: int | None = None
@@ -107,11 +113,13 @@ class Endpointer:
         return self._start
 
     @property
-    def pending_start(self) -> int | None:
-        """Where an utterance would start if the current candidate is confirmed (audio to keep)."""
-        if self._candidate is None:
-            return None
-        return self._back_dated(self._candidate)
+    def keep_from(self) -> int:
+        """The earliest sample that the open or any future utterance can include: audio before it can go."""
+        if self._start is not None:
+            return self._start
+        if self._candidate is not None:
+            return self._back_dated(self._candidate)
+        return self._back_dated(self._frame - len(self._recent))
 
     @property
     def frames_seen(self) -> int:
@@ -132,6 +140,7 @@ class Endpointer:
             self._frame += 1
             if self._start is None:
                 self._idle_frame(frame, p, threshold, low, events)
+                self._recent.append(p)
                 if self._start is None:
                     continue
                 # Confirmed on this frame. Energies only matter for a cut in an utterance's second half, so the
@@ -162,7 +171,12 @@ class Endpointer:
     def _idle_frame(self, frame: int, p: float, threshold: float, low: float, events: list[EndpointEvent]) -> None:
         if self._candidate is None:
             if p >= threshold:
-                self._candidate, self._candidate_speech, self._candidate_silence = frame, 1, 0
+                onset = frame
+                for earlier in reversed(self._recent):
+                    if earlier < _ONSET_PROBABILITY:
+                        break
+                    onset -= 1
+                self._candidate, self._candidate_speech, self._candidate_silence = onset, 1, 0
         elif p >= threshold:
             self._candidate_speech += 1
             self._candidate_silence = 0
@@ -207,6 +221,7 @@ class Endpointer:
 
     def _close(self, end: int) -> None:
         self._floor = end
+        self._recent.clear()
         self._start = None
         self._silence_from = None
         self._energies = []

@@ -317,13 +317,7 @@ class StreamingSession:
                 if self._stopped and not self._flushing:
                     return  # single utterance: nothing after the first final
         # Keep the open utterance, or what a future one could be back-dated into.
-        keep = channel.endpointer.open_start
-        if keep is None:
-            keep = channel.endpointer.frames_seen * FRAME_SAMPLES - channel.endpointer.settings.start_pad_samples
-            pending = channel.endpointer.pending_start
-            if pending is not None:
-                keep = min(keep, pending)
-        channel.buffer.drop_before(keep)
+        channel.buffer.drop_before(channel.endpointer.keep_from)
 
     def _on_endpoint(self, channel: _Channel, event: EndpointEvent) -> None:
         if isinstance(event, SpeechStarted):

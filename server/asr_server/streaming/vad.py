@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import threading
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -75,7 +76,10 @@ class SileroVad:
         import torch
 
         load: Any = torch.jit.load
-        scripted = load(str(path or silero_model_path()), map_location="cpu")
+        with warnings.catch_warnings():
+            # torch marks TorchScript loading deprecated; it is still the format the package ships.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            scripted = load(str(path or silero_model_path()), map_location="cpu")
         weights = {k: v.detach().clone().float() for k, v in scripted._model.state_dict().items()}
         self._w = weights
         lstm: Any = torch.nn.LSTM(_HIDDEN, _HIDDEN)
