@@ -24,6 +24,7 @@ from collections.abc import Callable  # noqa: E402
 import numpy as np  # noqa: E402
 import soundfile  # noqa: E402
 import soxr  # noqa: E402
+
 from asr_server.audio.chunking import plan_chunks  # noqa: E402
 from asr_server.audio.decode import decode_audio  # noqa: E402
 from asr_server.audio.formats import AudioFormat, AudioLimits, Encoding  # noqa: E402

@@ -8,6 +8,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import soundfile
+
 from asr_server.audio.assembler import StreamAssembler, StreamResampler
 from asr_server.audio.decode import decode_audio, decode_payload
 from asr_server.audio.formats import AudioFormat, AudioLimits, Encoding

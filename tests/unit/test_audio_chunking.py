@@ -7,6 +7,7 @@ import time
 import numpy as np
 import numpy.typing as npt
 import pytest
+
 from asr_server.audio.chunking import ChunkSpan, pad_to_min, plan_chunks
 
 RATE_HZ = 16_000

@@ -18,13 +18,13 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import soundfile
+
 from asr_server.audio import decode as decode_module
 from asr_server.audio import files as files_module
 from asr_server.audio.decode import container_formats, decode_audio, decode_payload
 from asr_server.audio.formats import AudioFormat, AudioLimits, Encoding
 from asr_server.audio.g711 import alaw_encode, mulaw_encode
 from asr_server.errors import InvalidInput, LimitExceeded
-
 from tests.unit.test_audio_g711 import sun_alaw2linear, sun_ulaw2linear
 
 LIMITS = AudioLimits(max_audio_duration_s=60, max_message_bytes=10_000_000, max_stream_bytes=100_000_000)

@@ -1,4 +1,5 @@
 import pytest
+
 from asr_server.audio.formats import AudioFormat, AudioLimits, Encoding
 from asr_server.errors import InvalidInput
 

@@ -3,6 +3,7 @@ operations, one code at a time) from the module's segment/mantissa arithmetic.""
 
 import numpy as np
 import pytest
+
 from asr_server.audio import g711
 
 

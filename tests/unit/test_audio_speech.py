@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import soundfile
 import soxr
+
 from asr_server.audio.chunking import plan_chunks
 from asr_server.audio.decode import decode_audio
 from asr_server.audio.formats import AudioFormat, AudioLimits, Encoding
 from asr_server.audio.g711 import mulaw_encode
-
 from tests.speech import espeak_available, synthesize, synthesize_sentences
 
 pytestmark = pytest.mark.skipif(not espeak_available(), reason="espeak-ng missing: bash scripts/system-deps.sh")

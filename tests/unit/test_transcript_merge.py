@@ -1,4 +1,5 @@
 import pytest
+
 from asr_server.transcript_merge import join_texts, merge_languages
 
 
