@@ -38,7 +38,7 @@ def kernel_check() -> dict[str, Any]:
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     heads, kv_heads, dim, page = 16, 8, 128, 64
-    pages_total = 4096
+    pages_total = 16384
     k = torch.randn(pages_total, kv_heads, page, dim, device=dev, dtype=torch.bfloat16)
     v = torch.randn_like(k)
     results = {}
@@ -121,11 +121,14 @@ def engine_bench(model_dir: str, n: int, audio_s: float) -> dict[str, Any]:
     for label, count, secs in (("single_120s", 1, 120.0), ("single_5s", 1, 5.0), ("single_5s_b", 1, 5.0)):
         _, wall = run_engine(engine, make_requests(count, 2, [secs], 8192, forced=True))
         results[label] = wall
-        print(f"{label}: {wall * 1000:.0f} ms", flush=True)
+        results[label + "_ttft_ms"] = engine.ttft_ms[-1]
+        print(f"{label}: {wall * 1000:.0f} ms, first token after {engine.ttft_ms[-1]:.0f} ms", flush=True)
     requests = make_requests(n, 3, [audio_s], 8192, forced=True)
     _, wall = run_engine(engine, requests)
     results["throughput_audio_s_per_s"] = n * audio_s / wall
     results["throughput_wall_s"] = wall
+    ttft = list(engine.ttft_ms)[-n:]
+    results["throughput_ttft_ms_p50_p99"] = [float(np.percentile(ttft, 50)), float(np.percentile(ttft, 99))]
     print(f"engine alone: {n} x {audio_s:.0f} s in {wall:.2f} s = {n * audio_s / wall:.0f} audio-s/s", flush=True)
     engine.close()
     del engine

@@ -65,7 +65,6 @@ for section in "$@"; do
       load 1.7b-c64-5s --concurrency 64 --audio-s 5 --requests 640
       load 1.7b-c128-120s --concurrency 128 --audio-s 120 --requests 256
       load 1.7b-c128-120s-stream --concurrency 128 --audio-s 120 --requests 128 --mode stream
-      load 1.7b-c8-5s-bidi --concurrency 8 --audio-s 5 --requests 16 --mode bidi
       grep -E "continuous engine on|captured|ERROR|Traceback" "$OUT/server17.log" | head -20
       stop_server
       ;;

@@ -161,12 +161,6 @@ def paged_decode_attention_triton(
         SPLITS=splits,
         KV_HEADS=kv_heads,
     )
-    m = ml[..., 0]
-    l_sum = ml[..., 1]
-    m_max = m.max(dim=-1, keepdim=True).values
-    # Splits that saw no page have m = -inf and l = 0: their weight is exp(-inf) = 0.
-    weight = torch.exp(m - m_max)
-    weight = torch.nan_to_num(weight, nan=0.0)
-    numerator = (acc * weight[..., None]).sum(dim=2)
-    denominator = (l_sum * weight).sum(dim=2)
-    return (numerator / denominator[..., None]).to(q.dtype)
+    from asr_server.engine.continuous.kernels import combine_splits
+
+    return combine_splits(acc, ml, q.dtype)

@@ -29,6 +29,7 @@ import torch
 
 from asr_server.engine.continuous.attention import num_splits_for
 from asr_server.engine.continuous.decoder import DecodeBuffers, KvCache, PagedDecoder
+from asr_server.engine.continuous.encoder import encode
 from asr_server.engine.core import EngineOutput
 from asr_server.engine.generate_core import PreparedInputs, prepare_single
 from asr_server.engine.types import SAMPLE_RATE_HZ, BatchStats, DecodeOptions, DecodeRequest, DecodeResult, WorkItem
@@ -53,7 +54,10 @@ class ContinuousConfig:
     max_prefill_tokens: int = 16384
     encoder_batch_audio_s: float = 960.0
     cuda_graphs: bool = True
-    preprocess_threads: int = 4
+    preprocess_threads: int = 8
+    # "auto": fused Triton kernels on CUDA, the checkpoint's own torch modules elsewhere; "triton" forces them
+    # (with TRITON_INTERPRET=1 on CPU, for tests without a GPU).
+    kernels: str = "auto"
     # Benchmarks: synchronise after each phase and add up its time in ContinuousEngine.profile (slower).
     profile: bool = False
 
@@ -95,7 +99,8 @@ class ContinuousEngine:
         self._device = torch.device(loaded.device)
         self._cuda = self._device.type == "cuda"
         cfg = self._config
-        self._decoder = PagedDecoder(model, use_triton=self._cuda, fuse_projections=self._cuda)
+        triton = cfg.kernels == "triton" or (cfg.kernels == "auto" and self._cuda)
+        self._decoder = PagedDecoder(model, use_triton=triton, fuse_projections=triton)
         tokenizer = loaded.processor.tokenizer
         mconfig = model.config
         eos = model.generation_config.eos_token_id
@@ -138,6 +143,8 @@ class ContinuousEngine:
         self.steps = 0
         self.profile: dict[str, float] = {}
         self.decode_ms_by_bucket: dict[int, list[float]] = {}
+        # Time to first token (ms, from arrival to the host seeing it) of recent requests, for benchmarks.
+        self.ttft_ms: deque[float] = deque(maxlen=100_000)
         logger.info(
             "continuous engine on %s: %d KV pages of %d tokens (%d tokens, %.1f GiB), %d rows",
             dev,
@@ -396,7 +403,7 @@ class ContinuousEngine:
             batch = collate([prepared[j] for j in group], pad_token_id=0)
             features = batch["input_features"].to(self._device, non_blocking=True).to(self._decoder.dtype)
             mask = batch["input_features_mask"].to(self._device, non_blocking=True)
-            hidden = model.model.audio_tower(input_features=features, input_features_mask=mask).last_hidden_state
+            hidden = encode(model.model.audio_tower, features, mask)
             projected = model.model.multi_modal_projector(hidden)
             counts = [int((prepared[j].input_ids == self._audio_token_id).sum()) for j in group]
             for j, part in zip(group, projected.split(counts), strict=True):
@@ -457,6 +464,8 @@ class ContinuousEngine:
             if req.finished:
                 continue
             token = int(values[index])
+            if not req.tokens:
+                self.ttft_ms.append((time.time_ns() - req.item.enqueued_ns) / 1e6)
             req.tokens.append(token)
             if len(req.tokens) >= req.budget or (not req.suppress_eos and token in self._eos_ids):
                 done.append(req)

@@ -8,6 +8,7 @@ GQA by repeating KV heads) so that fp32 results equal `model.generate`'s to roun
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +86,10 @@ class PagedDecoder:
                 m = layer.mlp
                 self._gate_up.append(torch.cat([m.gate_proj.weight, m.up_proj.weight], dim=0).detach())
         self._has_bias = getattr(attn0.q_proj, "bias", None) is not None
+        # CUDA: fused Triton kernels for the elementwise work (kernels.py says why).
+        self._fast = use_triton and self._qkv is not None and not self._has_bias
+        self._eps = float(self._layers[0].input_layernorm.variance_epsilon)
+        self._inv_freq32 = self.inv_freq.to(device=self.device, dtype=torch.float32).contiguous()
 
     # ---- cache ----
 
@@ -144,6 +149,63 @@ class PagedDecoder:
             logits = logits.index_copy(1, self.eos_ids, blocked)
         return torch.argmax(logits, dim=-1)
 
+    def _forward_fast(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        slot_page: torch.Tensor,
+        slot_offset: torch.Tensor,
+        cache: KvCache,
+        attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """All layers with the fused kernels; returns the final-normalised hidden states (T, hidden)."""
+        from asr_server.engine.continuous import kernels
+
+        if self._qkv is None or self._gate_up is None:
+            raise RuntimeError("the fused path needs fused projection weights")
+        eps = self._eps
+        q_size = self.heads * self.head_dim
+        kv_size = self.kv_heads * self.head_dim
+        h, residual = kernels.add_rms_norm(x, None, self._layers[0].input_layernorm.weight, eps)
+        for index, layer in enumerate(self._layers):
+            attn_mod = layer.self_attn
+            qkv = h @ self._qkv[index].t()
+            q, k = kernels.qk_norm_rope_write(
+                qkv,
+                positions,
+                self._inv_freq32,
+                self.rope_scaling,
+                attn_mod.q_norm.weight,
+                attn_mod.k_norm.weight,
+                float(attn_mod.q_norm.variance_epsilon),
+                cache.keys[index],
+                cache.values[index],
+                slot_page,
+                slot_offset,
+                self.heads,
+                self.kv_heads,
+                self.head_dim,
+            )
+            v = qkv[:, q_size + kv_size :].reshape(-1, self.kv_heads, self.head_dim)
+            attn = attend(index, q, k, v).reshape(-1, q_size)
+            h, residual = kernels.add_rms_norm(
+                attn_mod.o_proj(attn), residual, layer.post_attention_layernorm.weight, eps
+            )
+            mlp = layer.mlp
+            down = mlp.down_proj(kernels.silu_mul(h @ self._gate_up[index].t()))
+            last = index + 1 == self.num_layers
+            next_norm = self._text.norm if last else self._layers[index + 1].input_layernorm
+            h, residual = kernels.add_rms_norm(down, residual, next_norm.weight, eps)
+        return h
+
+    def _tokens_from_normed(self, hidden: torch.Tensor, suppress_eos: torch.Tensor) -> torch.Tensor:
+        logits = self._lm_head(hidden)
+        if self.eos_ids.numel() > 0:
+            eos_logits = logits[:, self.eos_ids]
+            blocked = torch.where(suppress_eos[:, None], torch.full_like(eos_logits, float("-inf")), eos_logits)
+            logits = logits.index_copy(1, self.eos_ids, blocked)
+        return torch.argmax(logits, dim=-1)
+
     # ---- prefill ----
 
     def prefill(
@@ -165,6 +227,29 @@ class PagedDecoder:
         for n in lengths:
             bounds.append(bounds[-1] + n)
         rep = self.heads // self.kv_heads
+        last = torch.tensor([b - 1 for b in bounds[1:]], device=x.device)
+        if self._fast:
+
+            def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                outs = []
+                for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+                    ki = k[start:end].transpose(0, 1)[None]
+                    vi = v[start:end].transpose(0, 1)[None]
+                    if rep > 1:
+                        ki = ki.repeat_interleave(rep, dim=1)
+                        vi = vi.repeat_interleave(rep, dim=1)
+                    o = F.scaled_dot_product_attention(
+                        q[start:end].transpose(0, 1)[None],
+                        ki,
+                        vi,
+                        is_causal=True,
+                        scale=self.scale,
+                    )
+                    outs.append(o[0].transpose(0, 1))
+                return torch.cat(outs, dim=0)
+
+            hidden = self._forward_fast(x, positions, slots_page, slots_offset, cache, attend)
+            return self._tokens_from_normed(hidden[last], suppress_eos)
         for index, layer in enumerate(self._layers):
             h = layer.input_layernorm(x)
             q, k, v = self._qkv_proj(index, h)
@@ -186,7 +271,6 @@ class PagedDecoder:
             attn = torch.cat(outs, dim=0).reshape(total, self.heads * self.head_dim)
             x = x + layer.self_attn.o_proj(attn)
             x = x + self._mlp(index, layer.post_attention_layernorm(x))
-        last = torch.tensor([b - 1 for b in bounds[1:]], device=x.device)
         return self._logits_to_tokens(x[last], suppress_eos)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -208,9 +292,22 @@ class PagedDecoder:
         slot_offset = positions % page
         # Rows without a request attend to one token of the scratch page: finite, never read back.
         seq_lens = torch.where(active, positions + 1, torch.ones_like(positions)).to(torch.int32)
-        cos, sin = self._rope(positions)
         x = self.embed(tokens)
         splits = self.splits_by_batch.get(rows, 1)
+        if self._fast:
+
+            def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return paged_decode_attention_triton(
+                    q, cache.keys[index], cache.values[index], table, seq_lens, self.scale, splits
+                )
+
+            hidden = self._forward_fast(x, positions, slot_page, slot_offset, cache, attend)
+            next_fast = self._tokens_from_normed(hidden, buffers.suppress_eos[:rows])
+            tokens.copy_(next_fast)
+            buffers.out_tokens[:rows].copy_(next_fast)
+            positions.add_(1)
+            return
+        cos, sin = self._rope(positions)
         for index, layer in enumerate(self._layers):
             h = layer.input_layernorm(x)
             q, k, v = self._qkv_proj(index, h)
