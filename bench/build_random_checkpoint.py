@@ -33,8 +33,9 @@ SIZES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 def build(size: str, out: Path, device: str) -> None:
     import torch
-    from asr_server.models.tiny_checkpoint import build_processor, build_tokenizer, token_ids
     from transformers import GenerationConfig, Qwen3ASRConfig, Qwen3ASRForConditionalGeneration
+
+    from asr_server.models.tiny_checkpoint import build_processor, build_tokenizer, token_ids
 
     audio_sizes, text_sizes = SIZES[size]
     tokenizer = build_tokenizer()

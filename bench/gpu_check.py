@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from asr_server.engine.continuous.attention import (
     num_splits_for,
     paged_decode_attention_torch,

@@ -111,6 +111,7 @@ class GpuMemory:
 async def run(args: argparse.Namespace) -> Report:
     import grpc
     import grpc.aio
+
     from qwenasr.v1 import asr_pb2 as pb
     from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 
