@@ -9,22 +9,28 @@ PORT ?= 50051
 GEN := gen/python
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: setup system-deps proto tiny demo serve test test-unit test-clients lint typecheck bench clean
+.PHONY: setup system-deps client-deps proto tiny demo serve test test-unit test-clients lint typecheck bench clean
 
-# System packages: espeak-ng makes real speech for the audio tests; the client toolchains come from
-# clients/setup.sh (Debian packages and npm only).
+# System packages the server and its tests need (espeak-ng makes real speech for the audio tests).
 system-deps:
 	bash scripts/system-deps.sh
+
+# Toolchains of the Go, Java, C++ and Node clients (Debian packages and npm only).
+client-deps:
 	bash clients/setup.sh
 
+# torch==2.13.0 is the CPU build on this machine's disk (any other spec may pull a CUDA build of several GB).
+# The stubs are generated before the editable install so that setuptools finds the generated package.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q grpcio-tools mypy-protobuf
+	bash scripts/gen_proto.sh $(PY)
 	$(PIP) install -q -e '.[dev]'
 	touch $@
 
-setup: system-deps $(VENV)/.installed proto
+setup: system-deps client-deps $(VENV)/.installed proto
 
 proto: $(VENV)/.installed $(GEN)/.stamp
 
@@ -35,7 +41,7 @@ $(GEN)/.stamp: $(PROTOS) scripts/gen_proto.sh
 tiny: proto
 	$(VENV)/bin/asr-server build-tiny-checkpoint --out artifacts
 
-demo: setup tiny
+demo: system-deps $(VENV)/.installed proto tiny
 	bash scripts/demo.sh $(VENV) artifacts/tiny-asr-hf
 
 serve: proto
