@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -140,6 +140,28 @@ class SileroVad:
         return results
 
 
+class VadModel(Protocol):
+    def run(self, jobs: Sequence[tuple[VadState, npt.NDArray[np.float32]]]) -> list[npt.NDArray[np.float32]]: ...
+
+
+class EnergyVad:
+    """A stand-in for Silero where only the session logic is under test (long-stream tests, CPU benchmarks):
+    probability 1 for a frame louder than `threshold_dbfs`, else 0. Never used to serve real callers: it
+    cannot tell speech from noise."""
+
+    def __init__(self, threshold_dbfs: float = -45.0) -> None:
+        self._threshold = 10 ** (threshold_dbfs / 10)
+
+    def run(self, jobs: Sequence[tuple[VadState, npt.NDArray[np.float32]]]) -> list[npt.NDArray[np.float32]]:
+        out = []
+        for state, windows in jobs:
+            frames = windows[:, CONTEXT_SAMPLES:]
+            power = np.mean(np.square(frames, dtype=np.float64), axis=1)
+            state.frames_done += windows.shape[0]
+            out.append((power > self._threshold).astype(np.float32))
+        return out
+
+
 @dataclass(eq=False)
 class _Job:
     state: VadState
@@ -155,7 +177,7 @@ class VadBatcher:
     other thread-pool work.
     """
 
-    def __init__(self, model: SileroVad | None = None, *, preload: bool = True) -> None:
+    def __init__(self, model: VadModel | None = None, *, preload: bool = True) -> None:
         self._model = model
         self._model_lock = threading.Lock()
         self._pending: list[_Job] = []
@@ -168,7 +190,7 @@ class VadBatcher:
             # does not wait for it.
             self._executor.submit(self._get_model)
 
-    def _get_model(self) -> SileroVad:
+    def _get_model(self) -> VadModel:
         with self._model_lock:
             if self._model is None:
                 self._model = SileroVad()
@@ -205,7 +227,9 @@ class VadBatcher:
                     batches.append([job])
             for batch in batches:
                 try:
-                    model = await loop.run_in_executor(self._executor, self._get_model)
+                    model = self._model
+                    if model is None:
+                        model = await loop.run_in_executor(self._executor, self._get_model)
                     probs = await loop.run_in_executor(
                         self._executor, model.run, [(job.state, job.windows) for job in batch]
                     )
