@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -158,40 +160,38 @@ def fake_live_server(servicer: pb_grpc.AsrServiceServicer) -> Iterator[str]:
 
 @contextlib.contextmanager
 def server_process(*args: str, startup_timeout_s: float = 240.0) -> Iterator[str]:
-    """`asr-server serve --port 0 ARGS` in a subprocess; yields "127.0.0.1:port" once it prints its port."""
+    """`asr-server serve --port 0 ARGS` in a subprocess; yields "127.0.0.1:port" once it prints its port.
+
+    Its stderr goes to a file (a pipe nobody reads could fill and stall the server) and is shown on failure."""
     command = [sys.executable, "-m", "asr_server.cli", "--log-level", "WARNING", "serve", "--host", "127.0.0.1",
                "--port", "0", *args]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        port = _wait_for_port(process, startup_timeout_s)
-        yield f"127.0.0.1:{port}"
-    finally:
-        process.send_signal(signal.SIGTERM)
+    with tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO_ROOT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        ports: queue.Queue[int] = queue.Queue()
+
+        def read_stdout() -> None:  # drains stdout for the server's whole life
+            assert process.stdout is not None
+            for line in process.stdout:
+                match = re.search(r"on port (\d+)", line)
+                if match:
+                    ports.put(int(match.group(1)))
+            ports.put(0)  # the server exited
+
+        threading.Thread(target=read_stdout, daemon=True).start()
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _wait_for_port(process: subprocess.Popen[str], timeout_s: float) -> int:
-    assert process.stdout is not None
-    found: list[int] = []
-
-    def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            match = re.search(r"on port (\d+)", line)
-            if match:
-                found.append(int(match.group(1)))
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout_s)
-    if not found:
-        process.kill()
-        _, err = process.communicate(timeout=10)
-        raise RuntimeError(f"asr-server did not start within {timeout_s:g} s:\n{err[-4000:]}")
-    return found[0]
+            try:
+                port = ports.get(timeout=startup_timeout_s)
+            except queue.Empty:
+                port = 0
+            if not port:
+                stderr.seek(0)
+                raise RuntimeError(f"asr-server did not start ({' '.join(args)}):\n{stderr.read()[-4000:]}")
+            yield f"127.0.0.1:{port}"
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -344,7 +344,7 @@ def test_stream_without_realtime_sends_at_once_and_takes_frame_iterators() -> No
     with fake_live_server(servicer) as address, AsrClient(address) as client:
         started = time.monotonic()
         results = list(client.stream(iter(frames), audio_format=fmt, realtime=False, interim_results=False))
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 0.8  # 1 s of audio: not paced
     assert [r.text for r in results] == ["final 64000 bytes"]
     assert results[0].time_stamps is None
 
