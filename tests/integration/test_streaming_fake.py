@@ -16,6 +16,8 @@ import pytest
 from asr_server.config import StreamingConfig
 from asr_server.engine.fake import FakeEngine, fake_transcript
 from asr_server.engine.types import DecodeOptions, DecodeRequest
+from asr_server.results import Word
+from asr_server.transcription import AlignmentResult, samples_to_ms
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 from tests.helpers import fake_config, running_server
@@ -313,3 +315,35 @@ async def test_client_cancellation_frees_queued_decodes_at_once() -> None:
                 break
             await asyncio.sleep(0.02)
         assert server.engine.in_flight == 0
+
+
+class EvenAligner:
+    """An aligner double: the text's words spread evenly over the audio it is given (times from its start)."""
+
+    async def align(self, audio_16k: np.ndarray, text: str, language: str) -> AlignmentResult:
+        words = text.split()
+        step = samples_to_ms(audio_16k.shape[0]) // max(1, len(words))
+        return AlignmentResult(tuple(Word(w, i * step, (i + 1) * step) for i, w in enumerate(words)), 1.0)
+
+
+async def test_finals_carry_words_with_times_from_the_stream_start() -> None:
+    audio, _ = synthesize_sentences(SENTENCES[:2], silence_s=1.0)
+    async with running_server(fake_config(), aligner=EvenAligner()) as (_, channel):
+        received = await run_stream(
+            pb_grpc.AsrServiceStub(channel), stream_config(interim=True, return_word_timestamps=True), pcm16(audio)
+        )
+    assert len(received.finals) == 2
+    for final in received.finals:
+        assert final.word_timestamps_status == pb.WORD_TIMESTAMPS_STATUS_OK
+        assert [w.text for w in final.words] == final.text.split()
+        assert final.words[0].start_ms == final.start_ms
+        assert final.start_ms <= final.words[-1].end_ms <= final.end_ms
+    assert all(not r.words for _, r in received.interims)
+
+
+async def test_word_timestamps_without_an_aligner_are_refused() -> None:
+    async with running_server(fake_config()) as (_, channel):
+        code, details, _ = await call_status(
+            pb_grpc.AsrServiceStub(channel), [stream_config(return_word_timestamps=True)]
+        )
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "--aligner-model" in details
