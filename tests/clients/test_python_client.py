@@ -194,7 +194,7 @@ def test_large_audio_goes_over_transcribe_stream() -> None:
             (result,) = client.transcribe((samples, RATE))
         assert result.text == expected_text(samples)
         with AsrClient(address, stream_threshold_bytes=10_000_000) as client:
-            with pytest.raises(ResourceExhaustedError, match="at most 200000 bytes"):
+            with pytest.raises(ResourceExhaustedError, match="200000"):
                 client.transcribe((samples, RATE))
 
 

@@ -137,10 +137,9 @@ def _stream(client: AsrClient, args: argparse.Namespace) -> int:
     for result in results:
         if args.format == "json":
             print(json.dumps(_as_dict(result), ensure_ascii=False), flush=True)
-        elif result.is_final:
-            print(f"[{result.start_time:7.2f}-{result.end_time:7.2f}] {result.text}", flush=True)
-        else:
-            print(f"  ...{' ' * 11}{result.text}", flush=True)
+        else:  # finals as "[start-end] text", interims (later replaced) marked with "~"
+            mark = " " if result.is_final else "~"
+            print(f"[{result.start_time:7.2f}-{result.end_time:7.2f}]{mark}{result.text}", flush=True)
     return 0
 
 
