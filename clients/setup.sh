@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Toolchains for the Go, Java, C++ and Node clients, from Debian's packages and npm only.
 # Idempotent: apt-get runs only for what is missing (after one `apt-get update`), npm only when
-# clients/node/node_modules is missing or older than package.json. `make system-deps` runs this.
+# clients/node/node_modules is missing or older than package.json. `make client-deps` (so `make setup`) runs this.
 set -euo pipefail
 cd "$(dirname "$0")"
 
