@@ -26,7 +26,7 @@ from asr_client._core import (
     plan_batch,
     stream_upload,
 )
-from asr_client.audio import AudioLike, bytes_per_second, frame_to_bytes
+from asr_client.audio import AudioLike, PreparedAudio, bytes_per_second, frame_to_bytes
 from asr_client.errors import AsrError, error_from_rpc
 from asr_client.results import ASRTranscription, StreamingResult, streaming_result_from_pb, transcription_from_pb
 from qwenasr.v1 import asr_pb2 as pb
@@ -213,8 +213,6 @@ class AsrClient:
             return_word_timestamps=return_word_timestamps,
             max_new_tokens=max_new_tokens,
         )
-        from asr_client.audio import PreparedAudio
-
         method, call = self._start(Job(PreparedAudio(bytes(audio), config.audio_format, "bytes"), config))
         return self._result(method, call)
 
