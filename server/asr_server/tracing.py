@@ -6,7 +6,7 @@ Spans carry sizes and timings only: never audio, never text.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 from opentelemetry import trace
 from opentelemetry.propagate import extract
@@ -37,7 +37,7 @@ def setup_tracing(config: TracingConfig) -> TracerProvider | None:
 
 
 @contextlib.contextmanager
-def rpc_span(method: str, metadata: Sequence[tuple[str, str | bytes]] | None) -> Iterator[Span]:
+def rpc_span(method: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> Iterator[Span]:
     """A SERVER span for one RPC, child of the caller's span when it sent a W3C traceparent."""
     carrier = {key: value for key, value in (metadata or ()) if isinstance(value, str)}
     parent = extract(carrier)

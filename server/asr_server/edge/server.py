@@ -15,7 +15,6 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from qwenasr.v1 import asr_pb2, asr_pb2_grpc
 
 from asr_server.aligner.managed import WORD_TIMESTAMPS_HEALTH_SERVICE, ManagedAligner
 from asr_server.config import Config
@@ -25,6 +24,7 @@ from asr_server.engine.core import EngineCore
 from asr_server.engine.runner import BatchingPolicy, EngineRunner
 from asr_server.tracing import SERVICE, setup_tracing
 from asr_server.transcription import AlignBackend, Transcriber, TranscriberLimits
+from qwenasr.v1 import asr_pb2, asr_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def resolve_device(device: str) -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
-class _AuthInterceptor(grpc.aio.ServerInterceptor):
+class _AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Requires "authorization: Bearer <token>" on every call but health checks (probes carry no secrets)."""
 
     def __init__(self, token: str) -> None:
@@ -80,9 +80,9 @@ class _AuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Any:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method or ""
         if handler is None or method.startswith(f"/{HEALTH_SERVICE_NAME}/"):
@@ -156,7 +156,7 @@ class AsrServer:
             aligner,
             TranscriberLimits(config.limits.max_chunk_s, config.limits.max_chunk_with_timestamps_s),
         )
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
         self.port = 0
         self._stopping = False
