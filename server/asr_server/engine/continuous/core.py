@@ -52,6 +52,10 @@ class ContinuousConfig:
     # Longest prompt + generation one request may have (sets the block table's width).
     max_context_tokens: int = 32768
     max_prefill_tokens: int = 16384
+    # While requests are decoding, newcomers are prefilled together once the oldest has waited this long (or
+    # enough have arrived to fill half a prefill), not one small prefill per step: each prefill has a fixed cost
+    # (encoder and decoder launches, ~10-15 ms) that the running streams pay for on every step it runs.
+    prefill_interval_ms: float = 12.0
     encoder_batch_audio_s: float = 960.0
     cuda_graphs: bool = True
     preprocess_threads: int = 8
@@ -252,8 +256,24 @@ class ContinuousEngine:
 
     # ---- admission ----
 
+    def _admit_now(self) -> bool:
+        if not self._waiting or not self._free_rows:
+            return False
+        if not self._running:
+            return True
+        oldest_ms = (time.monotonic() - self._waiting[0].item.enqueued_monotonic_s) * 1000
+        if oldest_ms >= self._config.prefill_interval_ms:
+            return True
+        # Enough arrived to make a full prefill anyway (or to take every free row): no reason to wait.
+        if len(self._waiting) >= len(self._free_rows):
+            return True
+        ready_tokens = sum(int(r.item.request.audio_s * 13) + 20 for r in self._waiting)
+        return ready_tokens >= self._config.max_prefill_tokens // 2
+
     def _admit(self, outputs: list[EngineOutput]) -> list[_Request]:
         admitted: list[_Request] = []
+        if not self._admit_now():
+            return admitted
         prompt_tokens = 0
         page = self._config.page_size
         while self._waiting and self._free_rows:

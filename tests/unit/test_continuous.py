@@ -1,0 +1,221 @@
+"""Parity of the continuous-batching engine with `model.generate` run on each request alone (tiny checkpoint, fp32,
+CPU): random arrival times, mixed lengths, per-request budgets, EOS, forced lengths, prefixes, cancellations
+mid-decode and admission limits (rows and KV pages)."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from asr_server.engine.continuous.bench_mode import ForcedTokensCore, forced_tokens
+from asr_server.engine.continuous.core import ContinuousConfig, ContinuousEngine
+from asr_server.engine.core import EngineOutput
+from asr_server.engine.generate_core import GenerateEngine
+from asr_server.engine.types import DecodeOptions, DecodeRequest, WorkItem
+from asr_server.errors import LimitExceeded
+from asr_server.models.loading import LoadedAsrModel, load_asr_model
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoints: Any) -> LoadedAsrModel:
+    return load_asr_model(str(tiny_checkpoints.asr_hf), dtype="float32", device="cpu")
+
+
+def _request(
+    rid: str,
+    seconds: float,
+    max_new: int,
+    seed: int,
+    *,
+    language: str | None = None,
+    prefix: str = "",
+    forced: int | None = None,
+) -> DecodeRequest:
+    audio = (0.1 * np.random.default_rng(seed).standard_normal(int(seconds * 16000))).astype(np.float32)
+    options = DecodeOptions(language=language, context="", max_new_tokens=max_new)
+    return DecodeRequest(rid, audio, options, prefix_text=prefix, forced_num_tokens=forced)
+
+
+def _item(request: DecodeRequest) -> WorkItem:
+    return WorkItem(request, time.time_ns(), time.monotonic())
+
+
+def _reference(loaded: LoadedAsrModel, requests: list[DecodeRequest]) -> dict[str, tuple[int, ...]]:
+    """Each request through `model.generate` alone (a batch of one)."""
+    engine = GenerateEngine(loaded, max_batch_size=1)
+    out: dict[str, tuple[int, ...]] = {}
+    for request in requests:
+        (result,) = engine._run_batch([_item(request)])
+        assert result.result is not None
+        out[request.request_id] = result.result.token_ids
+    return out
+
+
+def _drain(engine: ContinuousEngine | ForcedTokensCore) -> Iterator[EngineOutput]:
+    while engine.num_waiting() or engine.num_running():
+        yield from engine.step()
+
+
+def _tokens(outputs: list[EngineOutput]) -> dict[str, tuple[int, ...]]:
+    got = {}
+    for o in outputs:
+        assert o.error is None, o.error
+        assert o.result is not None
+        got[o.request_id] = o.result.token_ids
+    return got
+
+
+def test_random_arrivals_mixed_lengths_and_row_and_page_limits(loaded: LoadedAsrModel) -> None:
+    rng = random.Random(7)
+    requests = [
+        _request(f"r{i}", seconds, max_new, seed=i)
+        for i, (seconds, max_new) in enumerate(
+            [(0.3, 12), (2.5, 30), (0.8, 5), (4.0, 24), (1.2, 1), (3.1, 18), (0.6, 27), (1.9, 9)]
+        )
+    ]
+    expected = _reference(loaded, requests)
+    # 3 rows and 24 pages of 16 tokens: admission is bounded by rows and by pages, and pages are reused.
+    engine = ContinuousEngine(loaded, ContinuousConfig(max_running=3, page_size=16, kv_cache_tokens=24 * 16))
+    pending = list(requests)
+    outputs: list[EngineOutput] = []
+    while pending or engine.num_waiting() or engine.num_running():
+        for _ in range(rng.randint(0, 2)):
+            if pending:
+                engine.add(_item(pending.pop(0)))
+        if engine.num_waiting() or engine.num_running():
+            outputs.extend(engine.step())
+        assert engine.num_running() <= 3
+    assert _tokens(outputs) == expected
+    # Every page and row came back.
+    assert len(engine._free_pages) == engine._cache.num_pages - 1
+    assert len(engine._free_rows) == 3
+
+
+def test_eos_ends_each_request_on_its_own(loaded: LoadedAsrModel) -> None:
+    # The tiny model rarely says EOS; declare its favourite token an EOS so requests end early, at different steps.
+    generation = loaded.model.generation_config
+    saved = generation.eos_token_id
+    requests = [_request(f"e{i}", 0.5 + 0.7 * i, 40, seed=100 + i) for i in range(5)]
+    try:
+        probe = _reference(loaded, requests[:1])["e0"]
+        generation.eos_token_id = [*list(saved), probe[2]]
+        expected = _reference(loaded, requests)
+        engine = ContinuousEngine(loaded, ContinuousConfig(max_running=4, page_size=16, kv_cache_tokens=4096))
+        for request in requests:
+            engine.add(_item(request))
+        got = _tokens(list(_drain(engine)))
+    finally:
+        generation.eos_token_id = saved
+    assert got == expected
+    assert any(len(ids) < 40 for ids in got.values())
+
+
+def test_forced_lengths_prefix_and_language(loaded: LoadedAsrModel) -> None:
+    requests = [
+        _request("f0", 1.0, 4096, seed=1, forced=17),
+        _request("p0", 2.0, 15, seed=2, prefix="language English<asr_text>he"),
+        _request("l0", 1.5, 15, seed=3, language="English"),
+        _request("f1", 0.4, 4096, seed=4, forced=9),
+    ]
+    expected = _reference(loaded, requests)
+    engine = ContinuousEngine(loaded, ContinuousConfig(max_running=8, page_size=16, kv_cache_tokens=4096))
+    for request in requests:
+        engine.add(_item(request))
+    outputs = list(_drain(engine))
+    assert _tokens(outputs) == expected
+    assert len(expected["f0"]) == 17 and len(expected["f1"]) == 9
+    texts = {o.request_id: o.result for o in outputs if o.result is not None}
+    assert texts["l0"].language == "English"
+
+
+def test_cancellation_mid_decode_leaves_the_others_exact(loaded: LoadedAsrModel) -> None:
+    requests = [_request(f"c{i}", 1.0 + 0.5 * i, 25, seed=200 + i) for i in range(4)]
+    expected = _reference(loaded, requests)
+    engine = ContinuousEngine(loaded, ContinuousConfig(max_running=4, page_size=16, kv_cache_tokens=4096))
+    for request in requests:
+        engine.add(_item(request))
+    outputs: list[EngineOutput] = []
+    for _ in range(6):
+        outputs.extend(engine.step())
+    engine.abort("c1")
+    engine.abort("c3")
+    outputs.extend(_drain(engine))
+    got = _tokens(outputs)
+    assert set(got) == {"c0", "c2"}
+    assert got["c0"] == expected["c0"] and got["c2"] == expected["c2"]
+    assert len(engine._free_pages) == engine._cache.num_pages - 1
+
+
+def test_abort_while_waiting_and_too_large_request(loaded: LoadedAsrModel) -> None:
+    engine = ContinuousEngine(loaded, ContinuousConfig(max_running=1, page_size=16, kv_cache_tokens=256))
+    engine.add(_item(_request("big", 1.0, 4000, seed=5)))
+    engine.add(_item(_request("w0", 0.5, 3, seed=6)))
+    engine.add(_item(_request("w1", 0.5, 3, seed=7)))
+    engine.abort("w1")
+    outputs = list(_drain(engine))
+    by_id = {o.request_id: o for o in outputs}
+    assert set(by_id) == {"big", "w0"}
+    assert isinstance(by_id["big"].error, LimitExceeded)
+    assert by_id["w0"].result is not None and len(by_id["w0"].result.token_ids) <= 3
+
+
+def test_bench_mode_forces_tokens_per_audio_second(loaded: LoadedAsrModel) -> None:
+    engine = ForcedTokensCore(
+        ContinuousEngine(loaded, ContinuousConfig(max_running=2, page_size=16, kv_cache_tokens=2048)), 4.0
+    )
+    engine.add(_item(_request("b0", 2.0, 3, seed=8)))
+    (output,) = list(_drain(engine))
+    assert output.result is not None
+    assert len(output.result.token_ids) == forced_tokens(2.0, 4.0) == 14
+
+
+_INTERPRETER_SCRIPT = """
+import sys, time
+import numpy as np
+from asr_server.engine.continuous.core import ContinuousConfig, ContinuousEngine
+from asr_server.engine.generate_core import GenerateEngine
+from asr_server.engine.types import DecodeOptions, DecodeRequest, WorkItem
+from asr_server.models.loading import load_asr_model
+
+loaded = load_asr_model(sys.argv[1], dtype="float32", device="cpu")
+requests = [
+    DecodeRequest(f"t{i}", (0.1 * np.random.default_rng(i).standard_normal(8000 * (i + 1))).astype(np.float32),
+                  DecodeOptions(None, "", 6))
+    for i in range(2)
+]
+reference = {}
+for r in requests:
+    (out,) = GenerateEngine(loaded, max_batch_size=1)._run_batch([WorkItem(r, time.time_ns(), time.monotonic())])
+    reference[r.request_id] = out.result.token_ids
+engine = ContinuousEngine(loaded, ContinuousConfig(max_running=2, page_size=16, kv_cache_tokens=1024, kernels="triton"))
+for r in requests:
+    engine.add(WorkItem(r, time.time_ns(), time.monotonic()))
+got = {}
+while engine.num_waiting() or engine.num_running():
+    for o in engine.step():
+        got[o.request_id] = o.result.token_ids
+print("MATCH" if got == reference else f"DIFF {got} {reference}")
+"""
+
+
+def test_fused_kernels_match_in_the_triton_interpreter(tiny_checkpoints: Any) -> None:
+    """The CUDA path's Triton kernels (fused norms, RoPE, cache writes, paged attention) run in Triton's CPU
+    interpreter and give generate's tokens. Skipped where Triton is not installed (CPU-only torch)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_SCRIPT, str(tiny_checkpoints.asr_hf)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert "MATCH" in done.stdout, done.stdout + done.stderr[-2000:]
