@@ -19,6 +19,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from asr_server.aligner.batcher import AlignBatcher
 from asr_server.aligner.client import CHANNEL_OPTIONS, SidecarClient
 from asr_server.aligner.core import AlignerCore
@@ -29,11 +31,9 @@ from asr_server.engine.core import EngineOutput
 from asr_server.engine.fake import FakeEngine
 from asr_server.models.loading import LoadedAlignerModel, load_aligner_model
 from asr_server.models.tiny_checkpoint import TinyCheckpoints
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from qwenasr.aligner.v1 import aligner_pb2, aligner_pb2_grpc
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
-
 from tests.helpers import fake_config, running_server, tone, with_limits
 from tests.unit.test_aligner_core import TEXTS, make_jobs, reference_alignment
 

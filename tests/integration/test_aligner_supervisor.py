@@ -15,13 +15,13 @@ from collections.abc import Callable
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from asr_server.aligner.managed import WORD_TIMESTAMPS_HEALTH_SERVICE, SidecarAligner
 from asr_server.config import AlignerConfig, Config
 from asr_server.models.tiny_checkpoint import TinyCheckpoints
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
-
 from tests.helpers import fake_config, running_server, tone
 from tests.integration.test_aligner_sidecar import float32_request, status_of
 

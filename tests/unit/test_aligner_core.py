@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from asr_server.aligner.batcher import AlignBatcher
 from asr_server.aligner.core import AlignerCore, AlignJob
 from asr_server.errors import FailedPrecondition

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from asr_server.aligner.words import check_splitter, fix_timestamps, split_words
 from asr_server.errors import FailedPrecondition
 from asr_server.models.tiny_checkpoint import TinyCheckpoints

@@ -17,13 +17,13 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from qwenasr.aligner.v1 import aligner_pb2 as pb
-from qwenasr.aligner.v1 import aligner_pb2_grpc as pb_grpc
 
 from asr_server.aligner.sidecar import MAX_MESSAGE_BYTES
 from asr_server.errors import FailedPrecondition, InvalidInput, LimitExceeded, Unavailable
 from asr_server.results import Word
 from asr_server.transcription import AlignmentResult
+from qwenasr.aligner.v1 import aligner_pb2 as pb
+from qwenasr.aligner.v1 import aligner_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 

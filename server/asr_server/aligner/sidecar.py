@@ -21,13 +21,13 @@ import grpc
 import numpy as np
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from qwenasr.aligner.v1 import aligner_pb2 as pb
-from qwenasr.aligner.v1 import aligner_pb2_grpc as pb_grpc
 
 from asr_server.aligner.batcher import AlignBatcher
 from asr_server.aligner.core import MAX_AUDIO_S, AlignerCore, AlignJob, check_job
 from asr_server.errors import AsrError, FailedPrecondition, InvalidInput, LimitExceeded, Unavailable
 from asr_server.languages import ALIGNER_LANGUAGES
+from qwenasr.aligner.v1 import aligner_pb2 as pb
+from qwenasr.aligner.v1 import aligner_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
