@@ -117,6 +117,30 @@ async def test_sidecar_timestamps_equal_reference_single_and_batched(loaded_alig
             await client.stop()
 
 
+async def test_sidecar_over_tcp_for_a_separate_container(loaded_aligner: LoadedAlignerModel) -> None:
+    batcher = AlignBatcher(lambda: AlignerCore(loaded_aligner), max_batch_size=4, max_batch_wait_ms=5)
+    sidecar = AlignerSidecar(batcher, listen="127.0.0.1:0", model_id="tiny", max_batch_size=4)
+    await sidecar.start()
+    try:
+        config = dataclasses.replace(
+            fake_config(),
+            aligner=AlignerConfig(model="tiny", mode="connect", address=f"127.0.0.1:{sidecar.port}", timeout_s=30),
+        )
+        (job,) = make_jobs([3.0], seed=9)
+        async with running_server(config, aligner=managed(config)) as (_, channel):
+            response = await pb_grpc.AsrServiceStub(channel).Transcribe(
+                float32_request(job.audio_16k, language="en", return_word_timestamps=True)
+            )
+        (transcript,) = response.transcripts
+        assert transcript.word_timestamps_status == pb.WORD_TIMESTAMPS_STATUS_OK
+        expected = reference_alignment(loaded_aligner, job.audio_16k, transcript.text, "English")
+        assert [(w.text, w.start_ms, w.end_ms) for w in transcript.words] == [
+            (text, min(start, 3000), min(end, 3000)) for text, start, end in expected
+        ]
+    finally:
+        await sidecar.stop(grace_s=0.5)
+
+
 async def test_sidecar_refuses_bad_requests_precisely(loaded_aligner: LoadedAlignerModel) -> None:
     async with sidecar_at_unix_socket(loaded_aligner) as sidecar:
         channel = grpc.aio.insecure_channel(sidecar.listen, options=CHANNEL_OPTIONS)
