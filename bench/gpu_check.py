@@ -111,7 +111,7 @@ def parity(model_dir: str, n: int, max_new: int) -> dict[str, Any]:
     return {"exact": exact, "total": len(ref), "first_divergence": sorted(diverge)}
 
 
-def engine_bench(model_dir: str, n: int, audio_s: float) -> dict[str, Any]:
+def engine_bench(model_dir: str, n: int, audio_s: float, out_dir: str) -> dict[str, Any]:
     loaded = load_asr_model(model_dir, dtype="bfloat16", device="cuda")
     results: dict[str, Any] = {}
     engine = ContinuousEngine(loaded, ContinuousConfig(max_running=max(128, n)))
@@ -131,6 +131,16 @@ def engine_bench(model_dir: str, n: int, audio_s: float) -> dict[str, Any]:
     ttft = list(engine.ttft_ms)[-n:]
     results["throughput_ttft_ms_p50_p99"] = [float(np.percentile(ttft, 50)), float(np.percentile(ttft, 99))]
     print(f"engine alone: {n} x {audio_s:.0f} s in {wall:.2f} s = {n * audio_s / wall:.0f} audio-s/s", flush=True)
+    # Kernel-level profile of 24 long requests (prefill + decode): where the GPU time goes.
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run_engine(engine, make_requests(24, 4, [audio_s], 8192, forced=True))
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    if out_dir:
+        with open(f"{out_dir}/torch_profile.txt", "w", encoding="utf-8") as fh:
+            fh.write(table)
+    print("\n".join(table.splitlines()[:18]), flush=True)
     engine.close()
     del engine
     torch.cuda.empty_cache()
@@ -150,6 +160,21 @@ def engine_bench(model_dir: str, n: int, audio_s: float) -> dict[str, Any]:
     print("decode ms by bucket: " + json.dumps(results["decode_ms_by_bucket"]), flush=True)
     results["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     engine.close()
+    del engine
+    torch.cuda.empty_cache()
+    # The same load with an fp8 KV cache (half the bytes per decode step).
+    engine = ContinuousEngine(loaded, ContinuousConfig(max_running=max(128, n), kv_cache_dtype="fp8"))
+    engine.warmup()
+    _, wall = run_engine(engine, make_requests(1, 2, [120.0], 8192, forced=True))
+    results["fp8_single_120s"] = wall
+    _, wall = run_engine(engine, make_requests(n, 3, [audio_s], 8192, forced=True))
+    results["fp8_throughput_audio_s_per_s"] = n * audio_s / wall
+    print(
+        f"fp8 KV: single 120 s {results['fp8_single_120s'] * 1000:.0f} ms; "
+        f"{n} x {audio_s:.0f} s in {wall:.2f} s = {n * audio_s / wall:.0f} audio-s/s",
+        flush=True,
+    )
+    engine.close()
     return results
 
 
@@ -161,13 +186,14 @@ def main() -> int:
     parser.add_argument("--max-new", type=int, default=48)
     parser.add_argument("--audio-s", type=float, default=120.0)
     parser.add_argument("--json", default="")
+    parser.add_argument("--out-dir", default="")
     args = parser.parse_args()
     if args.part == "kernel":
         out = kernel_check()
     elif args.part == "parity":
         out = parity(args.model, args.n or 24, args.max_new)
     else:
-        out = engine_bench(args.model, args.n or 128, args.audio_s)
+        out = engine_bench(args.model, args.n or 128, args.audio_s, args.out_dir)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(out, fh, indent=1)

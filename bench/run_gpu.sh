@@ -4,6 +4,7 @@
 #   bash bench/run_gpu.sh kernel     # Triton paged attention vs torch reference
 #   bash bench/run_gpu.sh engine17   # build the random 1.7B, in-process engine throughput + profile
 #   bash bench/run_gpu.sh grpc17     # gRPC server with the random 1.7B + the load generator table
+#   bash bench/run_gpu.sh grpc17fp8  # the same server with --kv-cache-dtype fp8
 #   bash bench/run_gpu.sh parity06   # build the random 0.6B, bf16 token parity share vs model.generate
 #   bash bench/run_gpu.sh grpc06     # gRPC server with the random 0.6B, 128 x 120 s
 #   bash bench/run_gpu.sh replicas   # two replicas (--devices cuda:0,cuda:1) vs one, same load
@@ -55,17 +56,32 @@ for section in "$@"; do
       ;;
     engine17)
       [ -d /tmp/rand-1.7b ] || $PY bench/build_random_checkpoint.py --size 1.7b --out /tmp/rand-1.7b --device cuda
-      $PY bench/gpu_check.py engine --model /tmp/rand-1.7b --json "$OUT/engine17.json" 2>&1 | grep -v "Loading weights"
+      $PY bench/gpu_check.py engine --model /tmp/rand-1.7b --json "$OUT/engine17.json" --out-dir "$OUT" 2>&1 \
+        | grep -v "Loading weights"
       ;;
     grpc17)
       [ -d /tmp/rand-1.7b ] || $PY bench/build_random_checkpoint.py --size 1.7b --out /tmp/rand-1.7b --device cuda
       start_server /tmp/rand-1.7b server17.log || continue
       load 1.7b-alone-120s --concurrency 1 --audio-s 120 --requests 3
       load 1.7b-alone-5s --concurrency 1 --audio-s 5 --requests 20
+      if [ -x /tmp/site/bin/py-spy ]; then
+        /tmp/site/bin/py-spy record -p "$SERVER_PID" -d 8 -r 40 -f raw --threads -o "$OUT/pyspy-c64.txt" \
+          >/dev/null 2>&1 &
+        SPY_PID=$!
+      fi
       load 1.7b-c64-5s --concurrency 64 --audio-s 5 --requests 640
+      [ -n "${SPY_PID:-}" ] && wait "$SPY_PID"
       load 1.7b-c128-120s --concurrency 128 --audio-s 120 --requests 256
       load 1.7b-c128-120s-stream --concurrency 128 --audio-s 120 --requests 128 --mode stream
       grep -E "continuous engine on|captured|ERROR|Traceback" "$OUT/server17.log" | head -20
+      stop_server
+      ;;
+    grpc17fp8)
+      [ -d /tmp/rand-1.7b ] || $PY bench/build_random_checkpoint.py --size 1.7b --out /tmp/rand-1.7b --device cuda
+      start_server /tmp/rand-1.7b server17fp8.log --kv-cache-dtype fp8 || continue
+      load 1.7b-fp8-alone-120s --concurrency 1 --audio-s 120 --requests 3
+      load 1.7b-fp8-c64-5s --concurrency 64 --audio-s 5 --requests 640
+      load 1.7b-fp8-c128-120s --concurrency 128 --audio-s 120 --requests 256
       stop_server
       ;;
     parity06)

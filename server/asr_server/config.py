@@ -49,6 +49,7 @@ class EngineConfig:
     max_prefill_tokens: int = 16384
     encoder_batch_audio_s: float = 960.0
     cuda_graphs: bool = True
+    kv_cache_dtype: str = "auto"  # auto (the model's) or fp8
     # One engine replica per device ("cuda:0,cuda:1"); empty: the single --device.
     devices: str = ""
     # Benchmarks only: every request generates exactly this many tokens per audio second (+6 for the language
@@ -152,6 +153,7 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("engine", "max_context_tokens", "--max-context-tokens", int, "continuous: longest prompt + output per chunk"),
     ("engine", "max_prefill_tokens", "--max-prefill-tokens", int, "continuous: prompt tokens prefilled per step"),
     ("engine", "encoder_batch_audio_s", "--encoder-batch-audio-s", float, "continuous: audio per encoder batch"),
+    ("engine", "kv_cache_dtype", "--kv-cache-dtype", str, "continuous: auto (model dtype) or fp8 (CUDA)"),
     ("engine", "devices", "--devices", str, "one engine replica per device, e.g. cuda:0,cuda:1"),
     (
         "engine",
@@ -265,6 +267,7 @@ def validate(config: Config) -> None:
         f"--engine must be continuous, transformers or fake, not {e.kind!r}",
     )
     need(e.max_running_requests >= 1, "--max-running-requests must be >= 1")
+    need(e.kv_cache_dtype in ("auto", "fp8"), "--kv-cache-dtype must be auto or fp8")
     need(e.kv_cache_tokens >= 0, "--kv-cache-tokens must be >= 0")
     need(0 < e.kv_cache_memory_fraction <= 1, "--kv-cache-memory-fraction must be in (0, 1]")
     need(e.max_context_tokens >= 256, "--max-context-tokens must be >= 256")

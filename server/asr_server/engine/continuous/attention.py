@@ -105,7 +105,7 @@ def _kernel() -> Any:
             page_id = tl.load(table_ptr + row * table_stride + p).to(tl.int64)
             base = page_id * stride_kp + kvh * stride_kh
             offs = base + t[:, None] * HEAD_DIM + d[None, :]
-            k = tl.load(k_ptr + offs)
+            k = tl.load(k_ptr + offs).to(q.dtype)
             s = tl.dot(q, tl.trans(k)) * scale
             tok_ok = (p * PAGE + t) < seq_len
             s = tl.where(tok_ok[None, :], s, float("-inf"))
@@ -113,7 +113,7 @@ def _kernel() -> Any:
             alpha = tl.exp(m_i - m_new)
             probs = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(probs, 1)
-            v = tl.load(v_ptr + offs)
+            v = tl.load(v_ptr + offs).to(q.dtype)
             acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v)
             m_i = m_new
 

@@ -62,6 +62,8 @@ class ContinuousConfig:
     # "auto": fused Triton kernels on CUDA, the checkpoint's own torch modules elsewhere; "triton" forces them
     # (with TRITON_INTERPRET=1 on CPU, for tests without a GPU).
     kernels: str = "auto"
+    # "auto": the model's dtype; "fp8": float8 e4m3 with no scale (half the KV bytes; changes numerics slightly).
+    kv_cache_dtype: str = "auto"
     # Benchmarks: synchronise after each phase and add up its time in ContinuousEngine.profile (slower).
     profile: bool = False
 
@@ -104,7 +106,10 @@ class ContinuousEngine:
         self._cuda = self._device.type == "cuda"
         cfg = self._config
         triton = cfg.kernels == "triton" or (cfg.kernels == "auto" and self._cuda)
-        self._decoder = PagedDecoder(model, use_triton=triton, fuse_projections=triton)
+        if cfg.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be auto or fp8, not {cfg.kv_cache_dtype!r}")
+        kv_dtype = torch.float8_e4m3fn if cfg.kv_cache_dtype == "fp8" else None
+        self._decoder = PagedDecoder(model, use_triton=triton, fuse_projections=triton, kv_dtype=kv_dtype)
         tokenizer = loaded.processor.tokenizer
         mconfig = model.config
         eos = model.generation_config.eos_token_id

@@ -52,7 +52,9 @@ class DecodeBuffers:
 
 
 class PagedDecoder:
-    def __init__(self, model: Any, *, use_triton: bool, fuse_projections: bool) -> None:
+    def __init__(
+        self, model: Any, *, use_triton: bool, fuse_projections: bool, kv_dtype: torch.dtype | None = None
+    ) -> None:
         text = model.model.language_model
         self._text = text
         self._lm_head = model.lm_head
@@ -71,6 +73,10 @@ class PagedDecoder:
         param = next(model.parameters())
         self.dtype: torch.dtype = param.dtype
         self.device: torch.device = param.device
+        # fp8 (e4m3, unscaled) halves the bytes every decode step reads; only the Triton path reads it.
+        self.kv_dtype: torch.dtype = kv_dtype or self.dtype
+        if self.kv_dtype != self.dtype and not use_triton:
+            raise ValueError("a KV cache dtype other than the model's needs the Triton kernels (CUDA)")
         self.use_triton = use_triton
         self.splits_by_batch: dict[int, int] = {}
         self.eos_ids = torch.zeros(0, dtype=torch.long, device=self.device)
@@ -94,12 +100,12 @@ class PagedDecoder:
     # ---- cache ----
 
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.kv_dtype).bits // 8
 
     def allocate_cache(self, num_pages: int, page_size: int) -> KvCache:
         shape = (num_pages, self.kv_heads, page_size, self.head_dim)
-        keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        keys = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(self.num_layers)]
+        values = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(self.num_layers)]
         return KvCache(keys, values, page_size)
 
     # ---- shared pieces ----

@@ -47,6 +47,7 @@ def make_core_factory(config: Config, device: str) -> Callable[[], EngineCore]:
                     max_prefill_tokens=engine.max_prefill_tokens,
                     encoder_batch_audio_s=engine.encoder_batch_audio_s,
                     cuda_graphs=engine.cuda_graphs,
+                    kv_cache_dtype=engine.kv_cache_dtype,
                 ),
             )
         else:

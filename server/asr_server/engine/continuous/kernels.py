@@ -88,8 +88,8 @@ def _build() -> dict[str, Any]:
         if head >= HEADS + KV_HEADS:
             kvh = head - HEADS - KV_HEADS
             dst = v_cache_ptr + page * stride_cp + kvh * stride_ch + off * HEAD_DIM
-            tl.store(dst + j, x1)
-            tl.store(dst + half + j, x2)
+            tl.store(dst + j, x1.to(v_cache_ptr.dtype.element_ty))
+            tl.store(dst + half + j, x2.to(v_cache_ptr.dtype.element_ty))
         else:
             is_q = head < HEADS
             f1 = x1.to(tl.float32)
@@ -122,8 +122,8 @@ def _build() -> dict[str, Any]:
                 tl.store(dst_k + j, o1)
                 tl.store(dst_k + half + j, o2)
                 dst = k_cache_ptr + page * stride_cp + kvh * stride_ch + off * HEAD_DIM
-                tl.store(dst + j, o1)
-                tl.store(dst + half + j, o2)
+                tl.store(dst + j, o1.to(k_cache_ptr.dtype.element_ty))
+                tl.store(dst + half + j, o2.to(k_cache_ptr.dtype.element_ty))
 
     @triton.jit  # type: ignore[untyped-decorator,unused-ignore]
     def silu_mul_kernel(gu_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]

@@ -1,0 +1,234 @@
+"""Live-streaming latency: N concurrent real-time StreamingRecognize streams of speech.
+
+    # against a running server (e.g. the GPU server of bench/run_gpu.sh)
+    python bench/streaming_bench.py --target localhost:50551 --streams 1,16,64,128 --duration-s 40
+    # in-process server on this machine: the fake engine, or a model directory (e.g. the tiny checkpoint)
+    python bench/streaming_bench.py --engine fake --streams 1,16,64,128
+    python bench/streaming_bench.py --model artifacts/tiny/tiny-asr-hf --streams 1,16 --duration-s 20
+
+Each stream sends 16 kHz LINEAR16 speech (espeak-ng sentences separated by 1 s of silence, or --speech WAV) at
+real-time pace in --piece-ms pieces, starting at a different point of the recording, with interim results every
+--interval-ms. Measured per utterance, from the client's clock:
+- final latency: final received - the moment the audio up to the utterance's end was sent (this includes
+  the endpointer's trailing-silence wait, 800 ms by default, which no decode can beat);
+- final decode latency: final received - its SPEECH_ENDED event received (the server's decode + align time);
+- interim latency: interim received - the moment the audio up to that interim's end was sent.
+Prints one line per concurrency level; --json writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import contextlib
+import json
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "server"), str(REPO / "gen" / "python")]
+
+SENTENCES = [
+    "Hello there, how are you today?",
+    "The quick brown fox jumps over the lazy dog.",
+    "Please call Stella and ask her to bring these things with her from the store.",
+    "Six spoons of fresh snow peas, five thick slabs of blue cheese, and maybe a snack for her brother Bob.",
+    "We also need a small plastic snake and a big toy frog for the kids.",
+    "Streaming recognition turns speech into text while the speaker is still talking.",
+]
+
+
+@dataclass
+class StreamStats:
+    finals: int = 0
+    final_latency_s: list[float] = field(default_factory=list)
+    final_decode_s: list[float] = field(default_factory=list)
+    interim_latency_s: list[float] = field(default_factory=list)
+    interims: int = 0
+    max_send_lag_s: float = 0.0
+    error: str = ""
+
+
+def load_speech(path: str | None) -> np.ndarray:
+    if path:
+        import soundfile
+
+        samples, rate = soundfile.read(path, dtype="float32")
+        if rate != 16000 or samples.ndim != 1:
+            raise SystemExit(f"{path}: need 16 kHz mono, got {rate} Hz, shape {samples.shape}")
+        return np.asarray(samples, dtype=np.float32)
+    from tests.speech import espeak_available, synthesize_sentences
+
+    if not espeak_available():
+        raise SystemExit("espeak-ng is not installed: pass --speech WAV (16 kHz mono)")
+    return synthesize_sentences(SENTENCES, silence_s=1.0)[0]
+
+
+async def one_stream(stub: Any, pb: Any, pcm: bytes, offset_ms: int, args: argparse.Namespace) -> StreamStats:
+    stats = StreamStats()
+    sent: list[tuple[int, float]] = []  # (stream position in ms after a piece, time it was sent)
+    piece = args.piece_ms * 32
+    total = args.duration_s * 1000 * 32
+    start_byte = (offset_ms * 32) % len(pcm)
+    started = time.perf_counter()
+
+    async def requests() -> AsyncIterator[Any]:
+        config = pb.RecognitionConfig(
+            audio_format=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_LINEAR16, sample_rate_hz=16000, channel_count=1),
+            language=args.language,
+        )
+        yield pb.StreamingRecognizeRequest(
+            config=pb.StreamingRecognitionConfig(
+                config=config, interim_results=True, interim_interval_ms=args.interval_ms
+            )
+        )
+        for position in range(0, total, piece):
+            due = started + position / 32 / 1000
+            lag = time.perf_counter() - due
+            if lag < 0:
+                await asyncio.sleep(-lag)
+            else:
+                stats.max_send_lag_s = max(stats.max_send_lag_s, lag)
+            begin = (start_byte + position) % len(pcm)
+            chunk = pcm[begin : begin + piece]
+            if len(chunk) < piece:
+                chunk += pcm[: piece - len(chunk)]
+            yield pb.StreamingRecognizeRequest(audio=chunk)
+            sent.append(((position + piece) // 32, time.perf_counter()))
+
+    def sent_at(ms: int) -> float | None:
+        i = bisect.bisect_left(sent, (ms, -1.0))
+        return sent[i][1] if i < len(sent) else None
+
+    ended_at: dict[int, float] = {}
+    try:
+        async for response in stub.StreamingRecognize(requests()):
+            now = time.perf_counter()
+            if response.HasField("speech_event"):
+                if response.speech_event.type == pb.SPEECH_EVENT_TYPE_SPEECH_ENDED:
+                    ended_at[len(ended_at)] = now
+                continue
+            result = response.result
+            audio_sent = sent_at(result.end_ms)
+            if result.is_final:
+                stats.finals += 1
+                if audio_sent is not None and result.end_ms < total // 32 - 2000:  # not the half-close flush
+                    stats.final_latency_s.append(now - audio_sent)
+                    if result.utterance_index in ended_at:
+                        stats.final_decode_s.append(now - ended_at[result.utterance_index])
+            else:
+                stats.interims += 1
+                if audio_sent is not None:
+                    stats.interim_latency_s.append(now - audio_sent)
+    except Exception as exc:  # noqa: BLE001 - counted and shown; the other streams go on
+        stats.error = f"{type(exc).__name__}: {exc}"[:200]
+    return stats
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) * 1000 if values else float("nan")
+
+
+async def run_level(stub: Any, pb: Any, pcm: bytes, streams: int, args: argparse.Namespace) -> dict[str, Any]:
+    length_ms = len(pcm) // 32
+    rng = np.random.default_rng(streams)
+    offsets = [int(rng.integers(0, length_ms)) for _ in range(streams)]
+    started = time.perf_counter()
+    results = await asyncio.gather(*(one_stream(stub, pb, pcm, off, args) for off in offsets))
+    wall = time.perf_counter() - started
+    finals = [v for r in results for v in r.final_latency_s]
+    decode = [v for r in results for v in r.final_decode_s]
+    interim = [v for r in results for v in r.interim_latency_s]
+    errors = [r.error for r in results if r.error]
+    row = {
+        "streams": streams,
+        "duration_s": args.duration_s,
+        "wall_s": round(wall, 1),
+        "finals": sum(r.finals for r in results),
+        "interims": sum(r.interims for r in results),
+        "final_ms": {q: round(pct(finals, q)) for q in (50, 90, 99)},
+        "final_decode_ms": {q: round(pct(decode, q)) for q in (50, 90, 99)},
+        "interim_ms": {q: round(pct(interim, q)) for q in (50, 90, 99)},
+        "max_client_send_lag_ms": round(max(r.max_send_lag_s for r in results) * 1000),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else "",
+    }
+    print(
+        f"streams={streams:4d}  finals={row['finals']:5d}  "
+        f"final p50/p90/p99 {row['final_ms'][50]}/{row['final_ms'][90]}/{row['final_ms'][99]} ms  "
+        f"(decode {row['final_decode_ms'][50]}/{row['final_decode_ms'][90]}/{row['final_decode_ms'][99]})  "
+        f"interim p50/p90/p99 {row['interim_ms'][50]}/{row['interim_ms'][90]}/{row['interim_ms'][99]} ms  "
+        f"interims={row['interims']}  send-lag max {row['max_client_send_lag_ms']} ms  errors={row['errors']}",
+        flush=True,
+    )
+    if errors:
+        print("  first error:", errors[0], flush=True)
+    return row
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", help="host:port of a running server; default: an in-process server")
+    parser.add_argument("--engine", default="fake", choices=["fake", "transformers"], help="in-process engine")
+    parser.add_argument("--model", help="in-process: model directory (implies --engine transformers)")
+    parser.add_argument("--streams", default="1,16,64,128")
+    parser.add_argument("--duration-s", type=int, default=30, help="audio per stream, sent in real time")
+    parser.add_argument("--piece-ms", type=int, default=20)
+    parser.add_argument("--interval-ms", type=int, default=1000, help="interim_interval_ms")
+    parser.add_argument("--language", default="", help="force a language (skips detection)")
+    parser.add_argument("--speech", help="16 kHz mono WAV to stream instead of espeak-ng sentences")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+
+    import grpc
+    from qwenasr.v1 import asr_pb2 as pb
+    from qwenasr.v1 import asr_pb2_grpc as pb_grpc
+
+    speech = load_speech(args.speech)
+    pcm = (np.clip(np.round(speech * 32767), -32768, 32767).astype("<i2")).tobytes()
+    rows: list[dict[str, Any]] = []
+    async with contextlib.AsyncExitStack() as stack:
+        target = args.target
+        if target is None:
+            target = await stack.enter_async_context(in_process_server(args))
+        channel = grpc.aio.insecure_channel(target)
+        stack.push_async_callback(channel.close)
+        stub = pb_grpc.AsrServiceStub(channel)
+        info = await stub.GetServerInfo(pb.GetServerInfoRequest())
+        print(f"server {target}: model {info.model_id}; {len(speech) / 16000:.0f} s of speech looped", flush=True)
+        for streams in (int(s) for s in args.streams.split(",")):
+            rows.append(await run_level(stub, pb, pcm, streams, args))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    _ = statistics  # (kept for ad-hoc use when editing this script)
+
+
+@contextlib.asynccontextmanager
+async def in_process_server(args: argparse.Namespace) -> AsyncIterator[str]:
+    from asr_server.config import Config, EngineConfig, ModelConfig, ServerConfig
+    from asr_server.edge.server import AsrServer
+
+    engine = "transformers" if args.model else args.engine
+    config = Config(
+        server=ServerConfig(host="127.0.0.1", port=0, grace_period_s=2.0),
+        model=ModelConfig(model=args.model or "fake", device="cpu"),
+        engine=EngineConfig(kind=engine, max_batch_wait_ms=2.0, max_inference_batch_size=64),  # type: ignore[arg-type]
+    )
+    server = AsrServer(config)
+    await server.start()
+    try:
+        yield f"127.0.0.1:{server.port}"
+    finally:
+        await server.stop(grace_s=1.0)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
