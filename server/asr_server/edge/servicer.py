@@ -244,13 +244,10 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         """Feeds the session until the client half-closes. Bad input fails the session (the response loop
         reports it); an idle timeout flushes first and is raised here for the response loop to report."""
         received = 0
+        watchdog = _IdleWatchdog(self._config.streaming.idle_timeout_s)
         try:
             while True:
-                try:
-                    message = await self._next_request(request_iterator)
-                except IdleTimeout:
-                    await session.finish()
-                    raise
+                message = await watchdog.read(request_iterator)
                 if message is None:
                     await session.finish()
                     return
@@ -261,11 +258,14 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
                     received += len(message.audio)
                     await session.feed(message.audio)
         except IdleTimeout:
+            await session.finish()
             raise
         except Exception as exc:  # noqa: BLE001 - any failure ends the call; the response loop reports it
             if not isinstance(exc, AsrError):
                 logger.exception("StreamingRecognize: reading the stream failed")
             session.fail(exc)
+        finally:
+            watchdog.stop()
 
     async def _get_token_decoder(self) -> TokenDecoder | None:
         """The tokenizer that turns an interim's token ids back into a prefix (loaded once, on first use)."""
@@ -337,6 +337,54 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             except Exception as exc:
                 logger.exception("%s failed", method)
                 await _abort(context, span, grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+class _IdleWatchdog:
+    """Raises IdleTimeout from `read` when no message came for idle_s.
+
+    One timer per stream, re-armed lazily, instead of a timeout context per message: at 50 messages a second
+    per stream, per-message timers cost more than the rest of the message's handling.
+    """
+
+    def __init__(self, idle_s: float) -> None:
+        self._idle_s = idle_s
+        self._loop = asyncio.get_running_loop()
+        self._last = self._loop.time()
+        self._waiting: asyncio.Task[object] | None = None
+        self._fired = False
+        self._handle = self._loop.call_later(idle_s, self._check)
+
+    def _check(self) -> None:
+        remaining = self._last + self._idle_s - self._loop.time()
+        if remaining > 0 or self._waiting is None:
+            # Busy feeding (not idle), or a message just came: look again later.
+            self._handle = self._loop.call_later(max(remaining, 0.05), self._check)
+            return
+        self._fired = True
+        self._waiting.cancel()
+
+    async def read(
+        self, request_iterator: AsyncIterator[pb.StreamingRecognizeRequest]
+    ) -> pb.StreamingRecognizeRequest | None:
+        self._waiting = asyncio.current_task()
+        self._last = self._loop.time()  # idle is time spent waiting for the client, not feeding its audio
+        try:
+            message = await anext(request_iterator, None)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self._fired or task is None:
+                raise
+            task.uncancel()
+            raise IdleTimeout(
+                f"no message for {self._idle_s:g} s (the server's --stream-idle-timeout-s); send audio "
+                "continuously (silence included) or half-close the stream when done"
+            ) from None
+        finally:
+            self._waiting = None
+        return message
+
+    def stop(self) -> None:
+        self._handle.cancel()
 
 
 def _second_config_message(msg: pb.StreamingRecognitionConfig, session: StreamingSession, received: int) -> str:

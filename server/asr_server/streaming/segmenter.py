@@ -45,11 +45,7 @@ async def utterance_spans(
     total = int(samples_16k.shape[0])
     for offset in range(0, total, step):
         piece = samples_16k[offset : offset + step]
-        first = endpointer.frames_seen
-        probs = await vad.probabilities(state, piece)
-        n = probs.shape[0]
-        frames = samples_16k[first * FRAME_SAMPLES : (first + n) * FRAME_SAMPLES].reshape(n, FRAME_SAMPLES)
-        energies = np.mean(np.square(frames, dtype=np.float64), axis=1).astype(np.float32)
+        probs, energies = await vad.frames(state, piece)
         for event in endpointer.push(probs, energies):
             if isinstance(event, UtteranceEnded):
                 spans.append((event.start_sample, event.end_sample))

@@ -297,21 +297,20 @@ class StreamingSession:
     async def _process(self, samples_16k: npt.NDArray[np.float32], *, flushing: bool = False) -> None:
         if samples_16k.shape[1] == 0:
             return
-        await asyncio.gather(*(self._process_channel(c, samples_16k[c.index]) for c in self._channels))
+        if len(self._channels) == 1:
+            await self._process_channel(self._channels[0], samples_16k[0])
+        else:
+            await asyncio.gather(*(self._process_channel(c, samples_16k[c.index]) for c in self._channels))
         if not flushing:
             for channel in self._channels:
                 self._maybe_interim(channel)
 
     async def _process_channel(self, channel: _Channel, samples: npt.NDArray[np.float32]) -> None:
         channel.buffer.append(np.ascontiguousarray(samples, dtype=np.float32))
-        first = channel.endpointer.frames_seen
-        probs = await self._vad.probabilities(channel.vad, samples)
+        probs, energies = await self._vad.frames(channel.vad, samples)
         if self._stopped and not self._flushing:
             return
-        n = probs.shape[0]
-        if n:
-            frames = channel.buffer.slice(first * FRAME_SAMPLES, (first + n) * FRAME_SAMPLES).reshape(n, -1)
-            energies = np.mean(np.square(frames, dtype=np.float64), axis=1).astype(np.float32)
+        if probs.shape[0]:
             for event in channel.endpointer.push(probs, energies):
                 self._on_endpoint(channel, event)
                 if self._stopped and not self._flushing:

@@ -162,6 +162,15 @@ class EnergyVad:
         return out
 
 
+def _one_torch_thread() -> None:
+    # The VAD's tensors are tiny: splitting them over intra-op threads only adds synchronisation, and when the
+    # cores are busy (the engine, other streams) OpenMP's spin-waiting makes a 3 ms pass take 40 ms. With
+    # OpenMP this setting is per thread, so the engine's own thread count is untouched.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @dataclass(eq=False)
 class _Job:
     state: VadState
@@ -181,10 +190,10 @@ class VadBatcher:
         self._model = model
         self._model_lock = threading.Lock()
         self._pending: list[_Job] = []
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad", initializer=_one_torch_thread)
         self._worker: asyncio.Task[None] | None = None
         self.passes = 0
-        self.frames = 0
+        self.frames_done = 0
         if preload and model is None:
             # Loading takes a fraction of a second: start now, in the VAD thread, so the first stream
             # does not wait for it.
@@ -202,7 +211,18 @@ class VadBatcher:
 
     async def probabilities(self, state: VadState, samples: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Speech probability of every 512-sample frame completed by `samples` (the rest waits for more)."""
+        return (await self.frames(state, samples))[0]
+
+    async def frames(
+        self, state: VadState, samples: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """Speech probability and mean-square energy of every frame completed by `samples`."""
         windows = state.windows(samples)
+        frames = windows[:, CONTEXT_SAMPLES:]
+        energies = np.mean(np.square(frames, dtype=np.float64), axis=1).astype(np.float32)
+        return await self._run(state, windows), energies
+
+    async def _run(self, state: VadState, windows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         if windows.shape[0] == 0:
             return np.zeros(0, dtype=np.float32)
         loop = asyncio.get_running_loop()
@@ -240,7 +260,7 @@ class VadBatcher:
                     continue
                 self.passes += 1
                 for job, p in zip(batch, probs, strict=True):
-                    self.frames += p.shape[0]
+                    self.frames_done += p.shape[0]
                     if not job.future.done():
                         job.future.set_result(p)
 
