@@ -110,3 +110,6 @@ for section in "$@"; do
 done
 echo "==== table"
 cat "$OUT/table.txt" 2>/dev/null
+# The device tool brings back at most 8 files: pack the details into one archive.
+( cd "$OUT" && files=$(ls | grep -v -e '^results.tgz$' -e '^table.txt$') && [ -n "$files" ] \
+  && tar czf results.tgz --remove-files $files )

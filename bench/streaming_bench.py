@@ -2,9 +2,11 @@
 
     # against a running server (e.g. the GPU server of bench/run_gpu.sh)
     python bench/streaming_bench.py --target localhost:50551 --streams 1,16,64,128 --duration-s 40
-    # in-process server on this machine: the fake engine, or a model directory (e.g. the tiny checkpoint)
-    python bench/streaming_bench.py --engine fake --streams 1,16,64,128
-    python bench/streaming_bench.py --model artifacts/tiny/tiny-asr-hf --streams 1,16 --duration-s 20
+    # a server process started by this script (its flags after --serve), e.g. the fake engine or a tiny model
+    python bench/streaming_bench.py --serve "--engine fake" --streams 1,16,64,128
+    python bench/streaming_bench.py --serve "--model artifacts/tiny/tiny-asr-hf --device cpu" --streams 1,16
+    # in-process server (client and server share one Python process: only for quick looks)
+    python bench/streaming_bench.py --engine fake --streams 1,16
 
 Each stream sends 16 kHz LINEAR16 speech (espeak-ng sentences separated by 1 s of silence, or --speech WAV) at
 real-time pace in --piece-ms pieces, starting at a different point of the recording, with interim results every
@@ -23,11 +25,14 @@ import asyncio
 import bisect
 import contextlib
 import json
-import statistics
+import os
+import socket
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -174,9 +179,10 @@ async def run_level(stub: Any, pb: Any, pcm: bytes, streams: int, args: argparse
     return row
 
 
-async def main() -> None:
+async def main() -> tuple[argparse.Namespace, list[dict[str, Any]]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", help="host:port of a running server; default: an in-process server")
+    parser.add_argument("--serve", help="start `asr-server serve` with these flags in its own process and use it")
     parser.add_argument("--engine", default="fake", choices=["fake", "transformers"], help="in-process engine")
     parser.add_argument("--model", help="in-process: model directory (implies --engine transformers)")
     parser.add_argument("--streams", default="1,16,64,128")
@@ -189,6 +195,7 @@ async def main() -> None:
     args = parser.parse_args()
 
     import grpc
+
     from qwenasr.v1 import asr_pb2 as pb
     from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 
@@ -197,7 +204,9 @@ async def main() -> None:
     rows: list[dict[str, Any]] = []
     async with contextlib.AsyncExitStack() as stack:
         target = args.target
-        if target is None:
+        if target is None and args.serve:
+            target = stack.enter_context(server_process(args.serve))
+        elif target is None:
             target = await stack.enter_async_context(in_process_server(args))
         channel = grpc.aio.insecure_channel(target)
         stack.push_async_callback(channel.close)
@@ -206,9 +215,33 @@ async def main() -> None:
         print(f"server {target}: model {info.model_id}; {len(speech) / 16000:.0f} s of speech looped", flush=True)
         for streams in (int(s) for s in args.streams.split(",")):
             rows.append(await run_level(stub, pb, pcm, streams, args))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    _ = statistics  # (kept for ad-hoc use when editing this script)
+    return args, rows
+
+
+@contextlib.contextmanager
+def server_process(flags: str) -> Iterator[str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    paths = [str(REPO / "server"), str(REPO / "gen" / "python"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    command = [sys.executable, "-m", "asr_server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    log = open(Path(tempfile.gettempdir()) / f"streaming_server_{port}.log", "w")  # noqa: SIM115 - closed below
+    process = subprocess.Popen([*command, *flags.split()], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        for _ in range(600):
+            if process.poll() is not None:
+                raise SystemExit(f"the server exited: see {log.name}")
+            if "asr-server: serving" in Path(log.name).read_text():
+                break
+            time.sleep(0.5)
+        else:
+            raise SystemExit(f"the server did not start in 300 s: see {log.name}")
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        log.close()
 
 
 @contextlib.asynccontextmanager
@@ -231,4 +264,6 @@ async def in_process_server(args: argparse.Namespace) -> AsyncIterator[str]:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    parsed, table = asyncio.run(main())
+    if parsed.json:
+        Path(parsed.json).write_text(json.dumps({"args": vars(parsed), "rows": table}, indent=2))

@@ -14,11 +14,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from asr_server.engine.continuous.bench_mode import ForcedTokensCore, forced_tokens
 from asr_server.engine.continuous.core import ContinuousConfig, ContinuousEngine
+from asr_server.engine.continuous.prepare import FastPreparer
 from asr_server.engine.core import EngineOutput
-from asr_server.engine.generate_core import GenerateEngine
+from asr_server.engine.generate_core import GenerateEngine, prepare_single
 from asr_server.engine.types import DecodeOptions, DecodeRequest, WorkItem
 from asr_server.errors import LimitExceeded
 from asr_server.models.loading import LoadedAsrModel, load_asr_model
@@ -71,6 +73,28 @@ def _tokens(outputs: list[EngineOutput]) -> dict[str, tuple[int, ...]]:
         assert o.result is not None
         got[o.request_id] = o.result.token_ids
     return got
+
+
+@pytest.mark.parametrize(
+    ("seconds", "language", "context", "prefix"),
+    [
+        (0.2, None, "", ""),
+        (0.99, None, "", ""),
+        (5.0, "English", "", ""),
+        (29.95, None, "names: Ada", ""),
+        (31.0, None, "", "language English<asr_text>he"),
+    ],
+)
+def test_fast_preprocessing_equals_the_reference(
+    loaded: LoadedAsrModel, seconds: float, language: str | None, context: str, prefix: str
+) -> None:
+    request = _request("p", seconds, 10, seed=11, language=language, prefix=prefix)
+    request = DecodeRequest("p", request.audio_16k, DecodeOptions(language, context, 10), prefix_text=prefix)
+    reference = prepare_single(loaded, request)
+    fast = FastPreparer(loaded)(request)
+    assert torch.equal(fast.input_ids, reference.input_ids)
+    assert torch.equal(fast.input_features, reference.input_features)
+    assert torch.equal(fast.input_features_mask, reference.input_features_mask)
 
 
 def test_random_arrivals_mixed_lengths_and_row_and_page_limits(loaded: LoadedAsrModel) -> None:

@@ -11,8 +11,8 @@ Each `step()`:
 4. reads the tokens of the step before (copied to pinned memory asynchronously), so the host never waits on the
    step it just launched: a request is seen finished one step late, and the extra token is dropped.
 
-Features are computed per clip with the reference preprocessing (generate_core.prepare_single) on a small thread
-pool as requests arrive, off the critical path.
+Features are computed per clip, equal to the reference preprocessing (generate_core.prepare_single; see
+prepare.py), on a small thread pool as requests arrive, off the critical path.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ import torch
 from asr_server.engine.continuous.attention import num_splits_for
 from asr_server.engine.continuous.decoder import DecodeBuffers, KvCache, PagedDecoder
 from asr_server.engine.continuous.encoder import encode
+from asr_server.engine.continuous.prepare import FastPreparer
 from asr_server.engine.core import EngineOutput
-from asr_server.engine.generate_core import PreparedInputs, prepare_single
+from asr_server.engine.generate_core import PreparedInputs
 from asr_server.engine.types import SAMPLE_RATE_HZ, BatchStats, DecodeOptions, DecodeRequest, DecodeResult, WorkItem
 from asr_server.errors import LimitExceeded
 from asr_server.models.loading import LoadedAsrModel
@@ -145,6 +146,7 @@ class ContinuousEngine:
                 splits = num_splits_for(b, self._decoder.kv_heads, props.multi_processor_count)
                 self._decoder.splits_by_batch[b] = splits
         self._graphs: dict[int, Any] = {}
+        self._preparer = FastPreparer(loaded)
         self._pool = ThreadPoolExecutor(max_workers=cfg.preprocess_threads, thread_name_prefix="asr-prep")
         self._waiting: deque[_Request] = deque()
         self._running: dict[str, _Request] = {}
@@ -195,7 +197,7 @@ class ContinuousEngine:
     def add(self, item: WorkItem) -> None:
         request = item.request
         budget = request.forced_num_tokens if request.forced_num_tokens is not None else request.options.max_new_tokens
-        prepared = self._pool.submit(prepare_single, self._loaded, request)
+        prepared = self._pool.submit(self._preparer, request)
         self._waiting.append(_Request(item, prepared, max(1, int(budget)), request.forced_num_tokens is not None))
 
     def abort(self, request_id: str) -> None:
