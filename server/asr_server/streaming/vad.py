@@ -57,16 +57,25 @@ class VadState:
 
     def windows(self, samples: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Cuts `samples` (appended to what is left over) into (n, 64 + 512) model windows; keeps the rest."""
-        data = np.concatenate((self.leftover, samples.astype(np.float32, copy=False)))
-        n = data.shape[0] // FRAME_SAMPLES
-        self.leftover = data[n * FRAME_SAMPLES :].copy()
-        if n == 0:
-            return np.zeros((0, CONTEXT_SAMPLES + FRAME_SAMPLES), dtype=np.float32)
-        with_context = np.concatenate((self.context, data[: n * FRAME_SAMPLES]))
-        self.context = data[n * FRAME_SAMPLES - CONTEXT_SAMPLES : n * FRAME_SAMPLES].copy()
-        starts = np.arange(n) * FRAME_SAMPLES
-        index = starts[:, None] + np.arange(CONTEXT_SAMPLES + FRAME_SAMPLES)[None, :]
-        return with_context[index]
+        samples = samples.astype(np.float32, copy=False)
+        if self.leftover.shape[0] + samples.shape[0] < FRAME_SAMPLES:
+            # Pieces shorter than a frame (20 ms telephony frames) mostly end here: keep them and wait.
+            self.leftover = np.concatenate((self.leftover, samples))
+            return _NO_WINDOWS
+        data = np.concatenate((self.context, self.leftover, samples))
+        n = (data.shape[0] - CONTEXT_SAMPLES) // FRAME_SAMPLES
+        used = CONTEXT_SAMPLES + n * FRAME_SAMPLES
+        step = data.strides[0]
+        overlapping = np.lib.stride_tricks.as_strided(
+            data, shape=(n, CONTEXT_SAMPLES + FRAME_SAMPLES), strides=(FRAME_SAMPLES * step, step), writeable=False
+        )
+        self.context = data[used - CONTEXT_SAMPLES : used].copy()
+        self.leftover = data[used:].copy()
+        return overlapping.copy()
+
+
+_NO_WINDOWS = np.zeros((0, CONTEXT_SAMPLES + FRAME_SAMPLES), dtype=np.float32)
+_NO_PROBS = np.zeros(0, dtype=np.float32)
 
 
 class SileroVad:
@@ -218,8 +227,10 @@ class VadBatcher:
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
         """Speech probability and mean-square energy of every frame completed by `samples`."""
         windows = state.windows(samples)
+        if windows.shape[0] == 0:
+            return _NO_PROBS, _NO_PROBS
         frames = windows[:, CONTEXT_SAMPLES:]
-        energies = np.mean(np.square(frames, dtype=np.float64), axis=1).astype(np.float32)
+        energies = np.einsum("ij,ij->i", frames, frames) / np.float32(FRAME_SAMPLES)
         return await self._run(state, windows), energies
 
     async def _run(self, state: VadState, windows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
