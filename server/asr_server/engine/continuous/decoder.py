@@ -236,23 +236,30 @@ class PagedDecoder:
         last = torch.tensor([b - 1 for b in bounds[1:]], device=x.device)
         if self._fast:
 
+            # All prompts in one SDPA per layer: padded to the longest, causal within each, keys masked past
+            # each prompt's end; gathers by precomputed indices so nothing syncs with the host.
+            count = len(lengths)
+            longest = max(lengths)
+            device = x.device
+            starts = torch.tensor(bounds[:-1], device=device)
+            lens = torch.tensor(lengths, device=device)
+            offs = torch.arange(longest, device=device)
+            valid = offs[None, :] < lens[:, None]
+            gather = torch.where(valid, starts[:, None] + offs[None, :], torch.zeros_like(offs[None, :]))
+            causal = offs[None, :, None] >= offs[None, None, :]
+            mask = (causal & valid[:, None, :])[:, None, :, :]
+            valid_flat = valid.flatten().nonzero().squeeze(-1)
+
             def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                outs = []
-                for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-                    ki = k[start:end].transpose(0, 1)[None]
-                    vi = v[start:end].transpose(0, 1)[None]
-                    if rep > 1:
-                        ki = ki.repeat_interleave(rep, dim=1)
-                        vi = vi.repeat_interleave(rep, dim=1)
-                    o = F.scaled_dot_product_attention(
-                        q[start:end].transpose(0, 1)[None],
-                        ki,
-                        vi,
-                        is_causal=True,
-                        scale=self.scale,
-                    )
-                    outs.append(o[0].transpose(0, 1))
-                return torch.cat(outs, dim=0)
+                qp = q[gather].transpose(1, 2)
+                kp = k[gather].transpose(1, 2)
+                vp = v[gather].transpose(1, 2)
+                if rep > 1:
+                    kp = kp.repeat_interleave(rep, dim=1)
+                    vp = vp.repeat_interleave(rep, dim=1)
+                o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=self.scale)
+                flat = o.transpose(1, 2).reshape(count * longest, self.heads, self.head_dim)
+                return flat.index_select(0, valid_flat)
 
             hidden = self._forward_fast(x, positions, slots_page, slots_offset, cache, attend)
             return self._tokens_from_normed(hidden[last], suppress_eos)

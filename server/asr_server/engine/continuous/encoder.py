@@ -56,6 +56,8 @@ def encode(audio_tower: Any, features: torch.Tensor, features_mask: torch.Tensor
     inside = offsets[None, :] < lengths[:, None]
     gather = torch.where(inside, bounds[:-1, None] + offsets[None, :], torch.zeros_like(offsets[None, :]))
     key_mask = inside[:, None, None, :]
+    # Flat positions of the real entries, found once: a boolean index per layer would sync the host 24 times.
+    inside_flat = inside.flatten().nonzero().squeeze(-1)
 
     for layer in tower.layers:
         residual = hidden
@@ -71,7 +73,7 @@ def encode(audio_tower: Any, features: torch.Tensor, features_mask: torch.Tensor
         kw = k[gather].transpose(1, 2)
         vw = v[gather].transpose(1, 2)
         out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=key_mask, scale=attn.scaling)
-        out = out.transpose(1, 2)[inside].reshape(n, heads * head_dim)
+        out = out.transpose(1, 2).reshape(-1, heads * head_dim).index_select(0, inside_flat)
         hidden = residual + attn.out_proj(out)
         residual = hidden
         h = layer.final_layer_norm(hidden)
