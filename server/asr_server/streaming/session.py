@@ -221,6 +221,7 @@ class StreamingSession:
         self._stopped = False  # no more audio is processed (single utterance done, finished or cancelled)
         self._flushing = False  # finish() is pushing the last samples through
         self._finished = False
+        self._finishing: asyncio.Task[None] | None = None
         self._interval_samples = options.interim_interval_ms * _SAMPLES_PER_MS
 
     # ---- input ----
@@ -355,7 +356,8 @@ class StreamingSession:
             )
             for other in self._channels:
                 self._reset_interim(other, other.buffer.end)
-            asyncio.get_running_loop().create_task(self.finish())
+            # Kept: the loop holds tasks only weakly.
+            self._finishing = asyncio.get_running_loop().create_task(self.finish())
 
     async def _final(
         self, channel_index: int, utterance_index: int, start: int, end: int, audio: npt.NDArray[np.float32]
