@@ -55,8 +55,13 @@ def encode(audio_tower: Any, features: torch.Tensor, features_mask: torch.Tensor
     offsets = torch.arange(longest, device=hidden.device)
     inside = offsets[None, :] < lengths[:, None]
     gather = torch.where(inside, bounds[:-1, None] + offsets[None, :], torch.zeros_like(offsets[None, :]))
-    key_mask = inside[:, None, None, :]
-    # Flat positions of the real entries, found once: a boolean index per layer would sync the host 24 times.
+    # Full windows (all but each clip's last) share one length: one SDPA with no mask, which takes the flash
+    # kernel; the partial ones, padded, one masked SDPA. Indices are found once: a boolean index per layer would
+    # sync the host 24 times.
+    full = (lengths == longest).nonzero().squeeze(-1)
+    partial = (lengths != longest).nonzero().squeeze(-1)
+    n_partial = int(partial.numel())
+    key_mask = inside.index_select(0, partial)[:, None, None, :]
     inside_flat = inside.flatten().nonzero().squeeze(-1)
 
     for layer in tower.layers:
@@ -72,7 +77,20 @@ def encode(audio_tower: Any, features: torch.Tensor, features_mask: torch.Tensor
         qw = q[gather].transpose(1, 2)  # (W, heads, L, D)
         kw = k[gather].transpose(1, 2)
         vw = v[gather].transpose(1, 2)
-        out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=key_mask, scale=attn.scaling)
+        out = torch.empty_like(qw)
+        out.index_copy_(
+            0,
+            full,
+            F.scaled_dot_product_attention(qw[full], kw[full], vw[full], scale=attn.scaling),
+        )
+        if n_partial:
+            out.index_copy_(
+                0,
+                partial,
+                F.scaled_dot_product_attention(
+                    qw[partial], kw[partial], vw[partial], attn_mask=key_mask, scale=attn.scaling
+                ),
+            )
         out = out.transpose(1, 2).reshape(-1, heads * head_dim).index_select(0, inside_flat)
         hidden = residual + attn.out_proj(out)
         residual = hidden
