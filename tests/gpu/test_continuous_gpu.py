@@ -1,0 +1,53 @@
+"""GPU checks of the continuous engine's kernels (opt-in: `pytest -m gpu tests/gpu`, through the device tool)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64, 128])
+def test_paged_decode_attention_matches_the_reference(batch: int) -> None:
+    from asr_server.engine.continuous.attention import (
+        num_splits_for,
+        paged_decode_attention_torch,
+        paged_decode_attention_triton,
+    )
+
+    gen = torch.Generator(device="cuda").manual_seed(batch)
+    heads, kv_heads, dim, page, pages = 16, 8, 128, 64, 16384
+    k = torch.randn(pages, kv_heads, page, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(pages, kv_heads, page, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    lens = torch.randint(1, 2600, (batch,), device="cuda", dtype=torch.int32, generator=gen)
+    table = (torch.randperm(pages - 1, device="cuda", generator=gen)[: batch * 64].reshape(batch, 64) + 1).int()
+    max_pages = int((int(lens.max()) + page - 1) // page)
+    ref = paged_decode_attention_torch(q.float(), k.float(), v.float(), table, lens, dim**-0.5, max_pages)
+    splits = num_splits_for(batch, kv_heads, torch.cuda.get_device_properties(0).multi_processor_count)
+    out = paged_decode_attention_triton(q, k, v, table, lens, dim**-0.5, splits).float()
+    assert float((out - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_fused_norm_and_silu_match_torch() -> None:
+    from asr_server.engine.continuous import kernels
+
+    x = torch.randn(37, 2048, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn_like(x)
+    w = torch.randn(2048, device="cuda", dtype=torch.bfloat16)
+    out, res = kernels.add_rms_norm(x, r, w, 1e-6)
+    s = x + r
+    sf = s.float()
+    expected = w * (sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    assert torch.equal(res, s)
+    assert float((out.float() - expected.float()).norm() / expected.float().norm()) < 1e-2
+    gu = torch.randn(37, 2 * 6144, device="cuda", dtype=torch.bfloat16)
+    gate, up = gu.chunk(2, dim=-1)
+    expected_mlp = torch.nn.functional.silu(gate) * up
+    got = kernels.silu_mul(gu)
+    assert float((got.float() - expected_mlp.float()).norm() / expected_mlp.float().norm()) < 1e-2
