@@ -62,5 +62,10 @@ lint: proto
 
 typecheck: lint
 
+# Load generator against a running server (see docs/benchmarks.md): make bench PORT=50051 BENCH_ARGS="--concurrency 64"
+BENCH_ARGS ?= --concurrency 8 --audio-s 5 --requests 64
+bench: proto
+	PYTHONPATH=$(GEN) $(PY) bench/loadgen.py --target localhost:$(PORT) $(BENCH_ARGS)
+
 clean:
 	rm -rf $(GEN) build dist artifacts .pytest_cache .mypy_cache
