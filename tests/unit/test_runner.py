@@ -109,3 +109,53 @@ async def test_after_stop_requests_are_unavailable() -> None:
     assert core.closed
     with pytest.raises(Unavailable):
         await runner.decode(request(0))
+
+
+async def test_a_stop_queued_behind_a_failing_step_still_stops_the_engine() -> None:
+    release = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def explode_after_stop_is_queued(requests: list[DecodeRequest]) -> None:
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=5)
+        raise RuntimeError("device fell over")
+
+    core = FakeEngine(max_batch_size=4, on_step=explode_after_stop_is_queued)
+    runner = await started(core, max_batch_wait_ms=0.0)
+    failing = asyncio.ensure_future(runner.decode(request(0)))
+    while not core.batches:
+        await asyncio.sleep(0.001)
+    stopping = asyncio.ensure_future(runner.stop())
+    await asyncio.sleep(0)  # stop() has put its command in the inbox
+    release.set()
+    await asyncio.wait_for(stopping, timeout=5)
+    with pytest.raises(RuntimeError, match="device fell over"):
+        await failing
+    assert core.closed
+
+
+async def test_an_engine_thread_that_dies_refuses_later_requests_instead_of_hanging() -> None:
+    class BrokenAdd(FakeEngine):
+        def add(self, item: object) -> None:
+            raise RuntimeError("core bug")
+
+    core = BrokenAdd(max_batch_size=4)
+    runner = await started(core, max_batch_wait_ms=0.0)
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(runner.decode(request(0)), timeout=5)
+    assert runner.state == "failed"
+    with pytest.raises(Unavailable, match="failed"):
+        await runner.decode(request(1))
+    await asyncio.wait_for(runner.stop(), timeout=5)
+
+
+async def test_warmup_can_be_skipped() -> None:
+    warmed: list[bool] = []
+
+    class CountingWarmup(FakeEngine):
+        def warmup(self) -> None:
+            warmed.append(True)
+
+    runner = EngineRunner(lambda: CountingWarmup(max_batch_size=1), BatchingPolicy(1, 0.0, 10), warmup=False)
+    await runner.start()
+    await runner.stop()
+    assert warmed == []

@@ -133,7 +133,9 @@ class AsrServer:
 
             self.engine = ReplicatedRunner(
                 [
-                    EngineRunner(make_core_factory(config, device), policy, name=f"engine-{device}")
+                    EngineRunner(
+                        make_core_factory(config, device), policy, name=f"engine-{device}", warmup=limits.warmup
+                    )
                     for device in replica_devices(config)
                 ]
             )
@@ -143,7 +145,7 @@ class AsrServer:
                 from asr_server.engine.continuous.factory import make_core_factory
 
                 core_factory = make_core_factory(config, devices[0])
-            self.engine = EngineRunner(core_factory or build_engine_core_factory(config), policy)
+            self.engine = EngineRunner(core_factory or build_engine_core_factory(config), policy, warmup=limits.warmup)
         if aligner is None and config.aligner.model:
             from asr_server.aligner.managed import SidecarAligner
 

@@ -65,15 +65,26 @@ def _resolve(future: asyncio.Future[DecodeResult], output: EngineOutput) -> None
 
 
 class EngineRunner:
-    def __init__(self, core_factory: Callable[[], EngineCore], policy: BatchingPolicy, *, name: str = "engine"):
+    def __init__(
+        self,
+        core_factory: Callable[[], EngineCore],
+        policy: BatchingPolicy,
+        *,
+        name: str = "engine",
+        warmup: bool = True,
+    ) -> None:
         self._core_factory = core_factory
         self._policy = policy
         self._name = name
+        self._warmup = warmup
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._pending: dict[str, _Add] = {}  # engine thread only
         self._in_flight = 0  # caller side only (one event loop)
         self._state: State = "new"
+        # Held by decode() from its state check to its put, and by the engine thread when it leaves: a request
+        # is either refused or queued before the thread's last drain of the inbox, never left behind unanswered.
+        self._admission = threading.Lock()
         self._ready = threading.Event()
         self._failure: BaseException | None = None
         self._core: EngineCore | None = None
@@ -113,8 +124,6 @@ class EngineRunner:
         self._state = "stopped"
 
     async def decode(self, request: DecodeRequest) -> DecodeResult:
-        if self._state != "ready":
-            raise Unavailable(f"the engine is {self._state}; retry on another replica or later")
         if self._in_flight >= self._policy.max_queued_requests:
             raise LimitExceeded(
                 f"the engine queue is full ({self._in_flight} pieces of audio waiting, limit "
@@ -124,8 +133,11 @@ class EngineRunner:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[DecodeResult] = loop.create_future()
         item = WorkItem(request=request, enqueued_ns=time.time_ns(), enqueued_monotonic_s=time.monotonic())
+        with self._admission:
+            if self._state != "ready":
+                raise Unavailable(f"the engine is {self._state}; retry on another replica or later")
+            self._inbox.put(_Add(item, loop, future))
         self._in_flight += 1
-        self._inbox.put(_Add(item, loop, future))
         try:
             return await future
         except asyncio.CancelledError:
@@ -139,7 +151,8 @@ class EngineRunner:
     def _run(self) -> None:
         try:
             core = self._core_factory()
-            core.warmup()
+            if self._warmup:
+                core.warmup()
             self._core = core
         except BaseException as exc:  # noqa: BLE001 - reported to start() and re-raised there
             logger.exception("engine failed to start")
@@ -147,10 +160,19 @@ class EngineRunner:
             self._ready.set()
             return
         self._ready.set()
+        error = Unavailable("the server is shutting down; retry on another replica")
         try:
             self._loop(core)
+        except BaseException:  # noqa: BLE001 - logged; callers are answered below and new ones refused
+            logger.exception("the engine thread failed; refusing new requests")
+            error = Unavailable("the engine failed; retry on another replica")
         finally:
-            self._fail_all(Unavailable("the server is shutting down; retry on another replica"))
+            with self._admission:
+                if self._state not in ("stopping", "stopped"):
+                    # Left without being told to stop: a crash. Callers must not queue for a thread that is gone.
+                    self._state = "failed"
+            self._fail_pending(core, error)
+            self._fail_queued(error)
             core.close()
 
     def _loop(self, core: EngineCore) -> None:
@@ -176,7 +198,8 @@ class EngineRunner:
                 outputs = core.step()
             except Exception as exc:  # noqa: BLE001 - a core bug must not kill the thread; callers are told
                 logger.exception("engine step failed")
-                self._fail_all(exc)
+                # Only what the core holds is suspect; the inbox (new requests, aborts, a stop) is handled as usual.
+                self._fail_pending(core, exc)
                 continue
             for output in outputs:
                 pending = self._pending.pop(output.request_id, None)
@@ -206,12 +229,13 @@ class EngineRunner:
             self._pending[command.item.request.request_id] = command
             core.add(command.item)
 
-    def _fail_all(self, error: Exception) -> None:
+    def _fail_pending(self, core: EngineCore, error: Exception) -> None:
         pending, self._pending = self._pending, {}
         for request_id, add in pending.items():
-            if self._core is not None:
-                self._core.abort(request_id)
+            core.abort(request_id)
             add.loop.call_soon_threadsafe(_resolve, add.future, EngineOutput(request_id, error=error))
+
+    def _fail_queued(self, error: Exception) -> None:
         while True:
             try:
                 command = self._inbox.get_nowait()
