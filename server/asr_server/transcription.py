@@ -156,17 +156,20 @@ class Transcriber:
             ]
         outcomes = [t.result() for t in tasks]
         transcripts = tuple(o[0] for o in outcomes)
+        # Channels' chunks share batches too: count each batch's time once over the whole request.
+        batch_ms = {start_ns: ms for o in outcomes for start_ns, ms in o[2].items()}
         timing = Timing(
             total_ms=(time.perf_counter() - started) * 1000,
             queue_wait_ms=max((o[1] for o in outcomes), default=0.0),
-            inference_ms=sum(o[2] for o in outcomes),
+            inference_ms=sum(batch_ms.values()),
             alignment_ms=sum(o[3] for o in outcomes),
         )
         return TranscriptionResult(transcripts, audio.duration_ms, self._engine.model_id, timing)
 
     async def _transcribe_channel(
         self, channel_index: int, samples: npt.NDArray[np.float32], options: TranscribeOptions, max_chunk_s: float
-    ) -> tuple[ChannelTranscript, float, float, float]:
+    ) -> tuple[ChannelTranscript, float, dict[int, float], float]:
+        """The channel's transcript, its longest queue wait, its batches' times by batch start, its alignment time."""
         spans = plan_chunks(samples, max_chunk_s=max_chunk_s)
         async with asyncio.TaskGroup() as group:
             tasks = [
@@ -201,9 +204,8 @@ class Transcriber:
                 )
             )
         transcript = merge_segments(channel_index, segments, options.return_word_timestamps)
-        # Batches are shared between chunks: count each batch's time once.
         batch_ms = {r.batch.start_ns: r.inference_ms for r in results}
-        return transcript, max((r.queue_wait_ms for r in results), default=0.0), sum(batch_ms.values()), alignment_ms
+        return transcript, max((r.queue_wait_ms for r in results), default=0.0), batch_ms, alignment_ms
 
 
 def merge_segments(channel_index: int, segments: Sequence[Segment], timestamps_requested: bool) -> ChannelTranscript:

@@ -1,0 +1,37 @@
+"""Transcriber timings: what the response's ServerTiming reports for a request split over channels and chunks."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from asr_server.audio.decode import DecodedAudio
+from asr_server.engine.types import BatchStats, DecodeRequest, DecodeResult
+from asr_server.results import ChannelMode
+from asr_server.transcription import TranscribeOptions, Transcriber, TranscriberLimits
+
+_BATCH = BatchStats(batch_size=2, audio_s=2.0, generated_tokens=4, start_ns=1_000_000_000, end_ns=1_250_000_000)
+
+
+class OneBatchEngine:
+    """Answers every piece as if all of them had shared one 250 ms batch."""
+
+    model_id = "one-batch"
+
+    async def decode(self, request: DecodeRequest) -> DecodeResult:
+        return DecodeResult(request.request_id, "hello", "English", (1,), _BATCH.start_ns - 10_000_000, _BATCH)
+
+
+async def test_a_batch_shared_by_two_channels_counts_once_in_inference_ms() -> None:
+    channel = np.full(16_000, 0.1, dtype=np.float32)
+    audio = DecodedAudio(
+        channels=(channel, channel.copy()),
+        source_sample_rate_hz=16_000,
+        source_channel_count=2,
+        source_frame_count=16_000,
+    )
+    transcriber = Transcriber(OneBatchEngine(), None, TranscriberLimits(max_chunk_s=30, max_chunk_with_timestamps_s=30))
+    options = TranscribeOptions(language=None, context="", max_new_tokens=16, channel_mode=ChannelMode.SEPARATE)
+    result = await transcriber.transcribe(audio, options)
+    assert len(result.transcripts) == 2
+    assert result.timing.inference_ms == 250.0
+    assert result.timing.queue_wait_ms == 10.0
