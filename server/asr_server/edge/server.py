@@ -248,7 +248,17 @@ class AsrServer:
 
 async def serve(config: Config) -> None:
     """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
-    setup_tracing(config.tracing)
+    provider = setup_tracing(config.tracing)
+    try:
+        await _serve_until_signalled(config)
+    finally:
+        if provider is not None:
+            # The batch exporter holds the last spans (the shutdown's among them) until flushed; it may block on
+            # the network, hence a thread.
+            await asyncio.to_thread(provider.shutdown)
+
+
+async def _serve_until_signalled(config: Config) -> None:
     server = AsrServer(config)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
@@ -257,11 +267,14 @@ async def serve(config: Config) -> None:
     start = asyncio.create_task(server.start())
     stop_wait = asyncio.create_task(stop_requested.wait())
     done, _ = await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-    if start in done:
-        start.result()
-        print(f"asr-server: serving {server.engine.model_id} on port {server.port}", flush=True)
-        await stop_wait
-    logger.info("shutting down: NOT_SERVING, %.1f s grace for in-flight calls", config.server.grace_period_s)
-    await server.stop()
-    if not start.done():
-        start.cancel()
+    try:
+        if start in done:
+            start.result()
+            print(f"asr-server: serving {server.engine.model_id} on port {server.port}", flush=True)
+            await stop_wait
+    finally:
+        # Also after a failed start: the port, the engine thread and a spawned aligner sidecar are released.
+        logger.info("shutting down: NOT_SERVING, %.1f s grace for in-flight calls", config.server.grace_period_s)
+        await server.stop()
+        for task in (start, stop_wait):
+            task.cancel()
