@@ -61,13 +61,14 @@ async def test_cancelling_a_waiting_request_removes_it_from_the_engine() -> None
     core = FakeEngine(max_batch_size=1, batch_delay_ms=200)
     runner = await started(core, max_batch_size=1, max_batch_wait_ms=0.0)
     first = asyncio.ensure_future(runner.decode(request(0)))
-    await asyncio.sleep(0.05)
+    while not core.batches:  # the engine thread is inside the first step
+        await asyncio.sleep(0.001)
     second = asyncio.ensure_future(runner.decode(request(1)))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # second is queued behind the running step
+    assert runner.in_flight == 2
     second.cancel()
     await first
-    await asyncio.sleep(0.3)
-    await runner.stop()
+    await runner.stop()  # joins the engine thread: whatever it would have run has run
     # Whether the engine saw it and dropped it, or never saw it, it never ran.
     assert core.batches == [["r0"]]
     assert runner.in_flight == 0
