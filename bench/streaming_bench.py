@@ -195,6 +195,7 @@ async def main() -> tuple[argparse.Namespace, list[dict[str, Any]]]:
     parser.add_argument("--language", default="", help="force a language (skips detection)")
     parser.add_argument("--speech", help="16 kHz mono WAV to stream instead of espeak-ng sentences")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--write-speech", help="write the espeak-ng recording as a 16 kHz WAV (for --speech) and exit")
     args = parser.parse_args()
 
     import grpc
@@ -203,6 +204,11 @@ async def main() -> tuple[argparse.Namespace, list[dict[str, Any]]]:
     from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 
     speech = load_speech(args.speech)
+    if args.write_speech:
+        import soundfile
+
+        soundfile.write(args.write_speech, speech, 16000, subtype="FLOAT")
+        return args, []
     pcm = (np.clip(np.round(speech * 32767), -32768, 32767).astype("<i2")).tobytes()
     rows: list[dict[str, Any]] = []
     async with contextlib.AsyncExitStack() as stack:

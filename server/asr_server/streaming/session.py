@@ -164,6 +164,7 @@ class _Channel:
     buffer: _AudioBuffer = field(default_factory=_AudioBuffer)
     utterance_index: int = 0
     finals: asyncio.Queue[asyncio.Task[StreamResult] | None] = field(default_factory=asyncio.Queue)
+    finals_decoding: int = 0  # finals of this channel still in the engine
     emitter: asyncio.Task[None] | None = None
     # The open utterance's interim state.
     interim_task: asyncio.Task[None] | None = None
@@ -348,6 +349,8 @@ class StreamingSession:
         )
         if channel.emitter is None:
             channel.emitter = asyncio.get_running_loop().create_task(self._emit_finals(channel))
+        channel.finals_decoding += 1
+        task.add_done_callback(lambda _: _final_done(channel))
         channel.finals.put_nowait(task)
         if self.options.single_utterance and not self._stopped:
             self._stopped = True
@@ -435,8 +438,9 @@ class StreamingSession:
         end = channel.buffer.end
         if end - channel.interim_from < self._interval_samples or end - start < _MIN_INTERIM_SAMPLES:
             return
-        if channel.interim_task is not None:
-            # Still queued or running: do not pile up work; the next one takes the newest audio.
+        if channel.interim_task is not None or channel.finals_decoding:
+            # Still queued or running (or this channel's last final is): do not pile up work, and never make a
+            # final wait behind this stream's own interims; the next interim takes the newest audio.
             channel.interims_skipped += 1
             return
         prefix_ids: tuple[int, ...] = ()
@@ -490,6 +494,10 @@ class StreamingSession:
             )
         )
         self._maybe_interim(channel)
+
+
+def _final_done(channel: _Channel) -> None:
+    channel.finals_decoding -= 1
 
 
 def _agreement(previous: str, current: str) -> float:
