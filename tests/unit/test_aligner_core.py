@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from asr_server.aligner.batcher import AlignBatcher
-from asr_server.aligner.core import AlignerCore, AlignJob
+from asr_server.aligner.core import AlignerCore, AlignJob, Prepared
 from asr_server.errors import FailedPrecondition
 from asr_server.models.loading import LoadedAlignerModel, load_aligner_model
 from asr_server.models.tiny_checkpoint import TinyCheckpoints
@@ -100,6 +101,21 @@ def test_text_without_words_and_per_job_errors(loaded: LoadedAlignerModel, monke
     assert as_timed(outcomes[0]) == reference_alignment(loaded, good.audio_16k, good.text, good.language)
     assert outcomes[1] == ()
     assert isinstance(outcomes[2], FailedPrecondition)
+
+
+def test_a_row_with_the_wrong_timestamp_count_fails_alone(loaded: LoadedAlignerModel) -> None:
+    core = AlignerCore(loaded)
+    good, odd = make_jobs([2.0, 3.0])
+    prepare = core.prepare
+
+    def one_word_too_many(job: AlignJob) -> Prepared:
+        p = prepare(job)
+        return replace(p, words=[*p.words, "extra"]) if job is odd else p
+
+    core.prepare = one_word_too_many  # type: ignore[method-assign]
+    outcomes = core.align_batch([good, odd])
+    assert as_timed(outcomes[0]) == reference_alignment(loaded, good.audio_16k, good.text, good.language)
+    assert isinstance(outcomes[1], RuntimeError) and "<timestamp> tokens" in str(outcomes[1])
 
 
 async def test_batcher_batches_concurrent_requests_invisibly(loaded: LoadedAlignerModel) -> None:

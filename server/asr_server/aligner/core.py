@@ -131,10 +131,13 @@ class AlignerCore:
         if prepared:
             times = self._forward([p for _, p in prepared])
             for (index, p), ms in zip(prepared, times, strict=True):
-                outcomes[index] = tuple(Word(word, ms[2 * i], ms[2 * i + 1]) for i, word in enumerate(p.words))
+                if isinstance(ms, Exception):
+                    outcomes[index] = ms
+                else:
+                    outcomes[index] = tuple(Word(word, ms[2 * i], ms[2 * i + 1]) for i, word in enumerate(p.words))
         return outcomes
 
-    def _forward(self, prepared: list[Prepared]) -> list[list[int]]:
+    def _forward(self, prepared: list[Prepared]) -> list[list[int] | Exception]:
         import torch
 
         model = self._loaded.model
@@ -168,13 +171,16 @@ class AlignerCore:
             counts = is_timestamp.sum(dim=1).tolist()
         # The reference multiplies in float32 before its repair; class x 80 ms is exact in float32 up to 400 s.
         raw_ms = (classes.float() * self._segment_ms).cpu().numpy()
-        results: list[list[int]] = []
+        results: list[list[int] | Exception] = []
         offset = 0
         for p, count in zip(prepared, counts, strict=True):
             row = raw_ms[offset : offset + int(count)]
             offset += int(count)
             if int(count) != 2 * len(p.words):
-                raise RuntimeError(f"expected {2 * len(p.words)} <timestamp> tokens in a row, found {count}")
+                # This row's text tokenised oddly (e.g. it holds a literal "<timestamp>"): its request fails, not
+                # the batch it shares.
+                results.append(RuntimeError(f"expected {2 * len(p.words)} <timestamp> tokens in a row, found {count}"))
+                continue
             results.append(fix_timestamps(row))
         return results
 
