@@ -347,3 +347,21 @@ async def test_word_timestamps_without_an_aligner_are_refused() -> None:
             pb_grpc.AsrServiceStub(channel), [stream_config(return_word_timestamps=True)]
         )
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "--aligner-model" in details
+
+
+async def test_a_too_long_utterance_is_cut_below_the_maximum_at_quiet_points() -> None:
+    # Two long sentences 0.25 s apart (less than the trailing silence): one utterance of ~8 s for the VAD.
+    audio, spans = synthesize_sentences([SENTENCES[4], SENTENCES[1]], silence_s=0.25)
+    config = stream_config(endpointing=pb.EndpointingConfig(max_utterance_ms=5000))
+    async with running_server(fake_config()) as (_, channel):
+        received = await run_stream(pb_grpc.AsrServiceStub(channel), config, pcm16(audio), piece_ms=100)
+    finals = received.finals
+    assert len(finals) >= 2
+    assert all(f.end_ms - f.start_ms <= 5000 for f in finals)
+    for a, b in zip(finals, finals[1:], strict=False):
+        if b.start_ms - a.end_ms < 300:  # cut by the maximum: the next utterance goes on from the cut
+            assert b.start_ms == a.end_ms
+    # The first cut is in the quiet gap between the sentences (it lies in the utterance's second half).
+    gap_start_ms, gap_end_ms = spans[0][1] * 1000, spans[1][0] * 1000
+    assert gap_start_ms - 100 <= finals[0].end_ms <= gap_end_ms + 100, (finals[0].end_ms, gap_start_ms, gap_end_ms)
+    check_order(received)
