@@ -30,7 +30,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    kind: EngineKind = "transformers"
+    kind: EngineKind = "continuous"
     max_inference_batch_size: int = 32
     # How long the first request of a batch may wait for others to join it.
     max_batch_wait_ms: float = 5.0
@@ -134,7 +134,7 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("model", "device", "--device", str, "auto, cpu, cuda, cuda:N"),
     ("model", "device_map", "--device-map", str, "transformers device_map (e.g. auto) instead of --device"),
     ("model", "attn_implementation", "--attn-implementation", str, "sdpa, eager, flash_attention_2"),
-    ("engine", "kind", "--engine", str, "transformers, or fake (no model; for tests)"),
+    ("engine", "kind", "--engine", str, "continuous (default), transformers (padded generate), or fake"),
     ("engine", "max_inference_batch_size", "--max-inference-batch-size", int, "most chunks per batch"),
     ("engine", "max_batch_wait_ms", "--max-batch-wait-ms", float, "wait for a batch to fill"),
     ("engine", "max_queued_requests", "--max-queued-requests", int, "queue bound before RESOURCE_EXHAUSTED"),
