@@ -99,9 +99,9 @@ for section in "$@"; do
     replicas)
       [ -d /tmp/rand-1.7b ] || $PY bench/build_random_checkpoint.py --size 1.7b --out /tmp/rand-1.7b --device cuda
       start_server /tmp/rand-1.7b server-1gpu.log --devices cuda:0 || continue
-      load 1.7b-1gpu-alone-120s --concurrency 1 --audio-s 120 --requests 3
-      load 1.7b-1gpu-alone-5s --concurrency 1 --audio-s 5 --requests 20
-      load 1.7b-1gpu-c64-5s --concurrency 64 --audio-s 5 --requests 640
+      load 1.7b-1gpu-alone-120s --concurrency 1 --audio-s 120 --requests 2
+      load 1.7b-1gpu-alone-5s --concurrency 1 --audio-s 5 --requests 10
+      load 1.7b-1gpu-c64-5s --concurrency 64 --audio-s 5 --requests 320
       load 1.7b-1gpu-c128-120s --concurrency 128 --audio-s 120 --requests 256
       stop_server
       start_server /tmp/rand-1.7b server-2gpu.log --devices cuda:0,cuda:1 || continue
