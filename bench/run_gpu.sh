@@ -108,6 +108,11 @@ for section in "$@"; do
       load 1.7b-2gpu-c256-120s --concurrency 256 --audio-s 120 --requests 512
       stop_server
       ;;
+    replicas2)
+      start_server /tmp/rand-1.7b server-2gpu.log --devices cuda:0,cuda:1 || continue
+      load 1.7b-2gpu-c256-120s --concurrency 256 --audio-s 120 --requests 512
+      stop_server
+      ;;
     *) echo "unknown section $section"; exit 2 ;;
   esac
 done

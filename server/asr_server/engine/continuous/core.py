@@ -105,6 +105,9 @@ class ContinuousEngine:
         self._model = model
         self._device = torch.device(loaded.device)
         self._cuda = self._device.type == "cuda"
+        if self._cuda:
+            # Triton launches and graph captures use the thread's current device: make it this replica's.
+            torch.cuda.set_device(self._device)
         cfg = self._config
         triton = cfg.kernels == "triton" or (cfg.kernels == "auto" and self._cuda)
         if cfg.kv_cache_dtype not in ("auto", "fp8"):
@@ -547,7 +550,9 @@ class ContinuousEngine:
         torch.cuda.current_stream(self._device).wait_stream(stream)
         for rows in reversed(self._buckets):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # An explicit capture stream on this device: torch's default one is created once per process, on
+            # whichever device captured first, and would move a second replica's capture onto that device.
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
                 self._decoder.decode_step(b, self._cache, rows, 1)
             self._graphs[rows] = graph
         b.tokens.copy_(saved[0])
