@@ -160,3 +160,20 @@ async def test_warmup_can_be_skipped() -> None:
     await runner.start()
     await runner.stop()
     assert warmed == []
+
+
+async def test_a_thread_that_dies_before_start_returns_is_not_reported_ready() -> None:
+    class DiesAtOnce(FakeEngine):
+        def num_waiting(self) -> int:
+            raise RuntimeError("core bug")
+
+    runner = EngineRunner(lambda: DiesAtOnce(max_batch_size=1), BatchingPolicy(1, 0.0, 10))
+    starting = asyncio.ensure_future(runner.start())
+    await asyncio.sleep(0)  # start() has launched the thread and waits for it
+    thread = runner._thread
+    assert thread is not None
+    thread.join(5)  # blocks this loop, so start() resumes only after the thread is gone
+    with pytest.raises(RuntimeError, match="failed right after loading"):
+        await starting
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(runner.decode(request(0)), timeout=5)

@@ -112,7 +112,13 @@ class EngineRunner:
         if self._failure is not None:
             self._state = "failed"
             raise RuntimeError(f"engine failed to start: {self._failure}") from self._failure
-        self._state = "ready"
+        with self._admission:
+            # Only from "starting": a stop() during the load, or a thread that died since, must not read as ready.
+            died = self.state == "failed"
+            if self.state == "starting":
+                self._state = "ready"
+        if died:
+            raise RuntimeError("the engine thread failed right after loading; see the log")
 
     async def stop(self) -> None:
         """Stops the thread; requests still queued get UNAVAILABLE."""
