@@ -75,7 +75,9 @@ async def test_sigterm_lets_the_call_in_flight_finish_and_exits_cleanly() -> Non
     try:
         line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 60)  # type: ignore[union-attr]
         match = re.search(r"on port (\d+)", line)
-        assert match, line
+        if match is None:
+            process.kill()
+            raise AssertionError(f"no port line: {line!r}; server stderr:\n{process.communicate()[1][-4000:]}")
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{match.group(1)}")
         seen: list[int] = []
         watcher = asyncio.create_task(watch_statuses(channel, seen))
@@ -86,10 +88,15 @@ async def test_sigterm_lets_the_call_in_flight_finish_and_exits_cleanly() -> Non
         process.send_signal(signal.SIGTERM)
         response = await in_flight
         assert response.transcripts[0].text
-        assert await asyncio.wait_for(asyncio.to_thread(process.wait), 30) == 0
+        for _ in range(500):
+            if Status.NOT_SERVING in seen[1:]:
+                break
+            await asyncio.sleep(0.01)
         assert Status.NOT_SERVING in seen[1:], seen
+        # The open Watch call would hold the server's shutdown for the whole 10 s grace period.
         watcher.cancel()
         await channel.close()
+        assert await asyncio.wait_for(asyncio.to_thread(process.wait), 30) == 0
     finally:
         if process.poll() is None:
             process.kill()
