@@ -77,6 +77,9 @@ class AlignBatcher:
         self._ready = threading.Event()
         self._failure: BaseException | None = None
         self._state: State = "new"
+        # Held by align() from its state check to its put, and by the thread when it leaves: a job is either
+        # refused or queued before the thread's last drain of the inbox, never left behind unanswered.
+        self._admission = threading.Lock()
         self._queued = 0  # caller side (one event loop)
         self.core: AlignerCore | None = None
 
@@ -95,7 +98,12 @@ class AlignBatcher:
         if self._failure is not None:
             self._state = "failed"
             raise RuntimeError(f"aligner failed to start: {self._failure}") from self._failure
-        self._state = "ready"
+        with self._admission:
+            died = self.state == "failed"
+            if self.state == "starting":
+                self._state = "ready"
+        if died:
+            raise RuntimeError("the aligner thread failed right after loading; see the log")
 
     async def stop(self) -> None:
         if self._thread is None or self._state in ("stopping", "stopped"):
@@ -106,16 +114,17 @@ class AlignBatcher:
         self._state = "stopped"
 
     async def align(self, job: AlignJob) -> AlignOutcome:
-        if self._state != "ready":
-            raise Unavailable(f"the aligner is {self._state}")
         if self._queued >= self._max_queued:
             raise LimitExceeded(
                 f"the aligner queue is full ({self._queued} requests); retry with backoff", retryable=True
             )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[AlignOutcome] = loop.create_future()
+        with self._admission:
+            if self._state != "ready":
+                raise Unavailable(f"the aligner is {self._state}")
+            self._inbox.put(_Pending(job, loop, future, time.monotonic()))
         self._queued += 1
-        self._inbox.put(_Pending(job, loop, future, time.monotonic()))
         try:
             return await future
         finally:
@@ -134,10 +143,18 @@ class AlignBatcher:
             self._ready.set()
             return
         self._ready.set()
+        error = Unavailable("the aligner is shutting down; retry")
         try:
             self._loop(core)
+        except BaseException:  # noqa: BLE001 - logged; callers are answered below and new ones refused
+            logger.exception("the aligner thread failed; refusing new requests")
+            error = Unavailable("the aligner failed; retry")
         finally:
-            self._fail_queued(Unavailable("the aligner is shutting down; retry"))
+            with self._admission:
+                if self._state not in ("stopping", "stopped"):
+                    # Left without being told to stop: a crash. Callers must not queue for a thread that is gone.
+                    self._state = "failed"
+            self._fail_queued(error)
 
     def _loop(self, core: AlignerCore) -> None:
         waiting: list[_Pending] = []
@@ -171,6 +188,8 @@ class AlignBatcher:
         started = time.monotonic()
         try:
             outcomes = core.align_batch([p.job for p in batch])
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"the aligner core answered {len(outcomes)} of {len(batch)} jobs")
         except Exception as exc:  # noqa: BLE001 - the batch's callers are told; the thread goes on
             logger.exception("aligner batch of %d failed", len(batch))
             error = RuntimeError(f"alignment failed: {type(exc).__name__}: {exc}")
