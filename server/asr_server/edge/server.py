@@ -7,6 +7,7 @@ after, and NOT_SERVING again as soon as shutdown begins; in-flight calls then ge
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -88,7 +89,9 @@ class _AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None or method.startswith(f"/{HEALTH_SERVICE_NAME}/"):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
-        if metadata.get("authorization") == self._expected:
+        sent = metadata.get("authorization")
+        # Constant-time: a plain == leaks through its timing how much of a guess was right.
+        if isinstance(sent, str) and hmac.compare_digest(sent.encode(), self._expected.encode()):
             return handler
         return _deny(handler)
 
