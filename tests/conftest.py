@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from asr_server.models.tiny_checkpoint import TinyCheckpoints, build_all
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
-from qwenasr.v1 import asr_pb2 as pb
-from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 
 from asr_server.audio.chunking import plan_chunks
 from asr_server.audio.g711 import mulaw_encode
@@ -24,6 +22,8 @@ from asr_server.engine.generate_core import GenerateEngine
 from asr_server.engine.types import DecodeOptions, DecodeRequest
 from asr_server.models.loading import LoadedAsrModel, load_asr_model
 from asr_server.models.tiny_checkpoint import TinyCheckpoints
+from qwenasr.v1 import asr_pb2 as pb
+from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 from tests.helpers import fake_config, running_server, wav_bytes, with_limits
 
 MAX_NEW_TOKENS = 16

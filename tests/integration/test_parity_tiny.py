@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from qwenasr.v1 import asr_pb2 as pb
-from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 
 from asr_server.engine.generate_core import GenerateEngine
 from asr_server.models.loading import LoadedAsrModel, load_asr_model
 from asr_server.models.tiny_checkpoint import TinyCheckpoints
+from qwenasr.v1 import asr_pb2 as pb
+from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 from tests.helpers import fake_config, running_server
 
 MAX_NEW_TOKENS = 24

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
+import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -12,21 +15,41 @@ from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 from tests.helpers import fake_config, running_server, tone, wav_bytes, with_limits
 
-_exporter = InMemorySpanExporter()
+
+class _WindowedExporter(InMemorySpanExporter):
+    """Keeps spans only while a test of this module runs.
+
+    The global provider can be set once per process, so it outlives this module: an exporter that kept recording
+    would hold every span of every later test (the two-hour streaming test saw that as a 17 MB "leak").
+    """
+
+    recording = False
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if not self.recording:
+            return SpanExportResult.SUCCESS
+        return super().export(spans)
 
 
-def install_exporter() -> InMemorySpanExporter:
-    # The global provider can be set once per process; later calls are ignored, so share one exporter.
+_exporter = _WindowedExporter()
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
     if not isinstance(trace.get_tracer_provider(), TracerProvider):
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(_exporter))
         trace.set_tracer_provider(provider)
     _exporter.clear()
-    return _exporter
+    _exporter.recording = True
+    try:
+        yield _exporter
+    finally:
+        _exporter.recording = False
+        _exporter.clear()
 
 
-async def test_span_tree_continues_the_callers_trace_and_holds_no_text() -> None:
-    exporter = install_exporter()
+async def test_span_tree_continues_the_callers_trace_and_holds_no_text(exporter: InMemorySpanExporter) -> None:
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     traceparent = f"00-{trace_id}-00f067aa0ba902b7-01"
     async with running_server(with_limits(fake_config(), max_chunk_s=30)) as (_, channel):

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
 from asr_server.errors import FailedPrecondition
 from asr_server.models import loading
 from asr_server.models.loading import LoadedAlignerModel, LoadedAsrModel, load_aligner_model, load_asr_model
