@@ -97,6 +97,21 @@ def test_fast_preprocessing_equals_the_reference(
     assert torch.equal(fast.input_features_mask, reference.input_features_mask)
 
 
+def test_interims_with_new_prefixes_reuse_one_template_and_the_cache_is_bounded(loaded: LoadedAsrModel) -> None:
+    # A stream's interims each carry a different continuation prefix; they must share the (language, context)
+    # template (a miss costs a full reference run) and still equal the reference token for token.
+    preparer = FastPreparer(loaded, max_templates=3)
+    prefixes = ["", "language English<asr_text>he", "language English<asr_text>hello wor", "language English<asr_text>hello world, how"]
+    for i, prefix in enumerate(prefixes):
+        request = DecodeRequest("p", _request("p", 1.0 + i, 10, seed=i).audio_16k, DecodeOptions(None, "", 10), prefix_text=prefix)
+        assert torch.equal(preparer(request).input_ids, prepare_single(loaded, request).input_ids)
+    assert preparer.cached_templates == 1
+    # Contexts are caller text: distinct ones evict the least recently used instead of growing the cache.
+    for context in ["a", "b", "c", "d", "e"]:
+        preparer(DecodeRequest("p", _request("p", 1.0, 10, seed=1).audio_16k, DecodeOptions(None, context, 10)))
+    assert preparer.cached_templates == 3
+
+
 def test_random_arrivals_mixed_lengths_and_row_and_page_limits(loaded: LoadedAsrModel) -> None:
     rng = random.Random(7)
     requests = [

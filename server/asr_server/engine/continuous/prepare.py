@@ -3,15 +3,21 @@
 generate_core.prepare_single (the reference) renders the chat template with Jinja and tokenizes a prompt holding
 one <|audio_pad|> per audio token (1,560 for 120 s) on every call. With many short requests that Python work,
 holding the GIL, competes with the engine thread and the gRPC thread. The ids around the audio run depend only on
-(language, context, prefix_text), so they are taken once per combination from the reference itself, run on a
-probe clip; each request then needs only its features (the processor's own feature-extractor call, with the
-processor's own audio arguments) and its audio-token count (the processor's own formula). The result is checked
-equal to the reference on the probe, and tests compare the two over many lengths.
+(language, context), so they are taken once per combination from the reference itself, run on a probe clip (a
+streaming continuation prefix is appended as tokens after them, as the reference appends it); each request then
+needs only its features (the processor's own feature-extractor call, with the processor's own audio arguments) and
+its audio-token count (the processor's own formula). The result is checked equal to the reference on the probe,
+and tests compare the two over many lengths.
+
+The cache is keyed without the prefix because every interim of a stream carries a different one: keyed with it,
+each interim missed (a full reference run per interim) and the dict grew by one entry per interim. Contexts are
+caller text too, so the cache keeps only the most recently used combinations.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -21,15 +27,18 @@ from asr_server.engine.generate_core import PreparedInputs, prepare_single
 from asr_server.engine.types import SAMPLE_RATE_HZ, DecodeRequest
 from asr_server.models.loading import LoadedAsrModel
 
+_Template = tuple[list[int], list[int]]
+
 
 class FastPreparer:
-    def __init__(self, loaded: LoadedAsrModel) -> None:
+    def __init__(self, loaded: LoadedAsrModel, max_templates: int = 1024) -> None:
         self._loaded = loaded
         processor: Any = loaded.processor
         self._processor = processor
         self._audio_token_id = int(loaded.model.config.audio_token_id)
         self._n_window = int(getattr(loaded.model.config.audio_config, "n_window", 50))
-        self._templates: dict[tuple[str | None, str, str], tuple[list[int], list[int]] | None] = {}
+        self._max_templates = max_templates
+        self._templates: OrderedDict[tuple[str | None, str], _Template | None] = OrderedDict()
         self._lock = threading.Lock()
 
     def features(self, audio: np.ndarray[Any, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -47,17 +56,22 @@ class FastPreparer:
         count = int(self._processor._get_audio_token_length(mask.sum(-1), self._n_window)[0])
         return out["input_features"], mask, count
 
-    def _template(self, request: DecodeRequest) -> tuple[list[int], list[int]] | None:
-        key = (request.options.language, request.options.context, request.prefix_text)
+    @property
+    def cached_templates(self) -> int:
+        return len(self._templates)
+
+    def _template(self, request: DecodeRequest) -> _Template | None:
+        key = (request.options.language, request.options.context)
         with self._lock:
             if key in self._templates:
+                self._templates.move_to_end(key)
                 return self._templates[key]
         probe_audio = (0.05 * np.random.default_rng(0).standard_normal(SAMPLE_RATE_HZ)).astype(np.float32)
-        probe = DecodeRequest("probe", probe_audio, request.options, prefix_text=request.prefix_text)
+        probe = DecodeRequest("probe", probe_audio, request.options)
         reference = prepare_single(self._loaded, probe)
         ids = reference.input_ids[0].tolist()
         where = [i for i, t in enumerate(ids) if t == self._audio_token_id]
-        template: tuple[list[int], list[int]] | None = None
+        template: _Template | None = None
         if where and where[-1] - where[0] + 1 == len(where):
             template = (ids[: where[0]], ids[where[-1] + 1 :])
             # Self-check on the probe; any mismatch disables the fast path for this combination.
@@ -70,12 +84,17 @@ class FastPreparer:
                 template = None
         with self._lock:
             self._templates[key] = template
+            while len(self._templates) > self._max_templates:
+                self._templates.popitem(last=False)
         return template
 
-    def _build(self, request: DecodeRequest, template: tuple[list[int], list[int]]) -> PreparedInputs:
+    def _build(self, request: DecodeRequest, template: _Template) -> PreparedInputs:
         features, mask, count = self.features(request.audio_16k)
         head, tail = template
-        ids = torch.tensor([[*head, *([self._audio_token_id] * count), *tail]], dtype=torch.long)
+        prefix: list[int] = []
+        if request.prefix_text:
+            prefix = list(self._processor.tokenizer(request.prefix_text, add_special_tokens=False)["input_ids"])
+        ids = torch.tensor([[*head, *([self._audio_token_id] * count), *tail, *prefix]], dtype=torch.long)
         return PreparedInputs(ids, features, mask)
 
     def __call__(self, request: DecodeRequest) -> PreparedInputs:
