@@ -9,6 +9,7 @@ def test_defaults_match_the_reference_library_and_documented_limits() -> None:
     assert config.engine.max_inference_batch_size == 32
     assert config.limits.max_chunk_s == 1200 and config.limits.max_chunk_with_timestamps_s == 180
     assert config.tracing.exporter == "none"
+    assert config.server.gil_switch_interval_ms == 0.5
 
 
 def test_flags_win_over_environment_which_wins_over_defaults() -> None:
@@ -29,6 +30,7 @@ def test_flags_win_over_environment_which_wins_over_defaults() -> None:
         (["--max-chunk-s", "5000"], "--max-chunk-s"),
         (["--port", "abc"], "cannot read 'abc'"),
         (["--max-new-tokens", "9000"], "--max-new-tokens"),
+        (["--gil-switch-interval-ms", "-1"], "--gil-switch-interval-ms"),
     ],
 )
 def test_bad_values_are_refused_with_the_flag_named(argv: list[str], needle: str) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -251,6 +252,8 @@ class AsrServer:
 
 async def serve(config: Config) -> None:
     """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+    if config.server.gil_switch_interval_ms > 0:
+        sys.setswitchinterval(config.server.gil_switch_interval_ms / 1000)
     provider = setup_tracing(config.tracing)
     try:
         await _serve_until_signalled(config)
