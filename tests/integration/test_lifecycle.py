@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,6 +30,12 @@ async def watch_statuses(channel: grpc.aio.Channel, seen: list[int]) -> None:
             seen.append(update.status)
 
 
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
 async def test_health_is_not_serving_until_loaded_then_serving_then_not_serving_on_stop() -> None:
     release = threading.Event()
 
@@ -43,7 +51,7 @@ async def test_health_is_not_serving_until_loaded_then_serving_then_not_serving_
     seen: list[int] = []
     watcher = asyncio.create_task(watch_statuses(channel, seen))
     stub = pb_grpc.AsrServiceStub(channel)
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: bool(seen))
     assert seen == [Status.NOT_SERVING]
     # Calls before the model is up are told to retry, not queued forever.
     try:
@@ -53,10 +61,10 @@ async def test_health_is_not_serving_until_loaded_then_serving_then_not_serving_
         assert error.code() == grpc.StatusCode.UNAVAILABLE
     release.set()
     await starting
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: len(seen) >= 2)
     assert seen == [Status.NOT_SERVING, Status.SERVING]
     in_flight = asyncio.ensure_future(stub.Transcribe(pb.TranscribeRequest(audio=wav_bytes(tone(1.0, seed=1)))))
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: server.in_flight_calls == 1)
     await server.stop(grace_s=5.0)
     response = await in_flight
     assert response.transcripts[0].text
@@ -83,7 +91,8 @@ async def test_sigterm_lets_the_call_in_flight_finish_and_exits_cleanly() -> Non
         watcher = asyncio.create_task(watch_statuses(channel, seen))
         stub = pb_grpc.AsrServiceStub(channel)
         in_flight = asyncio.ensure_future(stub.Transcribe(pb.TranscribeRequest(audio=wav_bytes(tone(1.0, seed=2)))))
-        await asyncio.sleep(0.4)
+        await wait_until(lambda: bool(seen))
+        await asyncio.sleep(0.4)  # the call reaches the server (its batch takes 1.5 s)
         assert seen == [Status.SERVING]
         process.send_signal(signal.SIGTERM)
         response = await in_flight
@@ -93,10 +102,13 @@ async def test_sigterm_lets_the_call_in_flight_finish_and_exits_cleanly() -> Non
                 break
             await asyncio.sleep(0.01)
         assert Status.NOT_SERVING in seen[1:], seen
-        # The open Watch call would hold the server's shutdown for the whole 10 s grace period.
+        # The Watch stays open: shutdown ends it once the ASR call is done instead of waiting out the 10 s grace.
+        sigterm_to_exit_s = time.monotonic()
+        assert await asyncio.wait_for(asyncio.to_thread(process.wait), 30) == 0
+        sigterm_to_exit_s = time.monotonic() - sigterm_to_exit_s
+        assert sigterm_to_exit_s < 5.0, sigterm_to_exit_s
         watcher.cancel()
         await channel.close()
-        assert await asyncio.wait_for(asyncio.to_thread(process.wait), 30) == 0
     finally:
         if process.poll() is None:
             process.kill()

@@ -107,6 +107,11 @@ def _deny(handler: Any) -> Any:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover - makes this an async generator
 
+    return _with_behaviour(handler, deny_stream if handler.response_streaming else deny_unary)
+
+
+def _with_behaviour(handler: Any, behaviour: Any) -> Any:
+    """The same method handler (kind, serializers) running `behaviour` instead."""
     kinds = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (True, False): grpc.stream_unary_rpc_method_handler,
@@ -114,10 +119,73 @@ def _deny(handler: Any) -> Any:
         (True, True): grpc.stream_stream_rpc_method_handler,
     }
     make = kinds[(handler.request_streaming, handler.response_streaming)]
-    behaviour = deny_stream if handler.response_streaming else deny_unary
     return make(
         behaviour, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
     )
+
+
+class _InFlight:
+    """Counts the AsrService calls in progress, so shutdown waits for them and not for health Watch streams."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+class _InFlightInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    def __init__(self, in_flight: _InFlight) -> None:
+        self._in_flight = in_flight
+        self._prefix = "/" + asr_pb2.DESCRIPTOR.services_by_name["AsrService"].full_name + "/"
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or not (handler_call_details.method or "").startswith(self._prefix):
+            return handler
+        return _counted(handler, self._in_flight)
+
+
+def _counted(handler: Any, in_flight: _InFlight) -> Any:
+    if handler.response_streaming:
+        inner_stream = handler.stream_stream if handler.request_streaming else handler.unary_stream
+
+        async def stream_behaviour(request: object, context: grpc.aio.ServicerContext[object, object]) -> Any:
+            in_flight.enter()
+            try:
+                async for response in inner_stream(request, context):
+                    yield response
+            finally:
+                in_flight.leave()
+
+        behaviour: Any = stream_behaviour
+    else:
+        inner_unary = handler.stream_unary if handler.request_streaming else handler.unary_unary
+
+        async def unary_behaviour(request: object, context: grpc.aio.ServicerContext[object, object]) -> Any:
+            in_flight.enter()
+            try:
+                return await inner_unary(request, context)
+            finally:
+                in_flight.leave()
+
+        behaviour = unary_behaviour
+    return _with_behaviour(handler, behaviour)
 
 
 class AsrServer:
@@ -164,13 +232,18 @@ class AsrServer:
         )
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
+        self._in_flight = _InFlight()
         self.port = 0
         self._stopping = False
 
     async def start(self) -> int:
         """Opens the port (health NOT_SERVING), loads and warms the engine, then reports SERVING."""
         max_bytes = self.config.limits.max_message_bytes + _OVERHEAD_BYTES
-        interceptors = [_AuthInterceptor(self.config.server.auth_token)] if self.config.server.auth_token else []
+        # Auth first: a refused call is never counted as in flight.
+        interceptors: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]
+        if self.config.server.auth_token:
+            interceptors.append(_AuthInterceptor(self.config.server.auth_token))
+        interceptors.append(_InFlightInterceptor(self._in_flight))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -212,6 +285,11 @@ class AsrServer:
             logger.info("serving %s", self.engine.model_id)
         return self.port
 
+    @property
+    def in_flight_calls(self) -> int:
+        """AsrService calls in progress (health and reflection calls are not counted)."""
+        return self._in_flight.count
+
     def _aligner_ready(self) -> bool:
         if isinstance(self.aligner, ManagedAligner):
             return self.aligner.ready
@@ -240,7 +318,16 @@ class AsrServer:
         await self.health.enter_graceful_shutdown()
         grace = self.config.server.grace_period_s if grace_s is None else grace_s
         if self._server is not None:
-            await self._server.stop(grace)
+            # stop(grace) refuses new calls at once but would wait out the whole grace for long-lived health Watch
+            # streams (load balancers, sidecars keep one open); once our own calls are done, a second stop(None)
+            # ends those at once, as grpc documents for a later call with a shorter grace.
+            stopping = asyncio.create_task(self._server.stop(grace))
+            try:
+                await asyncio.wait_for(self._in_flight.wait_idle(), grace)
+            except TimeoutError:
+                logger.warning("grace period over with %d calls in flight; cancelling them", self._in_flight.count)
+            await self._server.stop(None)
+            await stopping
         await self.engine.stop()
         if isinstance(self.aligner, ManagedAligner):
             await self.aligner.stop()
