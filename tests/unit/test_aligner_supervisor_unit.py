@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+import uuid
+from pathlib import Path
 
 from asr_server.aligner.supervisor import SidecarSupervisor, describe_exit
 
@@ -64,3 +66,34 @@ async def test_stop_terminates_a_running_child() -> None:
     await supervisor.stop()
     assert supervisor.pid is None and supervisor.starts == 1
     assert exits in ([-15], [])  # SIGTERM; the exit report may race with the end of the supervision task
+
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            if marker.encode() in cmdline and "State:\tZ" not in status:
+                found.append(int(entry.name))
+    return found
+
+
+async def test_stop_while_the_child_is_being_spawned_leaves_no_orphan() -> None:
+    # Stop lands at different points of the spawn (before the fork, inside create_subprocess_exec, just after):
+    # the child must be ended every time, or it would hold the aligner's GPU memory after the server exits.
+    # (A cancelled create_subprocess_exec closes the transport it made, which kills the child; this pins that.)
+    for attempt in range(5):
+        marker = f"orphan-check-{uuid.uuid4().hex}"
+        supervisor = SidecarSupervisor(
+            [sys.executable, "-c", "import time, sys; time.sleep(60)", marker], is_ready=lambda: False, on_exit=print
+        )
+        await supervisor.start()
+        await asyncio.sleep(attempt * 0.002)
+        await asyncio.wait_for(supervisor.stop(), 15)
+        assert supervisor.state == "stopped"
+        await asyncio.sleep(0.2)
+        assert _processes_with(marker) == [], f"attempt {attempt}: child outlived stop()"
