@@ -119,21 +119,46 @@ class GenerateEngine:
         batch, self._waiting = self._waiting[: self._max_batch_size], self._waiting[self._max_batch_size :]
         if not batch:
             return []
+        # One request that cannot be prepared or decoded fails alone; the others of its batch still get results.
+        outputs: list[EngineOutput] = []
+        ready: list[tuple[WorkItem, PreparedInputs]] = []
+        for work in batch:
+            try:
+                ready.append((work, prepare_single(self._loaded, work.request)))
+            except Exception as exc:  # noqa: BLE001 - reported to this request's caller
+                outputs.append(self._failed(work, exc))
+        if not ready:
+            return outputs
         try:
-            return self._run_batch(batch)
-        except Exception as exc:  # noqa: BLE001 - the batch's callers get the error; the engine goes on
-            logger.exception("batch of %d failed", len(batch))
-            error = RuntimeError(f"inference failed: {type(exc).__name__}: {exc}")
-            return [EngineOutput(w.request.request_id, error=error) for w in batch]
+            return outputs + self._run_prepared(ready)
+        except Exception as exc:  # noqa: BLE001 - isolated below, each caller gets its own result or error
+            if len(ready) == 1:
+                return outputs + [self._failed(ready[0][0], exc)]
+            logger.exception("batch of %d failed; running its requests one by one", len(ready))
+        for pair in ready:
+            try:
+                outputs.extend(self._run_prepared([pair]))
+            except Exception as exc:  # noqa: BLE001 - reported to this request's caller
+                outputs.append(self._failed(pair[0], exc))
+        return outputs
+
+    @staticmethod
+    def _failed(work: WorkItem, exc: Exception) -> EngineOutput:
+        logger.error("request %s failed: %s: %s", work.request.request_id, type(exc).__name__, exc)
+        error = RuntimeError(f"inference failed: {type(exc).__name__}: {exc}")
+        return EngineOutput(work.request.request_id, error=error)
 
     def _run_batch(self, batch: list[WorkItem]) -> list[EngineOutput]:
+        return self._run_prepared([(w, prepare_single(self._loaded, w.request)) for w in batch])
+
+    def _run_prepared(self, ready: list[tuple[WorkItem, PreparedInputs]]) -> list[EngineOutput]:
         import torch
 
         start_ns = time.time_ns()
         loaded = self._loaded
+        batch = [w for w, _ in ready]
         requests = [w.request for w in batch]
-        prepared = [prepare_single(loaded, r) for r in requests]
-        inputs = collate(prepared, self._pad_token_id)
+        inputs = collate([p for _, p in ready], self._pad_token_id)
         model = loaded.model
         device = loaded.device
         inputs = {k: v.to(device) for k, v in inputs.items()}
