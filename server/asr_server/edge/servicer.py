@@ -76,8 +76,7 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         )
         # Shared by every stream (and by endpointed unary calls), so VAD batches across them.
         self._vad = VadBatcher()
-        self._token_decoder: TokenDecoder | None = None
-        self._token_decoder_loaded = False
+        self._token_decoder: asyncio.Task[TokenDecoder | None] | None = None
 
     # ---- RPCs ----
 
@@ -268,17 +267,22 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             watchdog.stop()
 
     async def _get_token_decoder(self) -> TokenDecoder | None:
-        """The tokenizer that turns an interim's token ids back into a prefix (loaded once, on first use)."""
-        if not self._token_decoder_loaded:
-            self._token_decoder_loaded = True
-            if self._config.engine.kind == "fake":
-                self._token_decoder = FakeTokenDecoder()
-            else:
-                try:
-                    self._token_decoder = await asyncio.to_thread(load_hf_token_decoder, self._config.model.model)
-                except Exception:  # noqa: BLE001 - interims then go without a prefix; nothing else changes
-                    logger.warning("no tokenizer for interim prefixes; interims decode without one", exc_info=True)
-        return self._token_decoder
+        """The tokenizer that turns an interim's token ids back into a prefix (loaded once, on first use).
+
+        One shared task: streams that open while it loads wait for it instead of going without a prefix.
+        """
+        if self._token_decoder is None:
+            self._token_decoder = asyncio.create_task(self._load_token_decoder())
+        return await asyncio.shield(self._token_decoder)
+
+    async def _load_token_decoder(self) -> TokenDecoder | None:
+        if self._config.engine.kind == "fake":
+            return FakeTokenDecoder()
+        try:
+            return await asyncio.to_thread(load_hf_token_decoder, self._config.model.model)
+        except Exception:  # noqa: BLE001 - interims then go without a prefix; nothing else changes
+            logger.warning("no tokenizer for interim prefixes; interims decode without one", exc_info=True)
+            return None
 
     def _endpointing(self, msg: pb.RecognitionConfig, options: TranscribeOptions) -> EndpointSettings | None:
         if not msg.HasField("endpointing"):
