@@ -156,6 +156,12 @@ async def test_sidecar_refuses_bad_requests_precisely(loaded_aligner: LoadedAlig
                     ),
                     "longer than",
                 ),
+                (
+                    aligner_pb2.AlignRequest(
+                        audio_f32le=np.array([0.1, np.nan] * 800, "<f4").tobytes(), text="hi", language="English"
+                    ),
+                    "NaN",
+                ),
             ]
             for request, needle in cases:
                 with pytest.raises(grpc.aio.AioRpcError) as info:
