@@ -10,13 +10,21 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from asr_server.config import ConfigError, add_serve_arguments, config_from_args, version_text
+from asr_server.config import (
+    ConfigError,
+    add_log_level_argument,
+    add_serve_arguments,
+    add_sidecar_arguments,
+    config_from_args,
+    sidecar_config_from_args,
+    version_text,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="asr-server", description="Qwen3-ASR gRPC inference server")
     parser.add_argument("--version", action="version", version=version_text())
-    parser.add_argument("--log-level", default=os.environ.get("ASR_LOG_LEVEL", "INFO"))
+    add_log_level_argument(parser, os.environ)
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the gRPC API")
@@ -31,9 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     aligner = commands.add_parser(
         "aligner", help="run the forced-aligner sidecar (word timestamps) on a unix socket or a TCP port"
     )
-    from asr_server.aligner.sidecar import add_aligner_arguments
-
-    add_aligner_arguments(aligner)
+    add_sidecar_arguments(aligner)
 
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -46,12 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tiny random-weight checkpoints (gibberish transcripts) written: {paths}")
         return 0
     if args.command == "aligner":
-        from asr_server.aligner.sidecar import check_arguments, serve_sidecar
+        from asr_server.aligner.sidecar import serve_sidecar
 
-        error = check_arguments(args)
-        if error:
-            aligner.error(error)
-        asyncio.run(serve_sidecar(args))
+        try:
+            sidecar_config = sidecar_config_from_args(args, os.environ)
+        except ConfigError as exc:
+            aligner.error(str(exc))
+        asyncio.run(serve_sidecar(sidecar_config))
         return 0
     try:
         config = config_from_args(args, os.environ)

@@ -1,7 +1,8 @@
 """The one typed config tree, read in one place: command-line flags, each with an ASR_* environment default.
 
 Precedence: a flag on the command line, else its environment variable, else the default shown in --help.
-Nothing else in the server reads os.environ or argv.
+Nothing else in the server reads os.environ or argv. The aligner sidecar (`asr-server aligner`) has its own small
+tree here too, SidecarConfig, whose ASR_ALIGNER_* variables are the ones the server's --aligner-* flags read.
 """
 
 from __future__ import annotations
@@ -214,7 +215,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     for section, name, flag, _type, help_text in _FLAGS:
         default = getattr(getattr(defaults, section), name)
         parser.add_argument(
-            flag, dest=f"{section}.{name}", default=None, help=f"{help_text} [{_env_name(flag)}; {default!r}]"
+            flag,
+            dest=f"{section}.{name}",
+            metavar=name.upper(),
+            default=None,
+            help=f"{help_text} [{_env_name(flag)}; {default!r}]",
         )
     for section, name, flag, help_text in _BOOL_FLAGS:
         parser.add_argument(
@@ -320,3 +325,102 @@ def validate(config: Config) -> None:
 
 def version_text() -> str:
     return f"asr-server {__version__}"
+
+
+def add_log_level_argument(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    parser.add_argument(
+        "--log-level",
+        default=environ.get("ASR_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR [ASR_LOG_LEVEL; 'INFO']",
+    )
+
+
+# ---- `asr-server aligner`: the forced-aligner sidecar's own config ----
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    model: str = ""
+    listen: str = "unix:///tmp/qwen-asr-aligner.sock"
+    dtype: str = "auto"
+    device: str = "auto"
+    attn_implementation: str | None = None
+    max_batch_size: int = 32
+    max_batch_wait_ms: float = 5.0
+    max_queued_requests: int = 1024
+    # Exit when the process that started this one is gone (a SIGKILLed server cannot stop its sidecar).
+    exit_with_parent: bool = False
+    # Tests only: a pause before every batch (to catch requests in flight) and before loading (to kill a loading
+    # sidecar).
+    batch_delay_ms: float = 0.0
+    load_delay_s: float = 0.0
+
+
+# (field, flag, type, help). The environment variable is ASR_ALIGNER_ + the flag, upper-case: the same names the
+# server's --aligner-* flags read, so one environment configures both.
+_SIDECAR_FLAGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
+    ("model", "--model", str, "hub id or directory (-hf or original layout)"),
+    ("listen", "--listen", str, "unix:///path or host:port (e.g. 0.0.0.0:50052 for a container)"),
+    ("dtype", "--dtype", str, "auto, bfloat16, float16, float32"),
+    ("device", "--device", str, "auto, cpu, cuda, cuda:N"),
+    ("attn_implementation", "--attn-implementation", str, "sdpa, eager, flash_attention_2"),
+    ("max_batch_size", "--max-batch-size", int, "most clips per batch"),
+    ("max_batch_wait_ms", "--max-batch-wait-ms", float, "wait for a batch to fill"),
+    ("max_queued_requests", "--max-queued-requests", int, "queue bound before RESOURCE_EXHAUSTED"),
+)
+
+
+def _sidecar_env_name(flag: str) -> str:
+    return "ASR_ALIGNER_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = SidecarConfig()
+    for name, flag, _type, help_text in _SIDECAR_FLAGS:
+        default = getattr(defaults, name)
+        parser.add_argument(
+            flag,
+            dest=f"sidecar.{name}",
+            metavar=name.upper(),
+            default=None,
+            help=f"{help_text} [{_sidecar_env_name(flag)}; {default!r}]",
+        )
+    parser.add_argument(
+        "--exit-with-parent",
+        dest="sidecar.exit_with_parent",
+        action="store_true",
+        help="exit when the process that started this one is gone",
+    )
+    parser.add_argument("--batch-delay-ms", dest="sidecar.batch_delay_ms", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--load-delay-s", dest="sidecar.load_delay_s", type=float, help=argparse.SUPPRESS)
+
+
+def sidecar_config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> SidecarConfig:
+    values: dict[str, Any] = {}
+    for name, flag, kind, _help in _SIDECAR_FLAGS:
+        raw = getattr(args, f"sidecar.{name}", None)
+        if raw is None:
+            raw = environ.get(_sidecar_env_name(flag))
+        if raw is not None and raw != "":
+            values[name] = _parse_value(raw, kind, flag)
+    for name in ("batch_delay_ms", "load_delay_s"):
+        if getattr(args, f"sidecar.{name}", None) is not None:
+            values[name] = getattr(args, f"sidecar.{name}")
+    values["exit_with_parent"] = bool(getattr(args, "sidecar.exit_with_parent", False))
+    config = SidecarConfig(**values)
+    problems = [
+        (not config.model, "--model is required (e.g. Qwen/Qwen3-ForcedAligner-0.6B-hf or a local directory)"),
+        (config.max_batch_size < 1, "--max-batch-size must be >= 1"),
+        (config.max_batch_wait_ms < 0, "--max-batch-wait-ms must be >= 0"),
+        (config.max_queued_requests < 1, "--max-queued-requests must be >= 1"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise ConfigError(message)
+    return config
+
+
+def parse_sidecar_config(argv: Sequence[str], environ: Mapping[str, str]) -> SidecarConfig:
+    parser = argparse.ArgumentParser(prog="asr-server aligner")
+    add_sidecar_arguments(parser)
+    return sidecar_config_from_args(parser.parse_args(list(argv)), environ)

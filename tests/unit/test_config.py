@@ -1,6 +1,6 @@
 import pytest
 
-from asr_server.config import ConfigError, parse_serve_config
+from asr_server.config import ConfigError, parse_serve_config, parse_sidecar_config
 
 
 def test_defaults_match_the_reference_library_and_documented_limits() -> None:
@@ -36,3 +36,24 @@ def test_flags_win_over_environment_which_wins_over_defaults() -> None:
 def test_bad_values_are_refused_with_the_flag_named(argv: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace("-", r"\-")):
         parse_serve_config(argv, {})
+
+
+def test_sidecar_flags_win_over_the_shared_aligner_environment() -> None:
+    env = {"ASR_ALIGNER_MODEL": "/models/aligner", "ASR_ALIGNER_MAX_BATCH_SIZE": "8", "ASR_ALIGNER_DEVICE": "cuda:1"}
+    config = parse_sidecar_config(["--device", "cpu", "--exit-with-parent"], env)
+    assert config.model == "/models/aligner" and config.max_batch_size == 8
+    assert config.device == "cpu" and config.exit_with_parent is True
+    assert config.listen == "unix:///tmp/qwen-asr-aligner.sock" and config.attn_implementation is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        ([], "--model is required"),
+        (["--model", "m", "--max-batch-size", "0"], "--max-batch-size"),
+        (["--model", "m", "--max-batch-wait-ms", "x"], "cannot read 'x'"),
+    ],
+)
+def test_bad_sidecar_values_are_refused_with_the_flag_named(argv: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace("-", r"\-")):
+        parse_sidecar_config(argv, {})

@@ -8,7 +8,6 @@ container, connect mode).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -24,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from asr_server.aligner.batcher import AlignBatcher
 from asr_server.aligner.core import MAX_AUDIO_S, AlignerCore, AlignJob, check_job
+from asr_server.config import SidecarConfig
 from asr_server.errors import AsrError, FailedPrecondition, InvalidInput, LimitExceeded, Unavailable
 from asr_server.languages import ALIGNER_LANGUAGES
 from qwenasr.aligner.v1 import aligner_pb2 as pb
@@ -179,86 +179,50 @@ class AlignerSidecar:
 # ---- the `asr-server aligner` command ----
 
 
-def add_aligner_arguments(parser: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    parser.add_argument("--model", default=env("ASR_ALIGNER_MODEL", ""), help="hub id or directory (-hf or original)")
-    parser.add_argument(
-        "--listen",
-        default=env("ASR_ALIGNER_LISTEN", "unix:///tmp/qwen-asr-aligner.sock"),
-        help="unix:///path (default /tmp/qwen-asr-aligner.sock) or host:port (e.g. 0.0.0.0:50052 for a container)",
-    )
-    parser.add_argument("--dtype", default=env("ASR_ALIGNER_DTYPE", "auto"), help="auto, bfloat16, float16, float32")
-    parser.add_argument("--device", default=env("ASR_ALIGNER_DEVICE", "auto"), help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--attn-implementation", default=env("ASR_ALIGNER_ATTN_IMPLEMENTATION") or None)
-    parser.add_argument("--max-batch-size", type=int, default=int(env("ASR_ALIGNER_MAX_BATCH_SIZE", "32")))
-    parser.add_argument("--max-batch-wait-ms", type=float, default=float(env("ASR_ALIGNER_MAX_BATCH_WAIT_MS", "5")))
-    parser.add_argument("--max-queued-requests", type=int, default=int(env("ASR_ALIGNER_MAX_QUEUED_REQUESTS", "1024")))
-    parser.add_argument(
-        "--exit-with-parent", action="store_true", help="exit when the process that started this one is gone"
-    )
-    # Tests only: a pause before every batch, to catch requests in flight.
-    parser.add_argument("--batch-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
-    # Tests only: a pause before loading, to kill the sidecar during its load.
-    parser.add_argument("--load-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
-
-
-def check_arguments(args: argparse.Namespace) -> str | None:
-    """An error message for bad arguments, else None."""
-    if not args.model:
-        return "--model is required (e.g. Qwen/Qwen3-ForcedAligner-0.6B-hf or a local directory)"
-    if args.max_batch_size < 1:
-        return "--max-batch-size must be >= 1"
-    if args.max_batch_wait_ms < 0:
-        return "--max-batch-wait-ms must be >= 0"
-    if args.max_queued_requests < 1:
-        return "--max-queued-requests must be >= 1"
-    return None
-
-
-def build_sidecar(args: argparse.Namespace) -> AlignerSidecar:
+def build_sidecar(config: SidecarConfig) -> AlignerSidecar:
     def load() -> AlignerCore:
         # Runs on the batcher's thread: the thread that owns the device also loads onto it.
         from asr_server.edge.server import resolve_device
         from asr_server.models.loading import load_aligner_model
 
-        if args.load_delay_s:
-            time.sleep(args.load_delay_s)
+        if config.load_delay_s:
+            time.sleep(config.load_delay_s)
         loaded = load_aligner_model(
-            args.model,
-            dtype=args.dtype,
-            device=resolve_device(args.device),
-            attn_implementation=args.attn_implementation,
+            config.model,
+            dtype=config.dtype,
+            device=resolve_device(config.device),
+            attn_implementation=config.attn_implementation,
         )
         return AlignerCore(loaded)
 
     batcher = AlignBatcher(
         load,
-        max_batch_size=args.max_batch_size,
-        max_batch_wait_ms=args.max_batch_wait_ms,
-        max_queued=args.max_queued_requests,
-        batch_delay_ms=args.batch_delay_ms,
+        max_batch_size=config.max_batch_size,
+        max_batch_wait_ms=config.max_batch_wait_ms,
+        max_queued=config.max_queued_requests,
+        batch_delay_ms=config.batch_delay_ms,
     )
-    return AlignerSidecar(batcher, listen=args.listen, model_id=args.model, max_batch_size=args.max_batch_size)
+    return AlignerSidecar(batcher, listen=config.listen, model_id=config.model, max_batch_size=config.max_batch_size)
 
 
-async def serve_sidecar(args: argparse.Namespace) -> None:
+async def serve_sidecar(config: SidecarConfig) -> None:
     """Runs until SIGTERM/SIGINT (or, with --exit-with-parent, until the parent is gone)."""
-    sidecar = build_sidecar(args)
+    sidecar = build_sidecar(config)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
     watchers: list[asyncio.Task[None]] = []
-    if args.exit_with_parent:
+    if config.exit_with_parent:
         watchers.append(asyncio.create_task(_watch_parent(os.getppid(), stop_requested)))
     await sidecar.start(load=False)
-    print(f"asr-server aligner: listening on {args.listen}; loading {args.model}", flush=True)
+    print(f"asr-server aligner: listening on {config.listen}; loading {config.model}", flush=True)
     load = asyncio.create_task(sidecar.load())
     stop_wait = asyncio.create_task(stop_requested.wait())
     done, _ = await asyncio.wait({load, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
     if load in done:
         load.result()
-        print(f"asr-server aligner: serving {args.model} on {args.listen}", flush=True)
+        print(f"asr-server aligner: serving {config.model} on {config.listen}", flush=True)
         await stop_wait
     await sidecar.stop()
     for task in (load, *watchers):
