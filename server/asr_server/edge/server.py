@@ -168,8 +168,12 @@ def _counted(handler: Any, in_flight: _InFlight) -> Any:
         async def stream_behaviour(request: object, context: grpc.aio.ServicerContext[object, object]) -> Any:
             in_flight.enter()
             try:
-                async for response in inner_stream(request, context):
-                    yield response
+                responses = inner_stream(request, context)
+                if hasattr(responses, "__aiter__"):
+                    async for response in responses:
+                        yield response
+                else:  # a handler that writes with context.write() and returns nothing
+                    await responses
             finally:
                 in_flight.leave()
 
