@@ -21,6 +21,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import numpy.typing as npt
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from asr_server.config import Config
 from asr_server.edge.server import AsrServer
@@ -146,10 +148,33 @@ class OldServerServicer(pb_grpc.AsrServiceServicer):
         return pb.GetServerInfoResponse(api_version="qwenasr.v1", features=pb.ServerFeatures(streaming_recognize=False))
 
 
+class StreamRefusingServicer(pb_grpc.AsrServiceServicer):
+    """Transcribe answers; TranscribeStream ends every call at once with FAILED_PRECONDITION without reading the
+    upload, so a client is still sending its frames when the status arrives (grpc-go's Send then says io.EOF)."""
+
+    MESSAGE = "this test server refuses every TranscribeStream"
+
+    def Transcribe(  # noqa: N802 - gRPC method name
+        self, request: pb.TranscribeRequest, context: grpc.ServicerContext
+    ) -> pb.TranscribeResponse:
+        return pb.TranscribeResponse(transcripts=[pb.Transcript(text="unary works", language="English")])
+
+    def TranscribeStream(  # noqa: N802 - gRPC method name
+        self, request_iterator: Iterator[pb.TranscribeStreamRequest], context: grpc.ServicerContext
+    ) -> pb.TranscribeResponse:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, self.MESSAGE)
+        raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+
 @contextlib.contextmanager
-def fake_live_server(servicer: pb_grpc.AsrServiceServicer) -> Iterator[str]:
+def fake_live_server(servicer: pb_grpc.AsrServiceServicer, *, health: bool = False) -> Iterator[str]:
+    """`servicer` on a threaded grpc server; with `health`, also a Health service that answers SERVING."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     pb_grpc.add_AsrServiceServicer_to_server(servicer, server)
+    if health:
+        health_servicer = grpc_health.HealthServicer()
+        health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
