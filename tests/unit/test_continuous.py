@@ -20,7 +20,7 @@ from asr_server.engine.continuous.bench_mode import ForcedTokensCore, forced_tok
 from asr_server.engine.continuous.core import ContinuousConfig, ContinuousEngine
 from asr_server.engine.continuous.prepare import FastPreparer
 from asr_server.engine.core import EngineOutput
-from asr_server.engine.generate_core import GenerateEngine, prepare_single
+from asr_server.engine.generate_core import GenerateEngine, PreparedInputs, prepare_single
 from asr_server.engine.types import DecodeOptions, DecodeRequest, WorkItem
 from asr_server.errors import LimitExceeded
 from asr_server.models.loading import LoadedAsrModel, load_asr_model
@@ -190,6 +190,31 @@ def test_cancellation_mid_decode_leaves_the_others_exact(loaded: LoadedAsrModel)
     got = _tokens(outputs)
     assert set(got) == {"c0", "c2"}
     assert got["c0"] == expected["c0"] and got["c2"] == expected["c2"]
+    assert len(engine._free_pages) == engine._cache.num_pages - 1
+
+
+def test_a_request_whose_prefill_fails_fails_alone(loaded: LoadedAsrModel) -> None:
+    requests = [_request(f"g{i}", 1.0 + 0.5 * i, 12, seed=300 + i) for i in range(3)]
+    expected = _reference(loaded, [r for r in requests if r.request_id != "g1"])
+    engine = ContinuousEngine(loaded, ContinuousConfig(max_running=4, page_size=16, kv_cache_tokens=4096))
+    preparer = engine._preparer
+
+    def poisoned(request: DecodeRequest) -> PreparedInputs:
+        prepared = preparer(request)
+        if request.request_id != "g1":
+            return prepared
+        # A token id past the vocabulary: the embedding lookup of the whole prefill group raises.
+        ids = prepared.input_ids.clone()
+        ids[0, -1] = 10**9
+        return PreparedInputs(ids, prepared.input_features, prepared.input_features_mask)
+
+    engine._preparer = poisoned  # type: ignore[assignment]
+    for request in requests:
+        engine.add(_item(request))
+    outputs = list(_drain(engine))
+    failed = [o for o in outputs if o.error is not None]
+    assert [o.request_id for o in failed] == ["g1"] and "inference failed" in str(failed[0].error)
+    assert _tokens([o for o in outputs if o.error is None]) == expected
     assert len(engine._free_pages) == engine._cache.num_pages - 1
 
 

@@ -238,15 +238,7 @@ class ContinuousEngine:
         with torch.inference_mode():
             admitted = self._admit(outputs)
             if admitted:
-                try:
-                    self._prefill(admitted)
-                except Exception as exc:  # noqa: BLE001 - these requests fail; the running ones go on
-                    logger.exception("prefill of %d requests failed", len(admitted))
-                    error = RuntimeError(f"inference failed: {type(exc).__name__}: {exc}")
-                    for req in admitted:
-                        self._running.pop(req.request_id, None)
-                        self._release(req)
-                        outputs.append(EngineOutput(req.request_id, error=error))
+                self._prefill_isolating_failures(admitted, outputs)
             launched = False
             if any(owner is not None for owner in self._row_owner):
                 self._launch_decode()
@@ -358,6 +350,34 @@ class ContinuousEngine:
         b.block_table.index_fill_(0, index, 0)
 
     # ---- encoder + prefill ----
+
+    def _prefill_isolating_failures(self, admitted: list[_Request], outputs: list[EngineOutput]) -> None:
+        """Prefills the group; if that fails, each request again on its own, so only the bad one fails.
+
+        _prefill changes no engine state before its last stage, so a failed group leaves nothing to undo: its KV
+        pages are simply written again.
+        """
+        try:
+            self._prefill(admitted)
+            return
+        except Exception as exc:  # noqa: BLE001 - isolated below; the running requests go on
+            if len(admitted) == 1:
+                self._fail_admitted(admitted[0], exc, outputs)
+                return
+            logger.exception("prefill of %d requests failed; prefilling them one by one", len(admitted))
+        for req in admitted:
+            try:
+                self._prefill([req])
+            except Exception as exc:  # noqa: BLE001 - this request fails alone
+                self._fail_admitted(req, exc, outputs)
+
+    def _fail_admitted(self, req: _Request, exc: Exception, outputs: list[EngineOutput]) -> None:
+        logger.error("prefill of %s failed: %s: %s", req.request_id, type(exc).__name__, exc)
+        self._running.pop(req.request_id, None)
+        self._release(req)
+        outputs.append(
+            EngineOutput(req.request_id, error=RuntimeError(f"inference failed: {type(exc).__name__}: {exc}"))
+        )
 
     def _prefill(self, admitted: list[_Request]) -> None:
         prepared = [req.prepared.result() for req in admitted]
