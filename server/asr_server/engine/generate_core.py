@@ -48,6 +48,18 @@ def prepare_single(loaded: LoadedAsrModel, request: DecodeRequest) -> PreparedIn
     return PreparedInputs(input_ids, inputs["input_features"], inputs["input_features_mask"])
 
 
+def parse_transcription(processor: Any, request: DecodeRequest, ids: list[int]) -> tuple[str, str]:
+    """(text, language) of a request's generated ids, as processor.decode parses them; a continuation's prefix is
+    put back in front first, so the parse sees the whole answer."""
+    if request.prefix_text:
+        raw = request.prefix_text + processor.tokenizer.decode(ids, skip_special_tokens=True)
+        parsed = processor.parse_output(raw)
+    else:
+        parsed = processor.decode(ids, return_format="parsed")
+    language = request.options.language or parsed.get("language") or ""
+    return str(parsed.get("transcription") or ""), str(language)
+
+
 def collate(prepared: list[PreparedInputs], pad_token_id: int) -> dict[str, Any]:
     """Left-pads prompts, right-pads features with zeros (exactly what a single run's mel padding holds)."""
     import torch
@@ -184,7 +196,7 @@ class GenerateEngine:
         )
         outputs = []
         for work, ids in zip(batch, rows, strict=True):
-            text, language = self._parse(work.request, ids)
+            text, language = parse_transcription(self._loaded.processor, work.request, ids)
             result = DecodeResult(work.request.request_id, text, language, tuple(ids), work.enqueued_ns, stats)
             outputs.append(EngineOutput(work.request.request_id, result=result))
         return outputs
@@ -207,16 +219,6 @@ class GenerateEngine:
             if token in self._eos_ids:
                 break
         return out
-
-    def _parse(self, request: DecodeRequest, ids: list[int]) -> tuple[str, str]:
-        processor = self._loaded.processor
-        if request.prefix_text:
-            raw = request.prefix_text + processor.tokenizer.decode(ids, skip_special_tokens=True)
-            parsed = processor.parse_output(raw)
-        else:
-            parsed = processor.decode(ids, return_format="parsed")
-        language = request.options.language or parsed.get("language") or ""
-        return str(parsed.get("transcription") or ""), str(language)
 
     def close(self) -> None:
         return None

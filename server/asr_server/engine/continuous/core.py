@@ -32,7 +32,7 @@ from asr_server.engine.continuous.decoder import DecodeBuffers, KvCache, PagedDe
 from asr_server.engine.continuous.encoder import encode
 from asr_server.engine.continuous.prepare import FastPreparer
 from asr_server.engine.core import EngineOutput
-from asr_server.engine.generate_core import PreparedInputs
+from asr_server.engine.generate_core import PreparedInputs, parse_transcription
 from asr_server.engine.types import SAMPLE_RATE_HZ, BatchStats, DecodeOptions, DecodeRequest, DecodeResult, WorkItem
 from asr_server.errors import LimitExceeded
 from asr_server.models.loading import LoadedAsrModel
@@ -531,7 +531,7 @@ class ContinuousEngine:
     def _result(self, req: _Request, batch_size: int, end_ns: int) -> EngineOutput:
         request = req.item.request
         try:
-            text, language = self._parse(request, req.tokens)
+            text, language = parse_transcription(self._loaded.processor, request, req.tokens)
         except Exception as exc:  # noqa: BLE001 - a decoding failure is this request's alone
             return EngineOutput(req.request_id, error=RuntimeError(f"decoding the output failed: {exc}"))
         stats = BatchStats(
@@ -543,16 +543,6 @@ class ContinuousEngine:
         )
         result = DecodeResult(req.request_id, text, language, tuple(req.tokens), req.item.enqueued_ns, stats)
         return EngineOutput(req.request_id, result=result)
-
-    def _parse(self, request: DecodeRequest, ids: list[int]) -> tuple[str, str]:
-        processor = self._loaded.processor
-        if request.prefix_text:
-            raw = request.prefix_text + processor.tokenizer.decode(ids, skip_special_tokens=True)
-            parsed = processor.parse_output(raw)
-        else:
-            parsed = processor.decode(ids, return_format="parsed")
-        language = request.options.language or parsed.get("language") or ""
-        return str(parsed.get("transcription") or ""), str(language)
 
     # ---- CUDA graphs ----
 
