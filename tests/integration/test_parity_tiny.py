@@ -110,6 +110,8 @@ async def test_sixteen_concurrent_requests_of_different_lengths_batch_and_match_
     assert max(engines[0].batch_sizes) >= 8, engines[0].batch_sizes
     for i, (response, want) in enumerate(zip(responses, expected, strict=True)):
         assert response.transcripts[0].text == want["transcription"], f"clip {i} ({lengths_s[i]} s)"
+        # A forced language is echoed; a detected one is what the reference parsed from the same tokens.
+        assert response.transcripts[0].language == (options[i][0] or want["language"] or ""), f"clip {i}"
 
 
 async def test_the_original_layout_serves_the_same_transcripts_as_hf(
