@@ -16,7 +16,7 @@ import soundfile as sf
 import soxr
 
 from asr_server.audio.chunking import plan_chunks
-from asr_server.audio.g711 import mulaw_encode
+from asr_server.audio.g711 import alaw_encode, mulaw_encode
 from asr_server.engine.fake import fake_transcript
 from asr_server.engine.generate_core import GenerateEngine
 from asr_server.engine.types import DecodeOptions, DecodeRequest
@@ -25,6 +25,7 @@ from asr_server.models.tiny_checkpoint import TinyCheckpoints
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 from tests.helpers import fake_config, running_server, wav_bytes, with_limits
+from tests.speech import espeak_available, synthesize
 
 MAX_NEW_TOKENS = 16
 
@@ -60,6 +61,15 @@ def mulaw_reference(codes: np.ndarray) -> np.ndarray:
     return np.where(sign != 0, -magnitude, magnitude) / 32768.0
 
 
+def alaw_reference(codes: np.ndarray) -> np.ndarray:
+    """ITU-T G.711 A-law expansion (as in Sun's g711.c), written out independently of the server's table."""
+    a = codes.astype(np.int32) ^ 0x55
+    segment = (a >> 4) & 0x07
+    t = (a & 0x0F) << 4
+    magnitude = np.where(segment == 0, t + 8, (t + 0x108) << np.maximum(segment - 1, 0))
+    return np.where(a & 0x80, magnitude, -magnitude) / 32768.0
+
+
 def reference_16k(frames: np.ndarray, rate_hz: int) -> np.ndarray:
     mono = frames.mean(axis=1)
     if rate_hz == 16000:
@@ -75,13 +85,18 @@ def encode(frames: np.ndarray, encoding: str) -> tuple[bytes, np.ndarray]:
     if encoding == "FLOAT32":
         data = frames.astype("<f4")
         return data.tobytes(), data.astype(np.float64)
-    codes = mulaw_encode(np.clip(np.round(frames * 32767), -32768, 32767).astype(np.int16))
+    pcm16 = np.clip(np.round(frames * 32767), -32768, 32767).astype(np.int16)
+    if encoding == "ALAW":
+        codes = alaw_encode(pcm16)
+        return codes.tobytes(), alaw_reference(codes)
+    codes = mulaw_encode(pcm16)
     return codes.tobytes(), mulaw_reference(codes)
 
 
 CASES = [
     ("LINEAR16", 8000, 1), ("LINEAR16", 16000, 1), ("LINEAR16", 44100, 2), ("LINEAR16", 48000, 2),
     ("FLOAT32", 16000, 1), ("FLOAT32", 48000, 1), ("MULAW", 8000, 1), ("MULAW", 8000, 2),
+    ("ALAW", 8000, 1), ("ALAW", 8000, 2),
 ]
 
 
@@ -101,6 +116,16 @@ async def test_each_encoding_and_rate_gives_the_reference_transcript(tiny_asr: L
         pcm = np.clip(np.round(frames * 32767), -32768, 32767) / 32768.0
         requests.append(pb.TranscribeRequest(config=pb.RecognitionConfig(max_new_tokens=MAX_NEW_TOKENS), audio=buffer.getvalue()))
         expected.append(reference_text(tiny_asr, reference_16k(pcm, rate_hz)))
+    # Lossy files: the reference is the samples libsndfile decodes them to, converted as above.
+    for rate_hz, channels, fmt_name, subtype in (
+        (44100, 2, "OGG", "VORBIS"), (48000, 1, "OGG", "OPUS"), (44100, 2, "MP3", "MPEG_LAYER_III"),
+    ):
+        buffer = io.BytesIO()
+        sf.write(buffer, signal(rate_hz, channels), rate_hz, format=fmt_name, subtype=subtype)
+        decoded_frames, decoded_rate = sf.read(io.BytesIO(buffer.getvalue()), dtype="float64", always_2d=True)
+        assert decoded_rate == rate_hz
+        requests.append(pb.TranscribeRequest(config=pb.RecognitionConfig(max_new_tokens=MAX_NEW_TOKENS), audio=buffer.getvalue()))
+        expected.append(reference_text(tiny_asr, reference_16k(decoded_frames, rate_hz)))
     async with running_server(fake_config(kind="transformers", max_inference_batch_size=16),
                               core_factory=lambda: GenerateEngine(tiny_asr, max_batch_size=16)) as (_, channel):
         stub = pb_grpc.AsrServiceStub(channel)
@@ -108,6 +133,32 @@ async def test_each_encoding_and_rate_gives_the_reference_transcript(tiny_asr: L
     got = [r.transcripts[0].text for r in responses]
     assert got == expected
     assert len(set(expected)) > 3  # different audio, different gibberish: the comparison has teeth
+
+
+@pytest.mark.skipif(not espeak_available(), reason="espeak-ng is installed by scripts/system-deps.sh")
+async def test_real_speech_as_a_file_and_as_each_telephony_encoding_gives_the_reference_transcript(
+    tiny_asr: LoadedAsrModel,
+) -> None:
+    speech, rate_hz = synthesize("Your call is important to us. Please hold while we connect you.")
+    frames = (0.9 * speech / np.abs(speech).max())[:, None].astype(np.float64)
+    phone = soxr.resample(frames, rate_hz, 8000, quality="HQ")  # what a phone line carries
+    cases: list[tuple[pb.TranscribeRequest, np.ndarray]] = []
+    file = io.BytesIO()
+    sf.write(file, frames, rate_hz, format="WAV", subtype="PCM_16")
+    pcm = np.clip(np.round(frames * 32767), -32768, 32767) / 32768.0
+    cases.append((pb.TranscribeRequest(config=pb.RecognitionConfig(max_new_tokens=MAX_NEW_TOKENS), audio=file.getvalue()),
+                  reference_16k(pcm, rate_hz)))
+    for encoding in ("LINEAR16", "MULAW", "ALAW"):
+        data, decoded = encode(phone, encoding)
+        fmt = pb.AudioFormat(encoding=pb.AudioEncoding.Value(f"AUDIO_ENCODING_{encoding}"), sample_rate_hz=8000, channel_count=1)
+        cases.append((pb.TranscribeRequest(config=pb.RecognitionConfig(audio_format=fmt, max_new_tokens=MAX_NEW_TOKENS), audio=data),
+                      reference_16k(decoded, 8000)))
+    expected = [reference_text(tiny_asr, audio) for _, audio in cases]
+    async with running_server(fake_config(kind="transformers"), core_factory=lambda: GenerateEngine(tiny_asr, max_batch_size=4)) as (_, channel):
+        stub = pb_grpc.AsrServiceStub(channel)
+        responses = await asyncio.gather(*(stub.Transcribe(request) for request, _ in cases))
+    assert [r.transcripts[0].text for r in responses] == expected
+    assert all(r.audio_duration_ms == pytest.approx(1000 * len(speech) / rate_hz, abs=2) for r in responses)
 
 
 async def test_stereo_8k_mulaw_call_in_20ms_frames_gives_one_result_per_channel(tiny_asr: LoadedAsrModel) -> None:
