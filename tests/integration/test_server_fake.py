@@ -133,6 +133,10 @@ LINEAR16 = pb.AudioFormat(encoding=pb.AUDIO_ENCODING_LINEAR16, sample_rate_hz=16
         ("over size limit", lambda s: s.Transcribe(pb.TranscribeRequest(
             config=pb.RecognitionConfig(audio_format=LINEAR16), audio=b"\0" * 300_000)),
          grpc.StatusCode.RESOURCE_EXHAUSTED, "200000"),
+        ("over stream limit", lambda s: single_stream(s, [
+            pb.TranscribeStreamRequest(config=pb.RecognitionConfig(audio_format=LINEAR16)),
+            *[pb.TranscribeStreamRequest(audio=b"\0" * 100_000) for _ in range(5)],
+        ]), grpc.StatusCode.RESOURCE_EXHAUSTED, "400000"),
         ("unknown encoding", lambda s: s.Transcribe(pb.TranscribeRequest(
             config=pb.RecognitionConfig(audio_format=pb.AudioFormat(encoding=99, sample_rate_hz=16000, channel_count=1)),
             audio=b"\0\0" * 100)), grpc.StatusCode.INVALID_ARGUMENT, "AUDIO_ENCODING_LINEAR16"),
