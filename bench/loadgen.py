@@ -9,7 +9,8 @@ start the server with --bench-forced-tokens-per-audio-s 4 so each clip generates
 
 Prints audio-seconds per second (all audio sent over the wall time from the first request to the last
 response), RTF (latency / audio length, mean), end-to-end latency p50/p90/p99, the server's own queue-wait and
-inference times (ServerTiming, p50), time to first result (bidi), and the GPU memory in use (nvidia-smi peak).
+inference times (ServerTiming, p50), the server's time to first token (ServerTiming.first_token_ms, p50/p99; the
+continuous engine reports it), time to first result (bidi), and the GPU memory in use (nvidia-smi peak).
 With --json PATH, writes every number and each request's latency there.
 """
 
@@ -39,6 +40,8 @@ class Sample:
     queue_ms: float = 0.0
     inference_ms: float = 0.0
     first_result_s: float | None = None
+    # ServerTiming.first_token_ms: engine hand-over to the first generated token (unary and stream modes).
+    first_token_ms: float | None = None
     error: str = ""
 
 
@@ -56,6 +59,7 @@ class Report:
     server_queue_ms_p50: float
     server_inference_ms_p50: float
     first_result_ms: dict[str, float]
+    server_first_token_ms: dict[str, float]
     gpu_memory_mib_peak: int | None
     samples: list[dict[str, Any]] = field(default_factory=list)
 
@@ -156,6 +160,8 @@ async def run(args: argparse.Namespace) -> Report:
             if timing is not None:
                 sample.queue_ms = float(timing.queue_wait_ms)
                 sample.inference_ms = float(timing.inference_ms)
+                if timing.first_token_ms:  # 0: the engine does not report it
+                    sample.first_token_ms = float(timing.first_token_ms)
             return sample
         except grpc.aio.AioRpcError as exc:
             return Sample(time.perf_counter() - start, args.audio_s, error=f"{exc.code().name}: {exc.details()}")
@@ -189,6 +195,7 @@ async def run(args: argparse.Namespace) -> Report:
     ok = [s for s in samples if not s.error]
     latencies = [s.latency_s * 1000 for s in ok]
     firsts = [s.first_result_s * 1000 for s in ok if s.first_result_s is not None]
+    first_tokens = [s.first_token_ms for s in ok if s.first_token_ms is not None]
     return Report(
         mode=args.mode,
         concurrency=args.concurrency,
@@ -206,6 +213,7 @@ async def run(args: argparse.Namespace) -> Report:
         server_queue_ms_p50=percentile([s.queue_ms for s in ok], 50),
         server_inference_ms_p50=percentile([s.inference_ms for s in ok], 50),
         first_result_ms={"p50": percentile(firsts, 50), "p99": percentile(firsts, 99)},
+        server_first_token_ms={"p50": percentile(first_tokens, 50), "p99": percentile(first_tokens, 99)},
         gpu_memory_mib_peak=gpu.peak,
         samples=[asdict(s) for s in samples],
     )
@@ -215,6 +223,9 @@ def summary(report: Report, label: str) -> str:
     lat = report.latency_ms
     errors = f" ERRORS={report.errors}" if report.errors else ""
     first = f" first_result_p50={report.first_result_ms['p50']:.0f}ms" if report.mode == "bidi" else ""
+    ttft = report.server_first_token_ms
+    if ttft["p50"] == ttft["p50"]:  # not NaN: the engine reports it
+        first += f" srv first token p50/p99 {ttft['p50']:.0f}/{ttft['p99']:.0f} ms"
     return (
         f"{label:<28} {report.mode:<6} c={report.concurrency:<4} {report.audio_s:>5.0f}s x{report.requests:<4} "
         f"{report.audio_s_per_s:8.1f} audio-s/s  RTF {report.rtf_mean:.4f}  "

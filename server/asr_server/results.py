@@ -55,6 +55,8 @@ class Timing:
     queue_wait_ms: float = 0.0
     inference_ms: float = 0.0
     alignment_ms: float = 0.0
+    # From the audio's hand-over to the engine to its first generated token (earliest chunk); None: not reported.
+    first_token_ms: float | None = None
 
 
 @dataclass(frozen=True)

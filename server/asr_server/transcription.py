@@ -136,6 +136,7 @@ class Transcriber:
 
     async def transcribe(self, audio: DecodedAudio, options: TranscribeOptions) -> TranscriptionResult:
         started = time.perf_counter()
+        started_ns = time.time_ns()
         if options.return_word_timestamps and self._aligner is None:
             raise FailedPrecondition(
                 "return_word_timestamps needs the forced aligner, and this server runs without one; "
@@ -158,18 +159,21 @@ class Transcriber:
         transcripts = tuple(o[0] for o in outcomes)
         # Channels' chunks share batches too: count each batch's time once over the whole request.
         batch_ms = {start_ns: ms for o in outcomes for start_ns, ms in o[2].items()}
+        first_token_ns = [o[4] for o in outcomes if o[4] > 0]
         timing = Timing(
             total_ms=(time.perf_counter() - started) * 1000,
             queue_wait_ms=max((o[1] for o in outcomes), default=0.0),
             inference_ms=sum(batch_ms.values()),
             alignment_ms=sum(o[3] for o in outcomes),
+            first_token_ms=max(0.0, (min(first_token_ns) - started_ns) / 1e6) if first_token_ns else None,
         )
         return TranscriptionResult(transcripts, audio.duration_ms, self._engine.model_id, timing)
 
     async def _transcribe_channel(
         self, channel_index: int, samples: npt.NDArray[np.float32], options: TranscribeOptions, max_chunk_s: float
-    ) -> tuple[ChannelTranscript, float, dict[int, float], float]:
-        """The channel's transcript, its longest queue wait, its batches' times by batch start, its alignment time."""
+    ) -> tuple[ChannelTranscript, float, dict[int, float], float, int]:
+        """The channel's transcript, its longest queue wait, its batches' times by batch start, its alignment time,
+        and when its first token was generated (0: not reported)."""
         spans = plan_chunks(samples, max_chunk_s=max_chunk_s)
         async with asyncio.TaskGroup() as group:
             tasks = [
@@ -205,7 +209,8 @@ class Transcriber:
             )
         transcript = merge_segments(channel_index, segments, options.return_word_timestamps)
         batch_ms = {r.batch.start_ns: r.inference_ms for r in results}
-        return transcript, max((r.queue_wait_ms for r in results), default=0.0), batch_ms, alignment_ms
+        first_token_ns = min((r.first_token_ns for r in results if r.first_token_ns > 0), default=0)
+        return transcript, max((r.queue_wait_ms for r in results), default=0.0), batch_ms, alignment_ms, first_token_ns
 
 
 def merge_segments(channel_index: int, segments: Sequence[Segment], timestamps_requested: bool) -> ChannelTranscript:

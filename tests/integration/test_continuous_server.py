@@ -79,6 +79,9 @@ async def test_concurrent_callers_on_two_replicas_get_the_reference_text(
         steps = [runner._core.steps for runner in server.engine.runners]  # type: ignore[union-attr]
     got = [r.transcripts[0].text for r in responses]
     assert got == expected
+    # The continuous engine reports its first token, before the response is complete.
+    for r in responses:
+        assert 1 <= r.timing.first_token_ms <= r.timing.total_ms
     # Both replicas decoded something beyond their warm-up.
     assert all(s > 5 for s in steps), steps
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from asr_server.audio.decode import DecodedAudio
@@ -35,3 +37,35 @@ async def test_a_batch_shared_by_two_channels_counts_once_in_inference_ms() -> N
     assert len(result.transcripts) == 2
     assert result.timing.inference_ms == 250.0
     assert result.timing.queue_wait_ms == 10.0
+
+
+class StaggeredFirstTokens:
+    """Reports a first token 80 ms after its first piece is submitted and 30 ms after its second."""
+
+    model_id = "staggered"
+
+    def __init__(self, report: bool) -> None:
+        self.calls = 0
+        self.report = report
+
+    async def decode(self, request: DecodeRequest) -> DecodeResult:
+        delay_ms = (80, 30)[self.calls % 2]
+        self.calls += 1
+        first_token_ns = time.time_ns() + delay_ms * 1_000_000 if self.report else 0
+        return DecodeResult(request.request_id, "hello", "English", (1,), _BATCH.start_ns, _BATCH, first_token_ns)
+
+
+async def test_first_token_ms_is_the_earliest_over_channels_and_unset_when_the_engine_does_not_report_it() -> None:
+    channel = np.full(16_000, 0.1, dtype=np.float32)
+    audio = DecodedAudio(
+        channels=(channel, channel.copy()),
+        source_sample_rate_hz=16_000,
+        source_channel_count=2,
+        source_frame_count=16_000,
+    )
+    options = TranscribeOptions(language=None, context="", max_new_tokens=16, channel_mode=ChannelMode.SEPARATE)
+    limits = TranscriberLimits(max_chunk_s=30, max_chunk_with_timestamps_s=30)
+    result = await Transcriber(StaggeredFirstTokens(report=True), None, limits).transcribe(audio, options)
+    assert result.timing.first_token_ms is not None and 30.0 <= result.timing.first_token_ms < 75.0
+    silent = await Transcriber(StaggeredFirstTokens(report=False), None, limits).transcribe(audio, options)
+    assert silent.timing.first_token_ms is None

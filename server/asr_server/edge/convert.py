@@ -129,6 +129,7 @@ def result_to_pb(result: TranscriptionResult, *, total_ms: float, audio_decode_m
             queue_wait_ms=_clamp_u32(timing.queue_wait_ms),
             inference_ms=_clamp_u32(timing.inference_ms),
             alignment_ms=_clamp_u32(timing.alignment_ms),
+            first_token_ms=0 if timing.first_token_ms is None else max(1, _clamp_u32(timing.first_token_ms)),
         ),
     )
 

@@ -107,7 +107,8 @@ class FakeEngine:
         outputs = []
         for work, (text, ids) in zip(batch, transcripts, strict=True):
             language = work.request.options.language or ("English" if text else "")
-            result = DecodeResult(work.request.request_id, text, language, ids, work.enqueued_ns, stats)
+            # Like a streaming engine, it reports when its tokens appeared: all at once, at the end of the batch.
+            result = DecodeResult(work.request.request_id, text, language, ids, work.enqueued_ns, stats, stats.end_ns)
             outputs.append(EngineOutput(work.request.request_id, result=result))
         return outputs
 

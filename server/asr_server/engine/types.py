@@ -57,6 +57,9 @@ class DecodeResult:
     token_ids: tuple[int, ...]
     enqueued_ns: int
     batch: BatchStats
+    # When the engine's host side first saw a generated token of this request (time.time_ns); 0 when the engine
+    # does not report it (padded generate returns all tokens at once).
+    first_token_ns: int = 0
 
     @property
     def queue_wait_ms(self) -> float:

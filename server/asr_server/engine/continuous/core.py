@@ -81,6 +81,7 @@ class _Request:
     tokens: list[int] = field(default_factory=list)
     finished: bool = False
     start_ns: int = 0
+    first_token_ns: int = 0
 
     @property
     def request_id(self) -> str:
@@ -515,7 +516,8 @@ class ContinuousEngine:
                 continue
             token = int(values[index])
             if not req.tokens:
-                self.ttft_ms.append((time.time_ns() - req.item.enqueued_ns) / 1e6)
+                req.first_token_ns = time.time_ns()
+                self.ttft_ms.append((req.first_token_ns - req.item.enqueued_ns) / 1e6)
             req.tokens.append(token)
             if len(req.tokens) >= req.budget or (not req.suppress_eos and token in self._eos_ids):
                 done.append(req)
@@ -541,7 +543,9 @@ class ContinuousEngine:
             start_ns=req.start_ns,
             end_ns=end_ns,
         )
-        result = DecodeResult(req.request_id, text, language, tuple(req.tokens), req.item.enqueued_ns, stats)
+        result = DecodeResult(
+            req.request_id, text, language, tuple(req.tokens), req.item.enqueued_ns, stats, req.first_token_ns
+        )
         return EngineOutput(req.request_id, result=result)
 
     # ---- CUDA graphs ----
