@@ -14,6 +14,16 @@ from asr_server.transcription import TranscribeOptions, Transcriber, Transcriber
 _BATCH = BatchStats(batch_size=2, audio_s=2.0, generated_tokens=4, start_ns=1_000_000_000, end_ns=1_250_000_000)
 
 
+def _stereo_second() -> DecodedAudio:
+    channel = np.full(16_000, 0.1, dtype=np.float32)
+    return DecodedAudio(
+        channels=(channel, channel.copy()),
+        source_sample_rate_hz=16_000,
+        source_channel_count=2,
+        source_frame_count=16_000,
+    )
+
+
 class OneBatchEngine:
     """Answers every piece as if all of them had shared one 250 ms batch."""
 
@@ -24,13 +34,7 @@ class OneBatchEngine:
 
 
 async def test_a_batch_shared_by_two_channels_counts_once_in_inference_ms() -> None:
-    channel = np.full(16_000, 0.1, dtype=np.float32)
-    audio = DecodedAudio(
-        channels=(channel, channel.copy()),
-        source_sample_rate_hz=16_000,
-        source_channel_count=2,
-        source_frame_count=16_000,
-    )
+    audio = _stereo_second()
     transcriber = Transcriber(OneBatchEngine(), None, TranscriberLimits(max_chunk_s=30, max_chunk_with_timestamps_s=30))
     options = TranscribeOptions(language=None, context="", max_new_tokens=16, channel_mode=ChannelMode.SEPARATE)
     result = await transcriber.transcribe(audio, options)
@@ -56,13 +60,7 @@ class StaggeredFirstTokens:
 
 
 async def test_first_token_ms_is_the_earliest_over_channels_and_unset_when_the_engine_does_not_report_it() -> None:
-    channel = np.full(16_000, 0.1, dtype=np.float32)
-    audio = DecodedAudio(
-        channels=(channel, channel.copy()),
-        source_sample_rate_hz=16_000,
-        source_channel_count=2,
-        source_frame_count=16_000,
-    )
+    audio = _stereo_second()
     options = TranscribeOptions(language=None, context="", max_new_tokens=16, channel_mode=ChannelMode.SEPARATE)
     limits = TranscriberLimits(max_chunk_s=30, max_chunk_with_timestamps_s=30)
     result = await Transcriber(StaggeredFirstTokens(report=True), None, limits).transcribe(audio, options)
