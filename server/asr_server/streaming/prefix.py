@@ -49,8 +49,15 @@ def load_hf_token_decoder(model: str) -> HfTokenDecoder:
 
 
 def rollback(ids: Sequence[int], drop: int, decoder: TokenDecoder) -> tuple[tuple[int, ...], str]:
-    """`ids` less its last `drop` tokens (and more while the text would end in a split character)."""
-    keep = len(ids) - drop
+    """`ids` less its last `drop` tokens (and more while the text would end in a split character).
+
+    Trailing tokens that decode to nothing (the EOS the engines keep in `token_ids`) are not counted: the
+    reference re-encodes the decoded text, so its `drop` tokens are all text.
+    """
+    end = len(ids)
+    while end > 0 and not decoder.decode(ids[end - 1 : end]):
+        end -= 1
+    keep = end - drop
     while keep > 0:
         text = decoder.decode(ids[:keep])
         if not text.endswith(REPLACEMENT_CHAR):

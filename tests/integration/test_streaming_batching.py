@@ -1,0 +1,104 @@
+"""Cross-stream batching: every stream's decodes and every unary call's chunks go through the one shared engine,
+and batch with each other (real gRPC, real Silero VAD, the fake engine with a per-batch delay so work piles up).
+
+Attribution: request ids are fresh uuid4s (`Transcriber.decode_piece`) for unary chunks and stream decodes alike,
+so they do not tell who sent a request. Each caller instead sets its own `RecognitionConfig.context`, which reaches
+the engine unchanged as `DecodeRequest.options.context`; the fake engine's `on_step` hook records, per batch, the
+context of every request in it. The fake engine ignores the context, so tagging does not change how work batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from asr_server.engine.fake import FakeEngine, fake_transcript
+from asr_server.engine.types import DecodeOptions, DecodeRequest
+from qwenasr.v1 import asr_pb2 as pb
+from qwenasr.v1 import asr_pb2_grpc as pb_grpc
+from tests.helpers import fake_config, running_server, tone, wav_bytes
+from tests.speech import espeak_available, synthesize_sentences
+from tests.streaming_helpers import pcm16, run_stream, stream_config
+
+pytestmark = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")
+
+SENTENCES = ["Hello there, how are you today?", "The quick brown fox jumps over the lazy dog."]
+STREAMS = 3
+UNARY_LOOPS = 2
+
+
+def unary_text(samples: np.ndarray) -> str:
+    # The fake engine's words for what the server decodes from wav_bytes(samples) (one chunk).
+    decoded = (np.clip(np.round(samples * 32767), -32768, 32767).astype(np.int16) / 32768.0).astype(np.float32)
+    return fake_transcript(DecodeRequest("x", decoded, DecodeOptions(None, "", 4096)))[0]
+
+
+async def test_stream_decodes_batch_with_other_streams_and_with_unary_calls() -> None:
+    batches: list[list[str]] = []  # per engine batch, the context tag of each request in it
+
+    def on_step(requests: list[DecodeRequest]) -> None:
+        batches.append([r.options.context for r in requests])
+
+    def factory() -> FakeEngine:
+        return FakeEngine(max_batch_size=16, batch_delay_ms=60, on_step=on_step)
+
+    audio, spans = synthesize_sentences(SENTENCES, silence_s=1.0)
+    data = pcm16(audio)
+    async with running_server(fake_config(max_inference_batch_size=16), core_factory=factory) as (_, channel):
+        stub = pb_grpc.AsrServiceStub(channel)
+        streams_done = asyncio.Event()
+
+        async def unary_loop(loop_index: int) -> list[tuple[str, np.ndarray, pb.TranscribeResponse]]:
+            calls = []
+            call = 0
+            while not streams_done.is_set():
+                tag = f"unary-{loop_index}-{call}"
+                samples = tone(1.0, seed=100 * loop_index + call)
+                response = await stub.Transcribe(
+                    pb.TranscribeRequest(config=pb.RecognitionConfig(context=tag), audio=wav_bytes(samples))
+                )
+                calls.append((tag, samples, response))
+                call += 1
+            return calls
+
+        unary_tasks = [asyncio.create_task(unary_loop(k)) for k in range(UNARY_LOOPS)]
+        try:
+            received = await asyncio.gather(
+                *(
+                    run_stream(
+                        stub,
+                        stream_config(interim=True, interval_ms=200, context=f"stream-{i}"),
+                        data,
+                        piece_ms=20,
+                        realtime=4.0,
+                    )
+                    for i in range(STREAMS)
+                )
+            )
+        finally:
+            streams_done.set()
+        unary_calls = [c for calls in await asyncio.gather(*unary_tasks) for c in calls]
+
+    # Every caller got its own answers.
+    for stream in received:
+        assert len(stream.finals) == len(SENTENCES)
+        assert stream.interims
+    for _, samples, response in unary_calls:
+        assert response.transcripts[0].text == unary_text(samples)
+
+    # Every request in every batch is attributed to exactly one known caller.
+    stream_tags = {f"stream-{i}" for i in range(STREAMS)}
+    unary_tags = {tag for tag, _, _ in unary_calls}
+    seen = [tag for batch in batches for tag in batch]
+    assert set(seen) <= stream_tags | unary_tags, set(seen) - stream_tags - unary_tags
+    assert sorted(t for t in seen if t in unary_tags) == sorted(unary_tags)  # one chunk per unary call
+    for i, stream in enumerate(received):
+        # Each final and each interim the client saw was one decode (interims of a closed utterance are dropped).
+        assert seen.count(f"stream-{i}") >= len(stream.finals) + len(stream.interims)
+
+    streams_per_batch = [len(set(batch) & stream_tags) for batch in batches]
+    assert max(streams_per_batch) >= 2, batches
+    mixed = [batch for batch in batches if set(batch) & stream_tags and set(batch) & unary_tags]
+    assert mixed, batches
