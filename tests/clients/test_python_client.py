@@ -8,6 +8,9 @@ import functools
 import http.server
 import json
 import re
+import shutil
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -103,6 +106,33 @@ def http_url() -> Iterator[str]:
     server.shutdown()
 
 
+@pytest.fixture(scope="module")
+def https_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """The same WAV over loopback TLS with a self-signed certificate for 127.0.0.1 made here by `openssl`;
+    yields the URL and the certificate (PEM)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    if made.returncode != 0:
+        pytest.skip(f"openssl could not make a self-signed certificate: {made.stderr.strip()[-300:]}")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    handler = functools.partial(_WavHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_address[1]}/speech.wav", cert
+    server.shutdown()
+
+
 class _WavHandler(http.server.SimpleHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         self.send_response(200)
@@ -134,6 +164,19 @@ def test_every_audio_form_gives_the_same_transcript(client: AsrClient, tmp_path:
         (result,) = client.transcribe(audio)
         assert (result.text, result.language, result.duration) == (TEXT, "English", 2.5), name
         assert result.time_stamps is None
+
+
+def test_an_https_url_is_fetched_over_tls_once_its_certificate_is_trusted(
+    client: AsrClient, https_url: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, cert = https_url
+    with pytest.raises(ValueError, match=r"cannot fetch audio from https://127\.0\.0\.1:\d+/speech\.wav: .*CERTIFICATE_VERIFY_FAILED"):
+        client.transcribe(url)
+    # The client takes no CA or SSL context for fetching URLs: it uses Python's default HTTPS context, which
+    # trusts the certificates that OpenSSL's SSL_CERT_FILE names.
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    (result,) = client.transcribe(url)
+    assert (result.text, result.language, result.duration) == (TEXT, "English", 2.5)
 
 
 def test_a_list_is_sent_concurrently_and_answered_in_order(client: AsrClient, engines: Engines) -> None:

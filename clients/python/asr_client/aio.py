@@ -40,6 +40,14 @@ from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 
 __all__ = ["AsyncAsrClient"]
 
+# How a server refuses a stream at its start, before any audio: these do not depend on the audio sent.
+_CONFIG_REFUSALS = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+)
+
 
 class AsyncAsrClient:
     """An asyncio connection to a Qwen3-ASR server; create it inside the event loop that uses it.
@@ -165,7 +173,8 @@ class AsyncAsrClient:
         except grpc.RpcError as exc:
             if failure:
                 raise failure[0] from exc
-            raise await self._stream_error(error_from_rpc("StreamingRecognize", exc, timeout_s=timeout_s)) from exc
+            error = error_from_rpc("StreamingRecognize", exc, timeout_s=timeout_s)
+            raise await self._stream_error(error, first) from exc
         finally:
             call.cancel()
         if failure:
@@ -202,10 +211,11 @@ class AsyncAsrClient:
             raise error_from_rpc("GetServerInfo", exc, timeout_s=self._timeout_s) from exc
         return response
 
-    async def _stream_error(self, error: AsrError) -> AsrError:
+    async def _stream_error(self, error: AsrError, first: pb.StreamingRecognizeRequest) -> AsrError:
         """grpc.aio reports INTERNAL "Internal error from Core" instead of the server's status when the server
         ends a stream while the client is still sending (grpc/grpc#36066), as a server without StreamingRecognize
-        does at once. GetServerInfo tells that case apart."""
+        does at once, and as one refusing the config (an unknown language) does. GetServerInfo tells the first
+        case apart; the config sent alone gets the server's verdict on it in the second."""
         if error.code != grpc.StatusCode.INTERNAL or "Internal error from Core" not in error.details:
             return error
         try:
@@ -213,12 +223,26 @@ class AsyncAsrClient:
         except AsrError:
             return error
         if serves_streaming:
-            return error
+            return await self._config_error(first) or error
         return UnimplementedError(
             "StreamingRecognize",
             grpc.StatusCode.UNIMPLEMENTED,
             "this server does not serve StreamingRecognize (GetServerInfo: features.streaming_recognize is false)",
         )
+
+    async def _config_error(self, first: pb.StreamingRecognizeRequest) -> AsrError | None:
+        """The server's refusal of this stream config sent without audio (then half-closed), or None."""
+        call = self._stub.StreamingRecognize(iter([first]), timeout=10.0, metadata=self._metadata)
+        try:
+            async for _ in call:
+                pass
+        except grpc.RpcError as exc:
+            verdict = error_from_rpc("StreamingRecognize", exc)
+            if verdict.code in _CONFIG_REFUSALS:
+                return verdict
+        finally:
+            call.cancel()
+        return None
 
     async def _transcribe_one(self, job: Job) -> pb.TranscribeResponse:
         try:
