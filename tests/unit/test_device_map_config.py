@@ -1,0 +1,91 @@
+"""`--device-map` in the config and what engine core it resolves to (engine/continuous/factory.py, edge/server.py).
+
+The factory: the continuous engine (the default) only when no device_map is given, since its paged decoder wants
+every layer on one device; with one, the generate engine (padded batches), with a warning; `--engine transformers`
+is the generate engine either way. `--devices` still makes one replica per device, each loaded by the device_map.
+
+The cores are built from the tiny original-layout checkpoint, which takes a device_map without `accelerate` (the -hf
+layout needs it; see tests/integration/test_device_map.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from asr_server.config import Config, parse_serve_config
+from asr_server.edge.server import AsrServer
+from asr_server.engine.continuous.core import ContinuousEngine
+from asr_server.engine.continuous.replicas import ReplicatedRunner
+from asr_server.engine.core import EngineCore
+from asr_server.engine.generate_core import GenerateEngine
+from asr_server.engine.runner import EngineRunner
+from asr_server.models.tiny_checkpoint import TinyCheckpoints
+
+FALLBACK_WARNING = "--device-map given: using the generate engine"
+
+
+def _config(model: str, *flags: str) -> Config:
+    return parse_serve_config(
+        ["--model", model, "--dtype", "float32", "--kv-cache-tokens", "4096", "--port", "0", *flags], {}
+    )
+
+
+@contextlib.contextmanager
+def _cores(server: AsrServer) -> Iterator[list[EngineCore]]:
+    """Each replica's core, built by its runner's factory here instead of on an engine thread, closed after."""
+    runners = server.engine.runners if isinstance(server.engine, ReplicatedRunner) else [server.engine]
+    cores = [runner._core_factory() for runner in runners]
+    try:
+        yield cores
+    finally:
+        for core in cores:
+            core.close()
+
+
+def test_the_flag_and_its_environment_variable_are_read_as_given() -> None:
+    assert parse_serve_config([], {}).model.device_map is None
+    config = parse_serve_config(["--device-map", "auto", "--engine", "continuous"], {})
+    assert (config.model.device_map, config.engine.kind) == ("auto", "continuous")
+    assert parse_serve_config([], {"ASR_DEVICE_MAP": "cpu"}).model.device_map == "cpu"
+    assert parse_serve_config(["--device-map", "auto"], {"ASR_DEVICE_MAP": "cpu"}).model.device_map == "auto"
+
+
+@pytest.mark.parametrize(
+    ("flags", "core_type", "warned"),
+    [
+        ([], ContinuousEngine, False),
+        (["--device-map", "auto"], GenerateEngine, True),
+        (["--device-map", "auto", "--engine", "continuous"], GenerateEngine, True),
+        (["--device-map", "cpu", "--engine", "continuous"], GenerateEngine, True),
+        (["--device-map", "auto", "--devices", "cpu"], GenerateEngine, True),
+        (["--device-map", "auto", "--engine", "transformers"], GenerateEngine, False),
+        (["--engine", "transformers"], GenerateEngine, False),
+    ],
+)
+def test_a_device_map_resolves_to_the_generate_engine(
+    tiny_checkpoints: TinyCheckpoints,
+    caplog: pytest.LogCaptureFixture,
+    flags: list[str],
+    core_type: type[EngineCore],
+    warned: bool,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="asr_server")
+    server = AsrServer(_config(str(tiny_checkpoints.asr_original), *flags))
+    assert isinstance(server.engine, EngineRunner)
+    with _cores(server) as (core,):
+        assert type(core) is core_type
+        assert str(core._loaded.device) == "cpu"  # type: ignore[attr-defined]
+    assert any(FALLBACK_WARNING in r.getMessage() for r in caplog.records) == warned
+
+
+def test_devices_with_a_device_map_make_one_generate_replica_per_device(tiny_checkpoints: TinyCheckpoints) -> None:
+    server = AsrServer(_config(str(tiny_checkpoints.asr_original), "--device-map", "auto", "--devices", "cpu,cpu"))
+    assert isinstance(server.engine, ReplicatedRunner)
+    with _cores(server) as cores:
+        assert [type(core) for core in cores] == [GenerateEngine, GenerateEngine]
+        # Two models, each placed by the device_map (here: the CPU), not one shared between them.
+        assert cores[0]._loaded.model is not cores[1]._loaded.model  # type: ignore[attr-defined]
