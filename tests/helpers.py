@@ -57,7 +57,11 @@ async def running_server(
     aligner: AlignBackend | None = None,
 ) -> AsyncIterator[tuple[AsrServer, grpc.aio.Channel]]:
     server = AsrServer(config, core_factory=core_factory, aligner=aligner)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(grace_s=0.0)  # a failed start still holds the port and the engine thread
+        raise
     channel = grpc.aio.insecure_channel(
         f"127.0.0.1:{server.port}", options=[("grpc.max_send_message_length", 256 * 1024 * 1024)]
     )

@@ -300,6 +300,10 @@ def validate(config: Config) -> None:
     need(0 <= config.server.port <= 65535, "--port must be 0..65535")
     need(config.server.grace_period_s >= 0, "--grace-period-s must be >= 0")
     need(
+        not (config.model.device_map and "," in e.devices),
+        "--devices (one replica per device) and --device-map (one model split over devices) exclude each other",
+    )
+    need(
         config.server.gil_switch_interval_ms >= 0 and config.server.gil_switch_interval_ms <= 100,
         "--gil-switch-interval-ms must be in [0, 100]",
     )

@@ -2,10 +2,10 @@
 
 The factory: the continuous engine (the default) only when no device_map is given, since its paged decoder wants
 every layer on one device; with one, the generate engine (padded batches), with a warning; `--engine transformers`
-is the generate engine either way. `--devices` still makes one replica per device, each loaded by the device_map.
+is the generate engine either way. `--devices` with several devices and a device_map are refused together.
 
 The cores are built from the tiny original-layout checkpoint, which takes a device_map without `accelerate` (the -hf
-layout needs it; see tests/integration/test_device_map.py).
+layout needs it, a dependency; see tests/integration/test_device_map.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from asr_server.config import Config, parse_serve_config
+from asr_server.config import Config, ConfigError, parse_serve_config
 from asr_server.edge.server import AsrServer
 from asr_server.engine.continuous.core import ContinuousEngine
 from asr_server.engine.continuous.replicas import ReplicatedRunner
@@ -82,10 +82,7 @@ def test_a_device_map_resolves_to_the_generate_engine(
     assert any(FALLBACK_WARNING in r.getMessage() for r in caplog.records) == warned
 
 
-def test_devices_with_a_device_map_make_one_generate_replica_per_device(tiny_checkpoints: TinyCheckpoints) -> None:
-    server = AsrServer(_config(str(tiny_checkpoints.asr_original), "--device-map", "auto", "--devices", "cpu,cpu"))
-    assert isinstance(server.engine, ReplicatedRunner)
-    with _cores(server) as cores:
-        assert [type(core) for core in cores] == [GenerateEngine, GenerateEngine]
-        # Two models, each placed by the device_map (here: the CPU), not one shared between them.
-        assert cores[0]._loaded.model is not cores[1]._loaded.model  # type: ignore[attr-defined]
+def test_devices_and_a_device_map_are_refused_together() -> None:
+    # Each replica would be split over every device by the map, its own device ignored.
+    with pytest.raises(ConfigError, match="exclude each other"):
+        parse_serve_config(["--device-map", "auto", "--devices", "cpu,cpu"], {})

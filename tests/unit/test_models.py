@@ -474,3 +474,13 @@ def test_key_renaming_round_trips() -> None:
         assert loading.original_to_hf_key(original_key, "asr") == hf_key
     assert loading.original_to_hf_key("thinker.lm_head.weight", "aligner") == "score.weight"
     assert loading.hf_to_original_key("score.weight", "aligner") == "thinker.lm_head.weight"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("layout", ["hf", "original"])
+def test_a_cuda_device_map_without_cuda_is_a_clear_failed_precondition(
+    tiny_checkpoints: TinyCheckpoints, layout: str
+) -> None:
+    path = tiny_checkpoints.asr_hf if layout == "hf" else tiny_checkpoints.asr_original
+    with pytest.raises(FailedPrecondition, match="device_map 'cuda:0' requested but CUDA is not available"):
+        load_asr_model(str(path), device_map="cuda:0")

@@ -376,6 +376,8 @@ def _load(
         raise ValueError(f"invalid device {device!r}: {exc}") from exc
     if device_map is None and target.type == "cuda" and not torch.cuda.is_available():
         raise FailedPrecondition(f"device {device!r} requested but CUDA is not available")
+    if device_map is not None and device_map.startswith("cuda") and not torch.cuda.is_available():
+        raise FailedPrecondition(f"device_map {device_map!r} requested but CUDA is not available")
 
     model_dir = resolve_model_dir(model_id)
     config = read_config(model_dir)
