@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q grpcio-tools mypy-protobuf
 	bash scripts/gen_proto.sh $(PY)
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,ja,ko]'
 	touch $@
 
 setup: system-deps client-deps $(VENV)/.installed proto

@@ -89,6 +89,23 @@ def test_batched_requests_equal_reference_alone(loaded: LoadedAlignerModel) -> N
         assert as_timed(words) == reference_alignment(loaded, job.audio_16k, job.text, job.language), job.job_id
 
 
+def test_japanese_and_korean_batched_with_others_equal_reference(loaded: LoadedAlignerModel) -> None:
+    # Their words come from the optional splitters (the ja and ko extras, installed by `make venv`).
+    pytest.importorskip("nagisa")
+    pytest.importorskip("soynlp")
+    core = AlignerCore(loaded)
+    base = make_jobs([2.0, 3.5, 1.0], seed=2)
+    texts = [("今日はいい天気ですね。散歩に行きましょう。", "Japanese"), ("안녕하세요 오늘 날씨가 정말 좋네요", "Korean")]
+    jobs = [AlignJob(str(i), base[i].audio_16k, text, language) for i, (text, language) in enumerate(texts)]
+    jobs.append(base[2])
+    for job, words in zip(jobs, core.align_batch(jobs), strict=True):
+        expected = reference_alignment(loaded, job.audio_16k, job.text, job.language)
+        assert as_timed(words) == expected, job.language
+    japanese = [w.text for w in core.align_batch(jobs[:1])[0]]
+    # nagisa words, not characters: the reference library's split for Japanese.
+    assert "天気" in japanese and len(japanese) < len("今日はいい天気ですね散歩に行きましょう")
+
+
 def test_text_without_words_and_per_job_errors(loaded: LoadedAlignerModel, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
