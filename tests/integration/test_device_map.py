@@ -29,8 +29,9 @@ from asr_server.models.tiny_checkpoint import TinyCheckpoints
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 
-MAX_NEW_TOKENS = 24
-FLOAT32_16K = pb.AudioFormat(encoding=pb.AUDIO_ENCODING_FLOAT32, sample_rate_hz=16000, channel_count=1)
+# The parity module's clip, reference path and token cap: the same reference, not a copy of it.
+from tests.integration.test_parity_tiny import FLOAT32_16K, MAX_NEW_TOKENS, speechlike
+from tests.integration.test_parity_tiny import reference as reference_with_options
 
 
 @pytest.fixture(scope="module")
@@ -38,24 +39,8 @@ def tiny_asr(tiny_checkpoints: TinyCheckpoints) -> LoadedAsrModel:
     return load_asr_model(str(tiny_checkpoints.asr_hf), dtype="float32", device="cpu")
 
 
-def speechlike(seconds: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    n = int(seconds * 16000)
-    t = np.arange(n) / 16000
-    voiced = 0.2 * np.sin(2 * np.pi * rng.uniform(100, 300) * t) * (1 + np.sin(2 * np.pi * rng.uniform(2, 6) * t))
-    samples: np.ndarray = (voiced + 0.02 * rng.standard_normal(n)).astype(np.float32)
-    return samples
-
-
 def reference(loaded: LoadedAsrModel, audio: np.ndarray) -> dict[str, Any]:
-    import torch
-
-    processor, model = loaded.processor, loaded.model
-    inputs = processor.apply_transcription_request(audio=audio, language=None, prompt=None)
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS)
-    parsed: dict[str, Any] = processor.decode(out[0, inputs["input_ids"].shape[1] :], return_format="parsed")
-    return parsed
+    return reference_with_options(loaded, audio, None, "")
 
 
 @pytest.mark.parametrize(
