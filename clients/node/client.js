@@ -149,10 +149,27 @@ async function main() {
         },
       });
       const frameBytes = Math.max(Math.floor(rate / 50), 1) * channels * 2;
-      for (let pos = 0; pos < pcm.length; pos += frameBytes) {
-        call.write({ audio: pcm.subarray(pos, pos + frameBytes) });
-      }
-      call.end();
+      let ended = false;
+      call.on('status', () => { ended = true; });
+      // Back-pressure: when write() says the buffer is full, wait for 'drain', so an hour of audio is never queued
+      // in memory at once.
+      const send = async () => {
+        for (let pos = 0; pos < pcm.length && !ended; pos += frameBytes) {
+          if (!call.write({ audio: pcm.subarray(pos, pos + frameBytes) })) {
+            await new Promise((resume) => {
+              const done = () => {
+                call.off('drain', done);
+                call.off('status', done);
+                resume();
+              };
+              call.on('drain', done);
+              call.on('status', done);
+            });
+          }
+        }
+        if (!ended) call.end();
+      };
+      send().catch(reject);
     });
 
     console.log(JSON.stringify({ health: status.status, unary, stream: streamed }));
