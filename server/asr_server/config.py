@@ -206,21 +206,30 @@ _BOOL_FLAGS: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
-def _env_name(flag: str) -> str:
-    return "ASR_" + flag.lstrip("-").upper().replace("-", "_")
+def _env_name(flag: str, prefix: str = "ASR_") -> str:
+    return prefix + flag.lstrip("-").upper().replace("-", "_")
+
+
+def _add_value_flag(
+    parser: argparse.ArgumentParser, flag: str, dest: str, help_text: str, env: str, default: Any
+) -> None:
+    # default=None so that a flag left out can be told from one given, and the environment consulted.
+    parser.add_argument(
+        flag, dest=dest, metavar=dest.rsplit(".", 1)[-1].upper(), default=None, help=f"{help_text} [{env}; {default!r}]"
+    )
+
+
+def _raw_value(args: argparse.Namespace, dest: str, environ: Mapping[str, str], env: str) -> str | None:
+    """The flag's text if it was given, else the environment variable's, else None."""
+    raw = getattr(args, dest, None)
+    return environ.get(env) if raw is None else str(raw)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Config()
     for section, name, flag, _type, help_text in _FLAGS:
         default = getattr(getattr(defaults, section), name)
-        parser.add_argument(
-            flag,
-            dest=f"{section}.{name}",
-            metavar=name.upper(),
-            default=None,
-            help=f"{help_text} [{_env_name(flag)}; {default!r}]",
-        )
+        _add_value_flag(parser, flag, f"{section}.{name}", help_text, _env_name(flag), default)
     for section, name, flag, help_text in _BOOL_FLAGS:
         parser.add_argument(
             flag,
@@ -243,9 +252,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
     """Builds the config from parsed flags and the environment, then checks it."""
     values: dict[str, dict[str, Any]] = {f.name: {} for f in dataclasses.fields(Config)}
     for section, name, flag, kind, _help in _FLAGS:
-        raw = getattr(args, f"{section}.{name}", None)
-        if raw is None:
-            raw = environ.get(_env_name(flag))
+        raw = _raw_value(args, f"{section}.{name}", environ, _env_name(flag))
         if raw is not None:
             values[section][name] = _parse_value(raw, kind, flag)
     for section, name, flag, _help in _BOOL_FLAGS:
@@ -375,20 +382,13 @@ _SIDECAR_FLAGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
 
 
 def _sidecar_env_name(flag: str) -> str:
-    return "ASR_ALIGNER_" + flag.lstrip("-").upper().replace("-", "_")
+    return _env_name(flag, prefix="ASR_ALIGNER_")
 
 
 def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = SidecarConfig()
     for name, flag, _type, help_text in _SIDECAR_FLAGS:
-        default = getattr(defaults, name)
-        parser.add_argument(
-            flag,
-            dest=f"sidecar.{name}",
-            metavar=name.upper(),
-            default=None,
-            help=f"{help_text} [{_sidecar_env_name(flag)}; {default!r}]",
-        )
+        _add_value_flag(parser, flag, f"sidecar.{name}", help_text, _sidecar_env_name(flag), getattr(defaults, name))
     parser.add_argument(
         "--exit-with-parent",
         dest="sidecar.exit_with_parent",
@@ -402,9 +402,7 @@ def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
 def sidecar_config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> SidecarConfig:
     values: dict[str, Any] = {}
     for name, flag, kind, _help in _SIDECAR_FLAGS:
-        raw = getattr(args, f"sidecar.{name}", None)
-        if raw is None:
-            raw = environ.get(_sidecar_env_name(flag))
+        raw = _raw_value(args, f"sidecar.{name}", environ, _sidecar_env_name(flag))
         if raw is not None and raw != "":
             values[name] = _parse_value(raw, kind, flag)
     for name in ("batch_delay_ms", "load_delay_s"):
