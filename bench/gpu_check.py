@@ -27,7 +27,7 @@ from asr_server.engine.continuous.attention import (
     paged_decode_attention_torch,
     paged_decode_attention_triton,
 )
-from asr_server.engine.continuous.bench_mode import forced_tokens
+from asr_server.engine.bench_mode import forced_tokens
 from asr_server.engine.continuous.core import ContinuousConfig, ContinuousEngine
 from asr_server.engine.generate_core import GenerateEngine
 from asr_server.engine.types import DecodeOptions, DecodeRequest, WorkItem

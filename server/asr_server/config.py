@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from asr_server import __version__
+from asr_server.models.devices import parse_device_list
 
 TracingExporter = Literal["none", "console", "otlp"]
 EngineKind = Literal["continuous", "transformers", "fake"]
@@ -51,8 +52,8 @@ class EngineConfig:
     encoder_batch_audio_s: float = 960.0
     cuda_graphs: bool = True
     kv_cache_dtype: str = "auto"  # auto (the model's) or fp8
-    # One engine replica per device ("cuda:0,cuda:1"); empty: the single --device.
-    devices: str = ""
+    # One engine replica per device (--devices cuda:0,cuda:1, parsed here once); empty: the single --device.
+    devices: tuple[str, ...] = ()
     # Benchmarks only: every request generates exactly this many tokens per audio second (+6 for the language
     # prefix), ignoring EOS, so random-weight models produce realistic lengths. 0: off.
     bench_forced_tokens_per_audio_s: float = 0.0
@@ -121,6 +122,11 @@ class Config:
     tracing: TracingConfig = field(default_factory=TracingConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
 
+    @property
+    def replica_devices(self) -> tuple[str, ...]:
+        """The devices to run one engine replica on: --devices when given, else the single --device."""
+        return self.engine.devices or (self.model.device,)
+
 
 class ConfigError(ValueError):
     pass
@@ -166,7 +172,7 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("engine", "max_prefill_tokens", "--max-prefill-tokens", int, "continuous: prompt tokens prefilled per step"),
     ("engine", "encoder_batch_audio_s", "--encoder-batch-audio-s", float, "continuous: audio per encoder batch"),
     ("engine", "kv_cache_dtype", "--kv-cache-dtype", str, "continuous: auto (model dtype) or fp8 (CUDA)"),
-    ("engine", "devices", "--devices", str, "one engine replica per device, e.g. cuda:0,cuda:1"),
+    ("engine", "devices", "--devices", parse_device_list, "one engine replica per device, e.g. cuda:0,cuda:1"),
     (
         "engine",
         "bench_forced_tokens_per_audio_s",
@@ -307,7 +313,7 @@ def validate(config: Config) -> None:
     need(0 <= config.server.port <= 65535, "--port must be 0..65535")
     need(config.server.grace_period_s >= 0, "--grace-period-s must be >= 0")
     need(
-        not (config.model.device_map and "," in e.devices),
+        not (config.model.device_map and len(e.devices) > 1),
         "--devices (one replica per device) and --device-map (one model split over devices) exclude each other",
     )
     need(

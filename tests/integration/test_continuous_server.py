@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from asr_server.config import Config, EngineConfig, ModelConfig
-from asr_server.engine.continuous.replicas import ReplicatedRunner
+from asr_server.engine.replicas import ReplicatedRunner
 from asr_server.models.loading import LoadedAsrModel, load_asr_model
 from asr_server.models.tiny_checkpoint import TinyCheckpoints
 from qwenasr.v1 import asr_pb2 as pb
@@ -71,7 +71,7 @@ async def test_concurrent_callers_on_two_replicas_get_the_reference_text(
 ) -> None:
     clips = [_audio(0.6 + 0.4 * i, seed=i) for i in range(8)]
     expected = [_reference_text(tiny_asr, clip) for clip in clips]
-    config = _config(str(tiny_checkpoints.asr_hf), devices="cpu,cpu")
+    config = _config(str(tiny_checkpoints.asr_hf), devices=("cpu", "cpu"))
     async with running_server(config) as (server, channel):
         assert isinstance(server.engine, ReplicatedRunner)
         stub = pb_grpc.AsrServiceStub(channel)

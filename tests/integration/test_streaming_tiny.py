@@ -49,7 +49,7 @@ def _engine_setup(
 
     The model directory is configured for both: the servicer reads the tokenizer from it for interim prefixes.
     `transformers` gets a GenerateEngine over the module's loaded model; `continuous` is built by the server itself
-    from the config (engine/continuous/factory.py), as `asr-server serve` builds it.
+    from the config (engine/factory.py), as `asr-server serve` builds it.
     """
     model = ModelConfig(model=str(tiny_checkpoints.asr_hf), device="cpu", dtype="float32")
     if engine == "transformers":

@@ -57,3 +57,13 @@ def test_sidecar_flags_win_over_the_shared_aligner_environment() -> None:
 def test_bad_sidecar_values_are_refused_with_the_flag_named(argv: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace("-", r"\-")):
         parse_sidecar_config(argv, {})
+
+
+def test_devices_are_parsed_once_into_a_tuple_and_default_to_the_one_device() -> None:
+    config = parse_serve_config(["--devices", " cuda:0, cuda:1 "], {})
+    assert config.engine.devices == ("cuda:0", "cuda:1")
+    assert config.replica_devices == ("cuda:0", "cuda:1")
+    single = parse_serve_config(["--device", "cpu"], {"ASR_DEVICES": ""})
+    assert single.engine.devices == () and single.replica_devices == ("cpu",)
+    with pytest.raises(ConfigError, match="--devices.*empty device name"):
+        parse_serve_config(["--devices", "cuda:0,,cuda:1"], {})

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from asr_server.engine.continuous.bench_mode import ForcedTokensCore, forced_tokens
+from asr_server.engine.bench_mode import ForcedTokensCore, forced_tokens
 from asr_server.engine.continuous.core import ContinuousConfig, ContinuousEngine
 from asr_server.engine.continuous.prepare import FastPreparer
 from asr_server.engine.core import EngineOutput

@@ -1,4 +1,4 @@
-"""`--device-map` in the config and what engine core it resolves to (engine/continuous/factory.py, edge/server.py).
+"""`--device-map` in the config and what engine core it resolves to (engine/factory.py, edge/server.py).
 
 The factory: the continuous engine (the default) only when no device_map is given, since its paged decoder wants
 every layer on one device; with one, the generate engine (padded batches), with a warning; `--engine transformers`
@@ -19,7 +19,7 @@ import pytest
 from asr_server.config import Config, ConfigError, parse_serve_config
 from asr_server.edge.server import AsrServer
 from asr_server.engine.continuous.core import ContinuousEngine
-from asr_server.engine.continuous.replicas import ReplicatedRunner
+from asr_server.engine.replicas import ReplicatedRunner
 from asr_server.engine.core import EngineCore
 from asr_server.engine.generate_core import GenerateEngine
 from asr_server.engine.runner import EngineRunner

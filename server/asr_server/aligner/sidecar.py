@@ -182,7 +182,7 @@ class AlignerSidecar:
 def build_sidecar(config: SidecarConfig) -> AlignerSidecar:
     def load() -> AlignerCore:
         # Runs on the batcher's thread: the thread that owns the device also loads onto it.
-        from asr_server.edge.server import resolve_device
+        from asr_server.models.devices import resolve_device
         from asr_server.models.loading import load_aligner_model
 
         if config.load_delay_s:

@@ -21,9 +21,8 @@ from grpc_reflection.v1alpha import reflection
 from asr_server.aligner.managed import WORD_TIMESTAMPS_HEALTH_SERVICE, ManagedAligner
 from asr_server.config import Config
 from asr_server.edge.servicer import AsrServicer
-from asr_server.engine.continuous.replicas import ReplicatedRunner
 from asr_server.engine.core import EngineCore
-from asr_server.engine.runner import BatchingPolicy, EngineRunner
+from asr_server.engine.factory import Engine, build_engine
 from asr_server.tracing import SERVICE, setup_tracing
 from asr_server.transcription import AlignBackend, Transcriber, TranscriberLimits
 from qwenasr.v1 import asr_pb2, asr_pb2_grpc
@@ -32,46 +31,6 @@ logger = logging.getLogger(__name__)
 
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 _OVERHEAD_BYTES = 1024 * 1024  # room for the config beside max_message_bytes of audio
-
-
-def build_engine_core_factory(config: Config) -> Callable[[], EngineCore]:
-    engine = config.engine
-    if engine.kind == "fake":
-        from asr_server.engine.fake import FakeEngine
-
-        return lambda: FakeEngine(
-            max_batch_size=engine.max_inference_batch_size, batch_delay_ms=engine.fake_batch_delay_ms
-        )
-
-    if engine.kind == "continuous" or engine.bench_forced_tokens_per_audio_s > 0:
-        from asr_server.engine.continuous.factory import make_core_factory
-
-        return make_core_factory(config, config.model.device)
-
-    def load() -> EngineCore:
-        # Runs on the engine thread, so the thread that owns the device also loads onto it.
-        from asr_server.engine.generate_core import GenerateEngine
-        from asr_server.models.loading import load_asr_model
-
-        model = config.model
-        loaded = load_asr_model(
-            model.model,
-            dtype=model.dtype,
-            device=resolve_device(model.device),
-            device_map=model.device_map,
-            attn_implementation=model.attn_implementation,
-        )
-        return GenerateEngine(loaded, max_batch_size=engine.max_inference_batch_size)
-
-    return load
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
 class _AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -201,27 +160,7 @@ class AsrServer:
         aligner: AlignBackend | None = None,
     ) -> None:
         self.config = config
-        limits = config.engine
-        policy = BatchingPolicy(limits.max_inference_batch_size, limits.max_batch_wait_ms, limits.max_queued_requests)
-        self.engine: EngineRunner | ReplicatedRunner
-        if core_factory is None and limits.kind != "fake" and "," in limits.devices:
-            from asr_server.engine.continuous.factory import make_core_factory, replica_devices
-
-            self.engine = ReplicatedRunner(
-                [
-                    EngineRunner(
-                        make_core_factory(config, device), policy, name=f"engine-{device}", warmup=limits.warmup
-                    )
-                    for device in replica_devices(config)
-                ]
-            )
-        else:
-            devices = [d.strip() for d in limits.devices.split(",") if d.strip()]
-            if core_factory is None and limits.kind != "fake" and devices:
-                from asr_server.engine.continuous.factory import make_core_factory
-
-                core_factory = make_core_factory(config, devices[0])
-            self.engine = EngineRunner(core_factory or build_engine_core_factory(config), policy, warmup=limits.warmup)
+        self.engine: Engine = build_engine(config, core_factory=core_factory)
         if aligner is None and config.aligner.model:
             from asr_server.aligner.managed import SidecarAligner
 

@@ -4,6 +4,7 @@ Modules:
 - attention: decode attention over the paged cache (a Triton kernel on CUDA, a torch reference elsewhere);
 - decoder: the Qwen3 text decoder re-driven from the checkpoint's own modules (prefill and one decode step);
 - graphs: CUDA-graph capture of the decode step per batch-size bucket;
-- core: ContinuousEngine, the EngineCore the runner drives;
-- replicas: one runner per device behind a load balancer.
+- core: ContinuousEngine, the EngineCore the runner drives.
+
+Built from the config by engine/factory.py; replicas (one runner per device) are engine/replicas.py.
 """
