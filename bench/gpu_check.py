@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from asr_server.engine.bench_mode import forced_tokens
 from asr_server.engine.continuous.attention import (
     num_splits_for,
     paged_decode_attention_torch,
     paged_decode_attention_triton,
 )
-from asr_server.engine.bench_mode import forced_tokens
 from asr_server.engine.continuous.core import ContinuousConfig, ContinuousEngine
 from asr_server.engine.generate_core import GenerateEngine
 from asr_server.engine.types import DecodeOptions, DecodeRequest, WorkItem

@@ -19,9 +19,9 @@ import pytest
 from asr_server.config import Config, ConfigError, parse_serve_config
 from asr_server.edge.server import AsrServer
 from asr_server.engine.continuous.core import ContinuousEngine
-from asr_server.engine.replicas import ReplicatedRunner
 from asr_server.engine.core import EngineCore
 from asr_server.engine.generate_core import GenerateEngine
+from asr_server.engine.replicas import ReplicatedRunner
 from asr_server.engine.runner import EngineRunner
 from asr_server.models.tiny_checkpoint import TinyCheckpoints
 
