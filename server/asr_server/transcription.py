@@ -1,5 +1,7 @@
-"""From decoded audio to a transcript: channels, chunks, the engine, the aligner, the merge.
+"""From decoded audio to a transcript: channels -> spans -> decode -> align -> segments -> merge -> timing.
 
+One pipeline for every recorded-audio RPC. Only the span planner differs: fixed chunks cut at silences
+(`FixedChunks`, the default) or VAD utterances (streaming/segmenter.py's `UtterancePlanner` for endpointing).
 Pure asyncio over two small interfaces (an engine that decodes one piece of audio, an aligner that times
 the words of one piece), so it runs the same against the model, the fake engine or a test double.
 """
@@ -17,9 +19,10 @@ import numpy as np
 import numpy.typing as npt
 from opentelemetry import trace
 
-from asr_server.audio.chunking import pad_to_min, plan_chunks
+from asr_server.audio.chunking import ChunkSpan, pad_to_min, plan_chunks
 from asr_server.audio.decode import DecodedAudio
-from asr_server.engine.types import SAMPLE_RATE_HZ, DecodeOptions, DecodeRequest, DecodeResult
+from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ, samples_to_ms
+from asr_server.engine.types import DecodeOptions, DecodeRequest, DecodeResult
 from asr_server.errors import FailedPrecondition
 from asr_server.languages import aligner_supports
 from asr_server.results import (
@@ -69,8 +72,53 @@ class TranscriberLimits:
     max_chunk_with_timestamps_s: float
 
 
-def samples_to_ms(samples: int) -> int:
-    return int(round(samples * 1000 / SAMPLE_RATE_HZ))
+class SpanPlanner(Protocol):
+    """Where one channel's 16 kHz audio is cut into pieces decoded on their own: [start, end) sample spans, in
+    order, non-overlapping (gaps allowed: silence between utterances is not decoded)."""
+
+    async def plan(self, samples_16k: npt.NDArray[np.float32]) -> Sequence[ChunkSpan]: ...
+
+
+@dataclass(frozen=True)
+class FixedChunks:
+    """Chunks of at most max_chunk_s, cut at the quietest 100 ms near each nominal cut (the reference library's
+    long-audio rule); audio up to max_chunk_s is one chunk."""
+
+    max_chunk_s: float
+
+    async def plan(self, samples_16k: npt.NDArray[np.float32]) -> Sequence[ChunkSpan]:
+        return plan_chunks(samples_16k, max_chunk_s=self.max_chunk_s)
+
+
+@dataclass(frozen=True)
+class AlignedPiece:
+    """Word timestamps of one piece: words shifted to the channel's time line, why there are none, work done."""
+
+    words: tuple[Word, ...]
+    status: WordTimestampsStatus
+    alignment_ms: float
+
+
+_NOT_REQUESTED = AlignedPiece((), WordTimestampsStatus.NOT_REQUESTED, 0.0)
+
+
+@dataclass(frozen=True)
+class _ChannelOutcome:
+    transcript: ChannelTranscript
+    queue_wait_ms: float  # the longest of its pieces
+    # Batch time by batch start (time.time_ns): pieces of one request share batches, so each counts once.
+    batch_ms_by_start_ns: dict[int, float]
+    alignment_ms: float
+    first_token_ns: int  # the earliest of its pieces; 0: not reported
+
+
+def require_aligner(options: TranscribeOptions, has_aligner: bool) -> None:
+    """The one check, for every RPC, that word timestamps can be served before any work starts."""
+    if options.return_word_timestamps and not has_aligner:
+        raise FailedPrecondition(
+            "return_word_timestamps needs the forced aligner, and this server runs without one; "
+            "start it with --aligner-model (e.g. Qwen/Qwen3-ForcedAligner-0.6B-hf)"
+        )
 
 
 def record_engine_spans(result: DecodeResult, audio_s: float) -> None:
@@ -98,6 +146,11 @@ class Transcriber:
     def has_aligner(self) -> bool:
         return self._aligner is not None
 
+    def fixed_chunks(self, options: TranscribeOptions) -> FixedChunks:
+        """The default planner: the configured chunk length (shorter when word timestamps are asked for)."""
+        limits = self._limits
+        return FixedChunks(limits.max_chunk_with_timestamps_s if options.return_word_timestamps else limits.max_chunk_s)
+
     async def decode_piece(
         self, audio_16k: npt.NDArray[np.float32], options: TranscribeOptions, *, prefix_text: str = ""
     ) -> DecodeResult:
@@ -115,102 +168,97 @@ class Transcriber:
 
     async def align_piece(
         self, audio_16k: npt.NDArray[np.float32], text: str, language: str, offset_ms: int
-    ) -> tuple[tuple[Word, ...], WordTimestampsStatus, float]:
+    ) -> AlignedPiece:
         if self._aligner is None:
             raise FailedPrecondition("word timestamps need the forced aligner; start the server with --aligner-model")
         if not text.strip():
-            return (), WordTimestampsStatus.NO_TEXT, 0.0
+            return AlignedPiece((), WordTimestampsStatus.NO_TEXT, 0.0)
         # A detected "Chinese,English" piece is aligned when its first language is covered.
         first = language.split(",")[0] if language else ""
         if not first or not aligner_supports(first):
-            return (), WordTimestampsStatus.LANGUAGE_NOT_SUPPORTED, 0.0
+            return AlignedPiece((), WordTimestampsStatus.LANGUAGE_NOT_SUPPORTED, 0.0)
         with _tracer.start_as_current_span("asr.align") as span:
-            span.set_attribute("asr.audio_s", audio_16k.shape[0] / SAMPLE_RATE_HZ)
+            span.set_attribute("asr.audio_s", audio_16k.shape[0] / MODEL_SAMPLE_RATE_HZ)
             aligned = await self._aligner.align(audio_16k, text, first)
         duration_ms = samples_to_ms(audio_16k.shape[0])
         words = tuple(
             Word(w.text, min(w.start_ms, duration_ms), min(max(w.end_ms, w.start_ms), duration_ms)).shifted(offset_ms)
             for w in aligned.words
         )
-        return words, WordTimestampsStatus.OK, aligned.alignment_ms
+        return AlignedPiece(words, WordTimestampsStatus.OK, aligned.alignment_ms)
 
-    async def transcribe(self, audio: DecodedAudio, options: TranscribeOptions) -> TranscriptionResult:
+    async def transcribe(
+        self, audio: DecodedAudio, options: TranscribeOptions, planner: SpanPlanner | None = None
+    ) -> TranscriptionResult:
+        """Each channel (or the downmix) cut by `planner` (default: fixed chunks), decoded, aligned, merged."""
         started = time.perf_counter()
         started_ns = time.time_ns()
-        if options.return_word_timestamps and self._aligner is None:
-            raise FailedPrecondition(
-                "return_word_timestamps needs the forced aligner, and this server runs without one; "
-                "start it with --aligner-model (e.g. Qwen/Qwen3-ForcedAligner-0.6B-hf)"
-            )
+        require_aligner(options, self.has_aligner)
         if options.channel_mode is ChannelMode.SEPARATE:
             channels: Sequence[npt.NDArray[np.float32]] = audio.channels
         else:
             channels = [audio.downmix()]
-        max_chunk_s = (
-            self._limits.max_chunk_with_timestamps_s if options.return_word_timestamps else self._limits.max_chunk_s
-        )
-        # Every chunk of every channel goes to the engine at once, so they batch with each other.
+        chosen = planner if planner is not None else self.fixed_chunks(options)
+        # Every piece of every channel goes to the engine at once, so they batch with each other.
         async with asyncio.TaskGroup() as group:
             tasks = [
-                group.create_task(self._transcribe_channel(index, samples, options, max_chunk_s))
+                group.create_task(self._transcribe_channel(index, samples, options, chosen))
                 for index, samples in enumerate(channels)
             ]
         outcomes = [t.result() for t in tasks]
-        transcripts = tuple(o[0] for o in outcomes)
-        # Channels' chunks share batches too: count each batch's time once over the whole request.
-        batch_ms = {start_ns: ms for o in outcomes for start_ns, ms in o[2].items()}
-        first_token_ns = [o[4] for o in outcomes if o[4] > 0]
+        # Channels' pieces share batches too: count each batch's time once over the whole request.
+        batch_ms = {start_ns: ms for o in outcomes for start_ns, ms in o.batch_ms_by_start_ns.items()}
+        first_token_ns = [o.first_token_ns for o in outcomes if o.first_token_ns > 0]
         timing = Timing(
             total_ms=(time.perf_counter() - started) * 1000,
-            queue_wait_ms=max((o[1] for o in outcomes), default=0.0),
+            queue_wait_ms=max((o.queue_wait_ms for o in outcomes), default=0.0),
             inference_ms=sum(batch_ms.values()),
-            alignment_ms=sum(o[3] for o in outcomes),
+            alignment_ms=sum(o.alignment_ms for o in outcomes),
             first_token_ms=max(0.0, (min(first_token_ns) - started_ns) / 1e6) if first_token_ns else None,
         )
-        return TranscriptionResult(transcripts, audio.duration_ms, self._engine.model_id, timing)
+        return TranscriptionResult(
+            tuple(o.transcript for o in outcomes), audio.duration_ms, self._engine.model_id, timing
+        )
 
     async def _transcribe_channel(
-        self, channel_index: int, samples: npt.NDArray[np.float32], options: TranscribeOptions, max_chunk_s: float
-    ) -> tuple[ChannelTranscript, float, dict[int, float], float, int]:
-        """The channel's transcript, its longest queue wait, its batches' times by batch start, its alignment time,
-        and when its first token was generated (0: not reported)."""
-        spans = plan_chunks(samples, max_chunk_s=max_chunk_s)
+        self, channel_index: int, samples: npt.NDArray[np.float32], options: TranscribeOptions, planner: SpanPlanner
+    ) -> _ChannelOutcome:
+        spans = await planner.plan(samples)
         async with asyncio.TaskGroup() as group:
             tasks = [
                 group.create_task(self.decode_piece(samples[s.start_sample : s.end_sample], options)) for s in spans
             ]
         results = [t.result() for t in tasks]
-        segments: list[Segment] = []
-        alignment_ms = 0.0
+        aligned: list[AlignedPiece]
         if options.return_word_timestamps:
             async with asyncio.TaskGroup() as group:
                 align_tasks = [
                     group.create_task(
-                        self.align_piece(
-                            samples[s.start_sample : s.end_sample], r.text, r.language, samples_to_ms(s.start_sample)
-                        )
+                        self.align_piece(samples[s.start_sample : s.end_sample], r.text, r.language, s.start_ms)
                     )
                     for s, r in zip(spans, results, strict=True)
                 ]
             aligned = [t.result() for t in align_tasks]
         else:
-            aligned = [((), WordTimestampsStatus.NOT_REQUESTED, 0.0) for _ in spans]
-        for span, result, (words, status, align_ms) in zip(spans, results, aligned, strict=True):
-            alignment_ms += align_ms
-            segments.append(
-                Segment(
-                    start_ms=samples_to_ms(span.start_sample),
-                    end_ms=samples_to_ms(span.end_sample),
-                    text=result.text,
-                    language=result.language,
-                    words=words,
-                    word_timestamps_status=status,
-                )
+            aligned = [_NOT_REQUESTED for _ in spans]
+        segments = [
+            Segment(
+                start_ms=span.start_ms,
+                end_ms=span.end_ms,
+                text=result.text,
+                language=result.language,
+                words=piece.words,
+                word_timestamps_status=piece.status,
             )
-        transcript = merge_segments(channel_index, segments, options.return_word_timestamps)
-        batch_ms = {r.batch.start_ns: r.inference_ms for r in results}
-        first_token_ns = min((r.first_token_ns for r in results if r.first_token_ns > 0), default=0)
-        return transcript, max((r.queue_wait_ms for r in results), default=0.0), batch_ms, alignment_ms, first_token_ns
+            for span, result, piece in zip(spans, results, aligned, strict=True)
+        ]
+        return _ChannelOutcome(
+            transcript=merge_segments(channel_index, segments, options.return_word_timestamps),
+            queue_wait_ms=max((r.queue_wait_ms for r in results), default=0.0),
+            batch_ms_by_start_ns={r.batch.start_ns: r.inference_ms for r in results},
+            alignment_ms=sum(p.alignment_ms for p in aligned),
+            first_token_ns=min((r.first_token_ns for r in results if r.first_token_ns > 0), default=0),
+        )
 
 
 def merge_segments(channel_index: int, segments: Sequence[Segment], timestamps_requested: bool) -> ChannelTranscript:

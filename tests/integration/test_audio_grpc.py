@@ -223,13 +223,13 @@ async def test_a_25_minute_recording_is_cut_in_silences_with_right_offsets_and_m
             assert previous.end_ms == following.start_ms
             cut = previous.end_ms * 16
             assert not any(start <= cut < end for start, end in bursts), f"cut at {cut / 16000:.2f} s is inside speech"
-        # The pieces the engine saw are the planner's spans (cut positions in samples; ms are rounded):
+        # The pieces the engine saw are the planner's spans (cut positions in samples; ms rounded down, as durations):
         # each segment's offsets and text must be those of its own span.
         spans = plan_chunks(decoded, max_chunk_s=max_chunk_s)
         assert len(spans) == len(segments)
         for segment, span in zip(segments, spans, strict=True):
             assert segment.end_ms - segment.start_ms <= max_chunk_s * 1000
-            assert (segment.start_ms, segment.end_ms) == (round(span.start_sample / 16), round(span.end_sample / 16))
+            assert (segment.start_ms, segment.end_ms) == (span.start_sample // 16, span.end_sample // 16)
             piece = decoded[span.start_sample : span.end_sample]
             assert segment.text == fake_transcript(DecodeRequest("x", piece, DecodeOptions(None, "", 4096)))[0]
         assert transcript.text == " ".join(s.text for s in segments)

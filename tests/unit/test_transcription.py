@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 
+from asr_server.audio.chunking import ChunkSpan
 from asr_server.audio.decode import DecodedAudio
 from asr_server.engine.types import BatchStats, DecodeRequest, DecodeResult
 from asr_server.results import ChannelMode
@@ -67,3 +68,50 @@ async def test_first_token_ms_is_the_earliest_over_channels_and_unset_when_the_e
     assert result.timing.first_token_ms is not None and 30.0 <= result.timing.first_token_ms < 75.0
     silent = await Transcriber(StaggeredFirstTokens(report=False), None, limits).transcribe(audio, options)
     assert silent.timing.first_token_ms is None
+
+
+async def test_no_segment_ends_past_the_audio_a_2671_ms_file() -> None:
+    # 2,671.5 ms at 16 kHz: rounding the span's end gave a segment ending at 2,672 ms, after the audio's end.
+    samples = np.full(42_744, 0.1, dtype=np.float32)
+    audio = DecodedAudio(channels=(samples,), source_sample_rate_hz=16_000, source_channel_count=1,
+                         source_frame_count=42_744)
+    transcriber = Transcriber(OneBatchEngine(), None, TranscriberLimits(max_chunk_s=30, max_chunk_with_timestamps_s=30))
+    result = await transcriber.transcribe(audio, TranscribeOptions(language=None, context="", max_new_tokens=16))
+    (transcript,) = result.transcripts
+    assert result.audio_duration_ms == 2671
+    assert transcript.segments[-1].end_ms == 2671
+
+
+class TwoUtterances:
+    """A span planner that cuts each channel into two utterances with a gap between them."""
+
+    def __init__(self) -> None:
+        self.planned: list[int] = []
+
+    async def plan(self, samples_16k: np.ndarray) -> list[ChunkSpan]:
+        self.planned.append(int(samples_16k.shape[0]))
+        return [ChunkSpan(1_600, 6_400), ChunkSpan(9_600, 14_400)]
+
+
+class RecordingEngine:
+    model_id = "recording"
+
+    def __init__(self) -> None:
+        self.lengths: list[int] = []
+
+    async def decode(self, request: DecodeRequest) -> DecodeResult:
+        self.lengths.append(int(request.audio_16k.shape[0]))
+        return DecodeResult(request.request_id, f"piece{len(self.lengths)}", "English", (1,), _BATCH.start_ns, _BATCH)
+
+
+async def test_a_span_planner_decides_the_pieces_and_segments_of_each_channel() -> None:
+    planner, engine = TwoUtterances(), RecordingEngine()
+    transcriber = Transcriber(engine, None, TranscriberLimits(max_chunk_s=30, max_chunk_with_timestamps_s=30))
+    options = TranscribeOptions(language=None, context="", max_new_tokens=16, channel_mode=ChannelMode.SEPARATE)
+    result = await transcriber.transcribe(_stereo_second(), options, planner)
+    assert planner.planned == [16_000, 16_000]
+    # 4,800 samples each (0.3 s), padded to the model's 0.5 s minimum.
+    assert engine.lengths == [8_000] * 4
+    for transcript in result.transcripts:
+        assert [(s.start_ms, s.end_ms) for s in transcript.segments] == [(100, 400), (600, 900)]
+        assert len(transcript.segments) == 2 and transcript.text.count("piece") == 2

@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from asr_server.aligner.words import fix_timestamps, split_words
-from asr_server.engine.types import SAMPLE_RATE_HZ
+from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
 from asr_server.errors import InvalidInput
 from asr_server.languages import ALIGNER_LANGUAGE_NAMES
 from asr_server.models.loading import LoadedAlignerModel
@@ -47,7 +47,7 @@ class AlignJob:
 
     @property
     def audio_s(self) -> float:
-        return float(self.audio_16k.shape[0]) / SAMPLE_RATE_HZ
+        return float(self.audio_16k.shape[0]) / MODEL_SAMPLE_RATE_HZ
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class AlignerCore:
 
     def warmup(self) -> None:
         rng = np.random.default_rng(0)
-        audio = (0.01 * rng.standard_normal(2 * SAMPLE_RATE_HZ)).astype(np.float32)
+        audio = (0.01 * rng.standard_normal(2 * MODEL_SAMPLE_RATE_HZ)).astype(np.float32)
         self.align_batch([AlignJob("warmup", audio, "hello world", "English")])
 
     def prepare(self, job: AlignJob) -> Prepared:

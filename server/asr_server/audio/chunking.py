@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
+from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ, samples_to_ms
 
 # Windows within this factor of the quietest window's energy (1 dB) count as equally quiet.
 _QUIET_RATIO = 10 ** (1 / 10)
@@ -45,11 +45,11 @@ class ChunkSpan:
 
     @property
     def start_ms(self) -> int:
-        return self.start_sample * 1000 // MODEL_SAMPLE_RATE_HZ
+        return samples_to_ms(self.start_sample)
 
     @property
     def end_ms(self) -> int:
-        return self.end_sample * 1000 // MODEL_SAMPLE_RATE_HZ
+        return samples_to_ms(self.end_sample)
 
 
 def plan_chunks(

@@ -11,8 +11,19 @@ from dataclasses import dataclass
 
 from asr_server.errors import InvalidInput
 
-# The rate the model's feature extractor expects; everything is resampled to it.
+# The rate the model's feature extractor expects; everything is resampled to it. The one sample-rate constant of
+# the server: engines, streams and results all count 16 kHz samples.
 MODEL_SAMPLE_RATE_HZ = 16_000
+
+
+def samples_to_ms(samples: int) -> int:
+    """16 kHz samples -> whole milliseconds, rounded down, as DecodedAudio.duration_ms is: no time in a result
+    lies past the audio's end."""
+    return samples * 1000 // MODEL_SAMPLE_RATE_HZ
+
+
+def ms_to_samples(ms: int) -> int:
+    return ms * MODEL_SAMPLE_RATE_HZ // 1000
 
 # Raw encodings: the accepted rates cover telephony (8 kHz) to studio (48 kHz); the contract publishes them.
 MIN_RAW_SAMPLE_RATE_HZ = 8_000

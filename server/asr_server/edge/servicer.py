@@ -27,7 +27,7 @@ from asr_server.errors import (
 from asr_server.results import ChannelMode
 from asr_server.streaming.endpoint import EndpointSettings
 from asr_server.streaming.prefix import FakeTokenDecoder, TokenDecoder, load_hf_token_decoder
-from asr_server.streaming.segmenter import transcribe_by_utterance
+from asr_server.streaming.segmenter import UtterancePlanner
 from asr_server.streaming.session import IdleTimeout, StreamingSession
 from asr_server.streaming.vad import VadBatcher
 from asr_server.tracing import rpc_span
@@ -305,12 +305,8 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
     ) -> pb.TranscribeResponse:
         span.set_attribute("asr.audio_s", audio.duration_ms / 1000)
         span.set_attribute("asr.channels", len(audio.channels))
-        if endpointing is not None:
-            result = await transcribe_by_utterance(
-                self._transcriber, self._vad, audio, options, endpointing, model_id=self._model_id()
-            )
-        else:
-            result = await self._transcriber.transcribe(audio, options)
+        planner = UtterancePlanner(self._vad, endpointing) if endpointing is not None else None
+        result = await self._transcriber.transcribe(audio, options, planner)
         return convert.result_to_pb(
             result, total_ms=(time.perf_counter() - started) * 1000, audio_decode_ms=decode_s * 1000
         )

@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
 from asr_server.engine.core import EngineOutput
-from asr_server.engine.types import SAMPLE_RATE_HZ, BatchStats, DecodeRequest, DecodeResult, WorkItem
+from asr_server.engine.types import BatchStats, DecodeRequest, DecodeResult, WorkItem
 
 _WORD_S = 0.5
 
@@ -24,7 +25,7 @@ def fake_transcript(request: DecodeRequest) -> tuple[str, tuple[int, ...]]:
     Silence gives no words, so chunking at silences does not change the joined text.
     """
     samples = request.audio_16k
-    step = int(_WORD_S * SAMPLE_RATE_HZ)
+    step = int(_WORD_S * MODEL_SAMPLE_RATE_HZ)
     words: list[str] = []
     ids: list[int] = []
     for start in range(0, samples.shape[0], step):

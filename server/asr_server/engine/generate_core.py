@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
 from asr_server.engine.core import EngineOutput
-from asr_server.engine.types import SAMPLE_RATE_HZ, BatchStats, DecodeRequest, DecodeResult, WorkItem
+from asr_server.engine.types import BatchStats, DecodeRequest, DecodeResult, WorkItem
 from asr_server.models.loading import LoadedAsrModel
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class GenerateEngine:
         from asr_server.engine.types import DecodeOptions
 
         rng = np.random.default_rng(0)
-        audio = (0.01 * rng.standard_normal(SAMPLE_RATE_HZ)).astype(np.float32)
+        audio = (0.01 * rng.standard_normal(MODEL_SAMPLE_RATE_HZ)).astype(np.float32)
         request = DecodeRequest("warmup", audio, DecodeOptions(language=None, context="", max_new_tokens=2))
         self._run_batch([WorkItem(request, time.time_ns(), time.monotonic())])
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-SAMPLE_RATE_HZ = 16_000
+from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class DecodeRequest:
 
     @property
     def audio_s(self) -> float:
-        return float(self.audio_16k.shape[0]) / SAMPLE_RATE_HZ
+        return float(self.audio_16k.shape[0]) / MODEL_SAMPLE_RATE_HZ
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ plus one final of its own audio.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import enum
 import logging
@@ -31,17 +30,16 @@ import numpy as np
 import numpy.typing as npt
 
 from asr_server.audio.assembler import StreamAssembler, StreamResampler
-from asr_server.audio.formats import AudioFormat, AudioLimits
-from asr_server.errors import AsrError, FailedPrecondition, InvalidInput
+from asr_server.audio.formats import AudioFormat, AudioLimits, ms_to_samples, samples_to_ms
+from asr_server.errors import AsrError, InvalidInput
 from asr_server.results import ChannelMode, Word, WordTimestampsStatus
 from asr_server.streaming.endpoint import Endpointer, EndpointEvent, EndpointSettings, SpeechStarted, UtteranceEnded
 from asr_server.streaming.prefix import TokenDecoder, rollback
 from asr_server.streaming.vad import FRAME_SAMPLES, VadBatcher, VadState
-from asr_server.transcription import TranscribeOptions, Transcriber
+from asr_server.transcription import TranscribeOptions, Transcriber, require_aligner
 
 logger = logging.getLogger(__name__)
 
-_SAMPLES_PER_MS = 16
 # The smallest open utterance worth an interim decode (the model pads anything shorter to 0.5 s anyway).
 _MIN_INTERIM_SAMPLES = 8_000
 # Interim stability is the agreement with the previous interim, scaled below this (1.0 is for finals).
@@ -107,10 +105,6 @@ class UtteranceWork:
     interim_decodes: int
     interim_samples: int
     skipped_interims: int
-
-
-def samples_to_ms(samples: int) -> int:
-    return samples // _SAMPLES_PER_MS
 
 
 class _AudioBuffer:
@@ -200,11 +194,7 @@ class StreamingSession:
                 "StreamingRecognize needs a raw encoding (LINEAR16, FLOAT32, MULAW or ALAW) with sample_rate_hz "
                 "and channel_count; encoded files can only be decoded whole: send them with TranscribeStream"
             )
-        if options.transcribe.return_word_timestamps and not transcriber.has_aligner:
-            raise FailedPrecondition(
-                "return_word_timestamps needs the forced aligner, and this server runs without one; "
-                "start it with --aligner-model (e.g. Qwen/Qwen3-ForcedAligner-0.6B-hf)"
-            )
+        require_aligner(options.transcribe, transcriber.has_aligner)
         self.options = options
         self.format = audio_format
         self._transcriber = transcriber
@@ -223,7 +213,7 @@ class StreamingSession:
         self._flushing = False  # finish() is pushing the last samples through
         self._finished = False
         self._finishing: asyncio.Task[None] | None = None
-        self._interval_samples = options.interim_interval_ms * _SAMPLES_PER_MS
+        self._interval_samples = ms_to_samples(options.interim_interval_ms)
 
     # ---- input ----
 
@@ -370,9 +360,8 @@ class StreamingSession:
         words: tuple[Word, ...] = ()
         status = WordTimestampsStatus.NOT_REQUESTED
         if options.return_word_timestamps:
-            words, status, _ = await self._transcriber.align_piece(
-                audio, result.text, result.language, samples_to_ms(start)
-            )
+            aligned = await self._transcriber.align_piece(audio, result.text, result.language, samples_to_ms(start))
+            words, status = aligned.words, aligned.status
         return StreamResult(
             is_final=True,
             utterance_index=utterance_index,
@@ -510,10 +499,3 @@ def _agreement(previous: str, current: str) -> float:
             break
         same += 1
     return same / len(current)
-
-
-async def close_quietly(session: StreamingSession) -> None:
-    """Cancels a session and swallows what its tasks raise (used on client cancellation)."""
-    session.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await asyncio.sleep(0)

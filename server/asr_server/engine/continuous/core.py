@@ -27,13 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
 from asr_server.engine.continuous.attention import num_splits_for
 from asr_server.engine.continuous.decoder import DecodeBuffers, KvCache, PagedDecoder
 from asr_server.engine.continuous.encoder import encode
 from asr_server.engine.continuous.prepare import FastPreparer
 from asr_server.engine.core import EngineOutput
 from asr_server.engine.generate_core import PreparedInputs, parse_transcription
-from asr_server.engine.types import SAMPLE_RATE_HZ, BatchStats, DecodeOptions, DecodeRequest, DecodeResult, WorkItem
+from asr_server.engine.types import BatchStats, DecodeOptions, DecodeRequest, DecodeResult, WorkItem
 from asr_server.errors import LimitExceeded
 from asr_server.models.loading import LoadedAsrModel
 
@@ -190,7 +191,7 @@ class ContinuousEngine:
 
     def warmup(self) -> None:
         rng = np.random.default_rng(0)
-        audio = (0.01 * rng.standard_normal(SAMPLE_RATE_HZ)).astype(np.float32)
+        audio = (0.01 * rng.standard_normal(MODEL_SAMPLE_RATE_HZ)).astype(np.float32)
         options = DecodeOptions(language=None, context="", max_new_tokens=4)
         self.add(WorkItem(DecodeRequest("warmup", audio, options, forced_num_tokens=4), time.time_ns(), 0.0))
         while self.num_waiting() or self.num_running():

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
 from asr_server.engine.generate_core import PreparedInputs, prepare_single
-from asr_server.engine.types import SAMPLE_RATE_HZ, DecodeRequest
+from asr_server.engine.types import DecodeRequest
 from asr_server.models.loading import LoadedAsrModel
 
 _Template = tuple[list[int], list[int]]
@@ -45,7 +46,7 @@ class FastPreparer:
         """(input_features, input_features_mask, number of audio tokens) as the processor computes them."""
         out = self._processor.feature_extractor(
             [audio],
-            sampling_rate=SAMPLE_RATE_HZ,
+            sampling_rate=MODEL_SAMPLE_RATE_HZ,
             padding=True,
             truncation=False,
             return_attention_mask=True,
@@ -66,7 +67,7 @@ class FastPreparer:
             if key in self._templates:
                 self._templates.move_to_end(key)
                 return self._templates[key]
-        probe_audio = (0.05 * np.random.default_rng(0).standard_normal(SAMPLE_RATE_HZ)).astype(np.float32)
+        probe_audio = (0.05 * np.random.default_rng(0).standard_normal(MODEL_SAMPLE_RATE_HZ)).astype(np.float32)
         probe = DecodeRequest("probe", probe_audio, request.options)
         reference = prepare_single(self._loaded, probe)
         ids = reference.input_ids[0].tolist()
