@@ -212,6 +212,11 @@ _BOOL_FLAGS: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
+# Tests and benchmarks only: they work as any flag (and ASR_* variable) but stay out of --help, which is for
+# operators. docs/benchmarks.md documents them.
+_HIDDEN_FLAGS = frozenset({"--fake-batch-delay-ms", "--bench-forced-tokens-per-audio-s"})
+
+
 def _env_name(flag: str, prefix: str = "ASR_") -> str:
     return prefix + flag.lstrip("-").upper().replace("-", "_")
 
@@ -220,9 +225,8 @@ def _add_value_flag(
     parser: argparse.ArgumentParser, flag: str, dest: str, help_text: str, env: str, default: Any
 ) -> None:
     # default=None so that a flag left out can be told from one given, and the environment consulted.
-    parser.add_argument(
-        flag, dest=dest, metavar=dest.rsplit(".", 1)[-1].upper(), default=None, help=f"{help_text} [{env}; {default!r}]"
-    )
+    shown = argparse.SUPPRESS if flag in _HIDDEN_FLAGS else f"{help_text} [{env}; {default!r}]"
+    parser.add_argument(flag, dest=dest, metavar=dest.rsplit(".", 1)[-1].upper(), default=None, help=shown)
 
 
 def _raw_value(args: argparse.Namespace, dest: str, environ: Mapping[str, str], env: str) -> str | None:

@@ -67,3 +67,14 @@ def test_devices_are_parsed_once_into_a_tuple_and_default_to_the_one_device() ->
     assert single.engine.devices == () and single.replica_devices == ("cpu",)
     with pytest.raises(ConfigError, match="--devices.*empty device name"):
         parse_serve_config(["--devices", "cuda:0,,cuda:1"], {})
+
+
+def test_test_only_flags_work_but_stay_out_of_help(capsys: pytest.CaptureFixture[str]) -> None:
+    config = parse_serve_config(["--fake-batch-delay-ms", "5", "--bench-forced-tokens-per-audio-s", "4"], {})
+    assert config.engine.fake_batch_delay_ms == 5.0 and config.engine.bench_forced_tokens_per_audio_s == 4.0
+    assert parse_serve_config([], {"ASR_BENCH_FORCED_TOKENS_PER_AUDIO_S": "4"}).engine.bench_forced_tokens_per_audio_s == 4.0
+    with pytest.raises(SystemExit):
+        parse_serve_config(["--help"], {})
+    shown = capsys.readouterr().out
+    assert "--max-inference-batch-size" in shown
+    assert "--fake-batch-delay-ms" not in shown and "--bench-forced-tokens" not in shown

@@ -190,7 +190,7 @@ class _Job:
 class VadBatcher:
     """Async front of one SileroVad shared by every stream of the server.
 
-    Callers await `probabilities(state, samples)`; requests that arrive while a pass runs go together into the
+    Callers await `frames(state, samples)`; requests that arrive while a pass runs go together into the
     next pass. The pass runs on one dedicated thread, so the event loop never blocks and VAD never waits behind
     other thread-pool work.
     """
@@ -213,14 +213,6 @@ class VadBatcher:
             if self._model is None:
                 self._model = SileroVad()
             return self._model
-
-    async def load(self) -> None:
-        """Loads the model now (a fraction of a second) instead of on the first stream's first audio."""
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._get_model)
-
-    async def probabilities(self, state: VadState, samples: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """Speech probability of every 512-sample frame completed by `samples` (the rest waits for more)."""
-        return (await self.frames(state, samples))[0]
 
     async def frames(
         self, state: VadState, samples: npt.NDArray[np.float32]
