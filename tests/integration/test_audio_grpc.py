@@ -261,6 +261,8 @@ MALFORMED: list[tuple[str, pb.TranscribeRequest, grpc.StatusCode, str]] = [
      grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
     ("Inf", raw(pb.AUDIO_ENCODING_FLOAT32, 16000, 1, np.array([0.1, np.inf] * 400, "<f4").tobytes()),
      grpc.StatusCode.INVALID_ARGUMENT, "Inf"),
+    ("1e30 samples", raw(pb.AUDIO_ENCODING_FLOAT32, 16000, 1, np.full(16000, 1e30, "<f4").tobytes()),
+     grpc.StatusCode.INVALID_ARGUMENT, "within +-1000"),
     ("unknown encoding", raw(42, 16000, 1, b"\0\0" * 800), grpc.StatusCode.INVALID_ARGUMENT, "AUDIO_ENCODING_MULAW"),
     ("unreadable file", pb.TranscribeRequest(audio=b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8),
      grpc.StatusCode.INVALID_ARGUMENT, "WAV"),

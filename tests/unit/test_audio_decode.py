@@ -377,6 +377,31 @@ def test_non_finite_float_wav_is_refused() -> None:
         decode_audio(data, FILE, limits=LIMITS)
 
 
+@pytest.mark.parametrize("peak", [1e30, -1e30, 1000.5, 3.0e38])
+def test_float32_beyond_the_headroom_is_refused_with_position(peak: float) -> None:
+    # 16,000 samples of 1e30 turned the whole log-mel into NaN and the model's output into "!" (issue: isolation).
+    samples = np.full(16_000, 0.1, dtype="<f4")
+    samples[4_321] = peak
+    with pytest.raises(InvalidInput, match=r"first at frame 4321 of channel 0\); samples must lie within \+-1000"):
+        decode_audio(samples.tobytes(), AudioFormat(Encoding.FLOAT32, 16000, 1), limits=LIMITS)
+
+
+def test_hot_float32_within_the_headroom_is_kept_not_clipped() -> None:
+    samples = np.full(16_000, 0.1, dtype="<f4")
+    samples[10] = 1000.0
+    samples[11] = -3.5
+    decoded = decode_audio(samples.tobytes(), AudioFormat(Encoding.FLOAT32, 16000, 1), limits=LIMITS)
+    assert decoded.channels[0][10] == 1000.0 and decoded.channels[0][11] == -3.5
+
+
+def test_a_float_wav_beyond_the_headroom_is_refused() -> None:
+    samples = np.zeros(100, dtype=np.float64)
+    samples[7] = 1e20
+    data = write_file(samples, 16000, "WAV", "DOUBLE")
+    with pytest.raises(InvalidInput, match="the WAV file has a sample of 1e\\+20 \\(first at frame 7"):
+        decode_audio(data, FILE, limits=LIMITS)
+
+
 def test_raw_duration_over_limit_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def must_not_decode(*_: object) -> None:
         raise AssertionError("decoded audio that was over the limit")

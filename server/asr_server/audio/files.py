@@ -17,7 +17,7 @@ from asr_server.audio.file_headers import check_declared_length
 from asr_server.audio.formats import AudioFormat
 from asr_server.audio.limits import check_duration
 from asr_server.audio.mix import average_rows
-from asr_server.audio.raw import check_finite
+from asr_server.audio.raw import check_sample_values
 from asr_server.audio.resample import StreamResampler
 from asr_server.errors import InvalidInput
 
@@ -103,7 +103,7 @@ def decode_file(data: bytes, fmt: AudioFormat, *, max_audio_duration_s: int, dow
             # The header's count may be an estimate (MP3): keep enforcing the limit on what really decodes.
             check_duration(frames_read + got.shape[0], sample_rate_hz, max_audio_duration_s)
             by_channel = np.ascontiguousarray(got.T)
-            check_finite(by_channel, what=f"the {kind} file", first_frame=frames_read)
+            check_sample_values(by_channel, what=f"the {kind} file", first_frame=frames_read)
             frames_read += got.shape[0]
             if downmix and channel_count > 1:
                 by_channel = average_rows(by_channel).reshape(1, -1)

@@ -33,7 +33,7 @@ def decode_raw_channels(data: Buffer, fmt: AudioFormat) -> npt.NDArray[np.float3
 
     Channels are de-interleaved while converting (one strided gather per channel), so each channel comes out
     contiguous without a separate transpose pass. Raises InvalidInput for a partial trailing frame or for
-    NaN/Inf in FLOAT32 audio.
+    NaN/Inf or an out-of-range sample in FLOAT32 audio.
     """
     check_whole_frames(len(data), fmt)
     encoding = fmt.encoding
@@ -55,16 +55,30 @@ def decode_raw_channels(data: Buffer, fmt: AudioFormat) -> npt.NDArray[np.float3
         floats = np.frombuffer(data, dtype="<f4")
         for channel in range(channel_count):
             out[channel] = floats[channel::channel_count]
-        check_finite(out, what="FLOAT32 audio")
+        check_sample_values(out, what="FLOAT32 audio")
         return out
     raise ValueError(f"{encoding.name} is not a raw encoding")
 
 
-def check_finite(channels: npt.NDArray[np.float32], *, what: str, first_frame: int = 0) -> None:
-    """NaN or Inf would poison every feature frame they touch; refuse them, saying where the first one is.
+# Float samples beyond this are refused: full scale is +-1.0, so this leaves 60 dB of headroom for hot or
+# unnormalised audio (kept, not clipped, as transformers' feature extractor takes it) while staying orders of
+# magnitude below where the log-mel's power spectrum overflows float32 (|x| near 1e16: a 1e30 sample turned every
+# feature of its clip into NaN).
+MAX_FLOAT_SAMPLE_MAGNITUDE = 1000.0
+
+
+def check_sample_values(channels: npt.NDArray[np.float32], *, what: str, first_frame: int = 0) -> None:
+    """NaN, Inf or a sample beyond MAX_FLOAT_SAMPLE_MAGNITUDE would poison every feature frame it touches;
+    refuse them, saying where the first one is.
 
     `channels` has shape (channels, frames); `first_frame` is the stream position of its first frame.
     """
+    if channels.size == 0:
+        return
+    # One pass for the common case: finite and in range has a finite, small peak (NaN makes the max NaN).
+    peak = float(np.max(np.abs(channels)))
+    if peak <= MAX_FLOAT_SAMPLE_MAGNITUDE:
+        return
     finite = np.isfinite(channels)
     if not finite.all():
         channel, frame = np.unravel_index(int(np.argmin(finite)), finite.shape)
@@ -72,3 +86,9 @@ def check_finite(channels: npt.NDArray[np.float32], *, what: str, first_frame: i
             f"{what} contains NaN or Inf (first at frame {first_frame + int(frame)} of channel {int(channel)}, "
             f"value {channels[channel, frame]!r}); only finite values, nominally in [-1, 1], are accepted"
         )
+    channel, frame = np.unravel_index(int(np.argmax(np.abs(channels) > MAX_FLOAT_SAMPLE_MAGNITUDE)), channels.shape)
+    raise InvalidInput(
+        f"{what} has a sample of {float(channels[channel, frame]):g} (first at frame {first_frame + int(frame)} of "
+        f"channel {int(channel)}); samples must lie within +-{MAX_FLOAT_SAMPLE_MAGNITUDE:g} (full scale is +-1.0): "
+        "scale the audio to [-1, 1]"
+    )

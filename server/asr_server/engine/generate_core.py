@@ -20,6 +20,7 @@ import numpy as np
 from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
 from asr_server.engine.core import EngineOutput
 from asr_server.engine.types import BatchStats, DecodeRequest, DecodeResult, WorkItem
+from asr_server.errors import AsrError, InvalidInput
 from asr_server.models.loading import LoadedAsrModel
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,29 @@ def prepare_single(loaded: LoadedAsrModel, request: DecodeRequest) -> PreparedIn
         # string, and the prompt ends at a special token or a newline, where BPE never merges across anyway.
         prefix_ids = processor.tokenizer(request.prefix_text, add_special_tokens=False)["input_ids"]
         input_ids = torch.cat([input_ids, torch.tensor([prefix_ids], dtype=input_ids.dtype)], dim=1)
-    return PreparedInputs(input_ids, inputs["input_features"], inputs["input_features_mask"])
+    return require_finite_features(PreparedInputs(input_ids, inputs["input_features"], inputs["input_features_mask"]))
+
+
+def require_finite_features(prepared: PreparedInputs) -> PreparedInputs:
+    """Refuses a clip whose log-mel is not finite. The audio layer bounds samples, so this is the second line: a
+    NaN feature makes NaN logits and NaN keys and values, and the request fails alone instead of decoding "!"."""
+    import torch
+
+    if not bool(torch.isfinite(prepared.input_features).all()):
+        raise InvalidInput(
+            "the audio's log-mel features are not finite (NaN or Inf); send audio with finite samples in [-1, 1]"
+        )
+    return prepared
+
+
+def request_error(request_id: str, stage: str, exc: Exception) -> Exception:
+    """What the caller of a request that failed alone is told: the request's own fault as it is (the edge maps it
+    to a precise status, e.g. INVALID_ARGUMENT for non-finite features), anything else as an engine failure."""
+    if isinstance(exc, AsrError):
+        logger.info("request %s failed in %s: %s", request_id, stage, exc)
+        return exc
+    logger.error("request %s failed in %s: %s: %s", request_id, stage, type(exc).__name__, exc)
+    return RuntimeError(f"{stage} failed: {type(exc).__name__}: {exc}")
 
 
 def parse_transcription(processor: Any, request: DecodeRequest, ids: list[int]) -> tuple[str, str]:
@@ -157,9 +180,7 @@ class GenerateEngine:
 
     @staticmethod
     def _failed(work: WorkItem, exc: Exception) -> EngineOutput:
-        logger.error("request %s failed: %s: %s", work.request.request_id, type(exc).__name__, exc)
-        error = RuntimeError(f"inference failed: {type(exc).__name__}: {exc}")
-        return EngineOutput(work.request.request_id, error=error)
+        return EngineOutput(work.request.request_id, error=request_error(work.request.request_id, "inference", exc))
 
     def _run_batch(self, batch: list[WorkItem]) -> list[EngineOutput]:
         return self._run_prepared([(w, prepare_single(self._loaded, w.request)) for w in batch])

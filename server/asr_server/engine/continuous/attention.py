@@ -38,6 +38,12 @@ def paged_decode_attention_torch(
     values = v_cache[pages].permute(0, 2, 1, 3, 4).reshape(batch, kv_heads, max_pages * page, dim)
     positions = torch.arange(max_pages * page, device=q.device)
     mask = (positions[None, :] < seq_lens[:, None].to(positions.dtype))[:, None, None, :]
+    # Slots past a row's length hold whatever the page's last owner left, NaN included; a masked score times a
+    # NaN value is still NaN (0 x NaN), and SDPA adds its mask to the scores (NaN + -inf is NaN). Zeroed, they
+    # cannot reach the output.
+    slot_ok = mask[:, :, 0, :, None]
+    keys = torch.where(slot_ok, keys, 0.0)
+    values = torch.where(slot_ok, values, 0.0)
     rep = heads // kv_heads
     if rep > 1:
         keys = keys.repeat_interleave(rep, dim=1)
@@ -105,15 +111,17 @@ def _kernel() -> Any:
             page_id = tl.load(table_ptr + row * table_stride + p).to(tl.int64)
             base = page_id * stride_kp + kvh * stride_kh
             offs = base + t[:, None] * HEAD_DIM + d[None, :]
-            k = tl.load(k_ptr + offs).to(q.dtype)
-            s = tl.dot(q, tl.trans(k)) * scale
             tok_ok = (p * PAGE + t) < seq_len
+            # Slots past seq_len hold what the page's last owner left (NaN included): never loaded, so a zero
+            # softmax weight never meets a NaN value (0 x NaN is NaN).
+            k = tl.load(k_ptr + offs, mask=tok_ok[:, None], other=0.0).to(q.dtype)
+            s = tl.dot(q, tl.trans(k)) * scale
             s = tl.where(tok_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp(m_i - m_new)
             probs = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(probs, 1)
-            v = tl.load(v_ptr + offs).to(q.dtype)
+            v = tl.load(v_ptr + offs, mask=tok_ok[:, None], other=0.0).to(q.dtype)
             acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v)
             m_i = m_new
 

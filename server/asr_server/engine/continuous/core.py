@@ -33,7 +33,7 @@ from asr_server.engine.continuous.decoder import DecodeBuffers, KvCache, PagedDe
 from asr_server.engine.continuous.encoder import encode
 from asr_server.engine.continuous.prepare import FastPreparer
 from asr_server.engine.core import EngineOutput
-from asr_server.engine.generate_core import PreparedInputs, parse_transcription
+from asr_server.engine.generate_core import PreparedInputs, parse_transcription, request_error
 from asr_server.engine.types import BatchStats, DecodeOptions, DecodeRequest, DecodeResult, WorkItem
 from asr_server.errors import LimitExceeded
 from asr_server.models.loading import LoadedAsrModel
@@ -282,16 +282,14 @@ class ContinuousEngine:
         page = self._config.page_size
         while self._waiting and self._free_rows:
             req = self._waiting[0]
-            if not req.prepared.done():
-                # Features are computed in arrival order; a later one being ready first is rare and cheap to wait for.
-                if admitted or self._running:
-                    break
-                req.prepared.result()
+            # Features are computed in arrival order; a later one being ready first is rare and cheap to wait for.
+            if not req.prepared.done() and (admitted or self._running):
+                break
             self._waiting.popleft()
             try:
-                prepared = req.prepared.result()
+                prepared = req.prepared.result()  # waits when nothing else can run meanwhile
             except Exception as exc:  # noqa: BLE001 - one bad clip fails alone
-                outputs.append(EngineOutput(req.request_id, error=RuntimeError(f"preprocessing failed: {exc}")))
+                outputs.append(EngineOutput(req.request_id, error=request_error(req.request_id, "preprocessing", exc)))
                 continue
             prompt_len = int(prepared.input_ids.shape[1])
             need_tokens = prompt_len + req.budget + 1  # +1: the step launched before the host sees the end
@@ -374,12 +372,9 @@ class ContinuousEngine:
                 self._fail_admitted(req, exc, outputs)
 
     def _fail_admitted(self, req: _Request, exc: Exception, outputs: list[EngineOutput]) -> None:
-        logger.error("prefill of %s failed: %s: %s", req.request_id, type(exc).__name__, exc)
         self._running.pop(req.request_id, None)
         self._release(req)
-        outputs.append(
-            EngineOutput(req.request_id, error=RuntimeError(f"inference failed: {type(exc).__name__}: {exc}"))
-        )
+        outputs.append(EngineOutput(req.request_id, error=request_error(req.request_id, "inference", exc)))
 
     def _prefill(self, admitted: list[_Request]) -> None:
         prepared = [req.prepared.result() for req in admitted]

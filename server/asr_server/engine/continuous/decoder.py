@@ -246,14 +246,17 @@ class PagedDecoder:
             rest = [members[0] for members in groups.values() if len(members) == 1]
             if len(rest) == 1:  # a lone prompt needs no mask either
                 rest = []
-            # (gather (g, L), mask or None, rows of the padded output to keep or None, destination token indices)
-            plans: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]] = []
+            # (gather (g, L), mask or None, rows of the padded output to keep or None, destination token indices,
+            # which gathered keys/values are real (g, 1, L, 1) or None)
+            plans: list[
+                tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
+            ] = []
             for n, members in groups.items():
                 if len(members) == 1 and members[0] in rest:
                     continue
                 starts = torch.tensor([bounds[i] for i in members], device=device)
                 gather = starts[:, None] + torch.arange(n, device=device)[None, :]
-                plans.append((gather, None, None, gather.flatten()))
+                plans.append((gather, None, None, gather.flatten(), None))
             if rest:
                 longest = max(lengths[i] for i in rest)
                 starts = torch.tensor([bounds[i] for i in rest], device=device)
@@ -264,14 +267,20 @@ class PagedDecoder:
                 causal = offs[None, :, None] >= offs[None, None, :]
                 mask = (causal & valid[:, None, :])[:, None, :, :]
                 keep = valid.flatten().nonzero().squeeze(-1)
-                plans.append((gather, mask, keep, gather.flatten().index_select(0, keep)))
+                # The padding gathers token 0, another request's: zeroed, its K/V cannot reach this request even
+                # when they are NaN (a masked score is added to -inf and weighted by 0, and NaN survives both).
+                real = valid[:, None, :, None]
+                plans.append((gather, mask, keep, gather.flatten().index_select(0, keep), real))
 
             def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 out = torch.empty_like(q)
-                for gather, mask, keep, dest in plans:
+                for gather, mask, keep, dest, real in plans:
                     qp = q[gather].transpose(1, 2)
                     kp = k[gather].transpose(1, 2)
                     vp = v[gather].transpose(1, 2)
+                    if real is not None:
+                        kp = torch.where(real, kp, 0.0)
+                        vp = torch.where(real, vp, 0.0)
                     if rep > 1:
                         kp = kp.repeat_interleave(rep, dim=1)
                         vp = vp.repeat_interleave(rep, dim=1)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
-from asr_server.engine.generate_core import PreparedInputs, prepare_single
+from asr_server.engine.generate_core import PreparedInputs, prepare_single, require_finite_features
 from asr_server.engine.types import DecodeRequest
 from asr_server.models.loading import LoadedAsrModel
 
@@ -102,4 +102,4 @@ class FastPreparer:
         template = self._template(request)
         if template is None:
             return prepare_single(self._loaded, request)
-        return self._build(request, template)
+        return require_finite_features(self._build(request, template))
