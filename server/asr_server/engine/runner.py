@@ -139,6 +139,11 @@ class EngineRunner:
         return self._worker.state
 
     @property
+    def core(self) -> EngineCore | None:
+        """The loaded core, None until the engine thread has loaded it."""
+        return self._worker.core
+
+    @property
     def model_id(self) -> str:
         core = self._worker.core
         return core.model_id if core is not None else ""
