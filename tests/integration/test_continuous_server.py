@@ -76,7 +76,7 @@ async def test_concurrent_callers_on_two_replicas_get_the_reference_text(
         assert isinstance(server.engine, ReplicatedRunner)
         stub = pb_grpc.AsrServiceStub(channel)
         responses = await asyncio.gather(*(stub.Transcribe(_request(clip)) for clip in clips))
-        steps = [runner._core.steps for runner in server.engine.runners]  # type: ignore[union-attr]
+        steps = [runner.core.steps for runner in server.engine.runners]  # type: ignore[union-attr]
     got = [r.transcripts[0].text for r in responses]
     assert got == expected
     # The continuous engine reports its first token, before the response is complete.

@@ -72,7 +72,7 @@ async def test_a_server_with_a_device_map_runs_the_generate_engine_and_matches_t
     try:
         await server.start()
         assert isinstance(server.engine, EngineRunner)
-        core = server.engine._core
+        core = server.engine.core
         assert type(core) is GenerateEngine, type(core)
         assert str(core._loaded.device) == "cpu" and str(core._loaded.dtype) == "torch.float32"
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:

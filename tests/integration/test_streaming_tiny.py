@@ -71,7 +71,7 @@ async def test_finals_equal_unary_results_and_interims_arrive_before_the_utteran
     config, core_factory, core_type = _engine_setup(engine, tiny_asr, tiny_checkpoints)
     caplog.set_level(logging.WARNING, logger="asr_server")
     async with running_server(config, core_factory=core_factory) as (server, channel):
-        assert isinstance(server.engine._core, core_type)  # type: ignore[union-attr]
+        assert isinstance(server.engine.core, core_type)  # type: ignore[union-attr]
         # Record what reaches the engine, to check the interims that carried a continuation prefix.
         decoded: list[tuple[DecodeRequest, DecodeResult]] = []
         real_decode = server.engine.decode

@@ -38,7 +38,7 @@ def _config(model: str, *flags: str) -> Config:
 def _cores(server: AsrServer) -> Iterator[list[EngineCore]]:
     """Each replica's core, built by its runner's factory here instead of on an engine thread, closed after."""
     runners = server.engine.runners if isinstance(server.engine, ReplicatedRunner) else [server.engine]
-    cores = [runner._core_factory() for runner in runners]
+    cores = [runner._worker._core_factory() for runner in runners]
     try:
         yield cores
     finally:

@@ -170,7 +170,7 @@ async def test_a_thread_that_dies_before_start_returns_is_not_reported_ready() -
     runner = EngineRunner(lambda: DiesAtOnce(max_batch_size=1), BatchingPolicy(1, 0.0, 10))
     starting = asyncio.ensure_future(runner.start())
     await asyncio.sleep(0)  # start() has launched the thread and waits for it
-    thread = runner._thread
+    thread = runner._worker.thread
     assert thread is not None
     thread.join(5)  # blocks this loop, so start() resumes only after the thread is gone
     with pytest.raises(RuntimeError, match="failed right after loading"):

@@ -15,7 +15,6 @@ No gRPC here and no threads: the batcher owns the thread, the sidecar the servic
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,10 +182,3 @@ class AlignerCore:
                 continue
             results.append(fix_timestamps(row))
         return results
-
-
-def timed_batch(core: AlignerCore, jobs: list[AlignJob]) -> tuple[list[tuple[Word, ...] | Exception], float]:
-    """align_batch and its wall time in ms (benchmarks)."""
-    started = time.perf_counter()
-    outcomes = core.align_batch(jobs)
-    return outcomes, (time.perf_counter() - started) * 1000

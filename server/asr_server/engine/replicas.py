@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 
-from asr_server.engine.runner import EngineRunner, State
+from asr_server.engine.runner import EngineRunner
 from asr_server.engine.types import DecodeRequest, DecodeResult
 from asr_server.errors import Unavailable
+from asr_server.worker import State
 
 
 class ReplicatedRunner:

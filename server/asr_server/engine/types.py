@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -77,4 +77,3 @@ class WorkItem:
     request: DecodeRequest
     enqueued_ns: int
     enqueued_monotonic_s: float
-    extra: dict[str, object] = field(default_factory=dict)
