@@ -61,7 +61,14 @@ class Ticket(Generic[JobT, ResultT]):
 
     def settle(self, value: ResultT | BaseException) -> None:
         """Answers the caller (thread-safe); an exception is raised in the caller. A second answer is ignored."""
-        self.loop.call_soon_threadsafe(_settle, self.future, value)
+        try:
+            self.loop.call_soon_threadsafe(_settle, self.future, value)
+        except RuntimeError:
+            if not self.loop.is_closed():
+                raise
+            # The caller's loop is gone (a test's loop, a server shut down): nobody can receive this answer, and
+            # the worker must go on serving the others.
+            logger.debug("a caller's event loop closed before its answer came")
 
 
 @dataclass(frozen=True, eq=False)

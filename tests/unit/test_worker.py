@@ -214,3 +214,12 @@ async def test_a_caller_cancelled_while_its_job_is_held_is_withdrawn() -> None:
     assert await asyncio.wait_for(worker.submit("next"), WAIT_S) == "NEXT"  # the withdrawal came before it
     await worker.stop()
     assert body.withdrawn == ["keep"]
+
+
+def test_an_answer_to_a_closed_loop_is_dropped_not_raised() -> None:
+    loop = asyncio.new_event_loop()
+    future: asyncio.Future[int] = loop.create_future()
+    ticket: Ticket[str, int] = Ticket("job", loop, future, 0.0)
+    loop.close()
+    ticket.settle(1)  # raised RuntimeError('Event loop is closed') in the worker's thread, which then died
+    assert not future.done()
