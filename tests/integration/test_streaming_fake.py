@@ -13,11 +13,12 @@ import grpc
 import numpy as np
 import pytest
 
+from asr_server.audio.formats import samples_to_ms
 from asr_server.config import StreamingConfig
 from asr_server.engine.fake import FakeEngine, fake_transcript
 from asr_server.engine.types import DecodeOptions, DecodeRequest
 from asr_server.results import Word
-from asr_server.transcription import AlignmentResult, samples_to_ms
+from asr_server.transcription import AlignmentResult
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 from tests.helpers import fake_config, running_server
@@ -178,6 +179,45 @@ async def test_separate_channels_are_endpointed_on_their_own() -> None:
         assert abs(by_channel[index].start_ms - spans[0][0] * 1000) <= 100
         assert abs(by_channel[index].end_ms - spans[0][1] * 1000) <= 100
     check_order(received)
+
+
+async def test_single_utterance_with_separate_channels_gives_each_channel_its_final() -> None:
+    # The right channel is mid-sentence when the left one's utterance ends: it used to be dropped.
+    left, left_spans = synthesize_sentences([SENTENCES[0]], silence_s=1.0)
+    right, right_spans = synthesize_sentences([SENTENCES[1]], silence_s=2.5)
+    assert right_spans[0][0] < left_spans[0][1] + 0.8 < right_spans[0][1]
+    n = max(left.shape[0], right.shape[0]) + 16000
+    stereo = np.zeros((n, 2), dtype=np.float32)
+    stereo[: left.shape[0], 0] = left
+    stereo[: right.shape[0], 1] = right
+    fmt = pb.AudioFormat(encoding=pb.AUDIO_ENCODING_LINEAR16, sample_rate_hz=16000, channel_count=2)
+    config = stream_config(fmt, channel_mode=pb.CHANNEL_MODE_SEPARATE, single=True, interim=True)
+    async with running_server(fake_config()) as (_, channel):
+        received = await run_stream(pb_grpc.AsrServiceStub(channel), config, pcm16(stereo), bytes_per_ms=64)
+    by_channel = {f.channel_index: f for f in received.finals}
+    assert sorted(by_channel) == [0, 1] and len(received.finals) == 2
+    # Each channel's whole utterance, not one cut where the other channel's ended.
+    for index, spans in ((0, left_spans), (1, right_spans)):
+        assert abs(by_channel[index].end_ms - spans[0][1] * 1000) <= 100
+    (end_event,) = received.events(pb.SPEECH_EVENT_TYPE_END_OF_SINGLE_UTTERANCE)
+    assert abs(end_event.offset_ms - right_spans[0][1] * 1000) <= 1000
+    assert received.finals[-1] == received.responses[-1][1].result
+
+
+async def test_an_interim_never_ends_past_the_processed_audio_of_its_message() -> None:
+    # Paced in real time, so an interim is answered before the next piece: the audio it decoded used to include
+    # the samples past the last whole VAD frame, which processed_audio_ms does not count yet.
+    audio, _ = synthesize_sentences(SENTENCES[1:2], silence_s=0.5)
+    async with running_server(fake_config(max_batch_wait_ms=0)) as (_, channel):
+        received = await run_stream(
+            pb_grpc.AsrServiceStub(channel), stream_config(interim=True, interval_ms=300), pcm16(audio), piece_ms=90,
+            realtime=1.0,
+        )
+    interims = [r for _, r in received.responses if r.HasField("result") and not r.result.is_final]
+    assert len(interims) >= 3
+    assert all(r.result.end_ms <= r.processed_audio_ms for r in interims), [
+        (r.result.end_ms, r.processed_audio_ms) for r in interims
+    ]
 
 
 async def test_transcribe_stream_with_endpointing_returns_a_segment_per_utterance() -> None:

@@ -115,3 +115,11 @@ async def test_a_span_planner_decides_the_pieces_and_segments_of_each_channel() 
     for transcript in result.transcripts:
         assert [(s.start_ms, s.end_ms) for s in transcript.segments] == [(100, 400), (600, 900)]
         assert len(transcript.segments) == 2 and transcript.text.count("piece") == 2
+
+
+async def test_first_token_ms_is_reported_with_an_utterance_planner_too() -> None:
+    # Endpointed requests went through a second pipeline that never reported it (0 on the wire).
+    transcriber = Transcriber(StaggeredFirstTokens(report=True), None, TranscriberLimits(30, 30))
+    options = TranscribeOptions(language=None, context="", max_new_tokens=16)
+    result = await transcriber.transcribe(_stereo_second(), options, TwoUtterances())
+    assert result.timing.first_token_ms is not None and 20 <= result.timing.first_token_ms <= 200

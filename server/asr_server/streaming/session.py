@@ -168,6 +168,8 @@ class _Channel:
     interim_count: int = 0
     interim_samples: int = 0
     interims_skipped: int = 0
+    # single_utterance: this channel has had its utterance (or had none open when another channel's ended).
+    done: bool = False
 
 
 class StreamingSession:
@@ -223,7 +225,13 @@ class StreamingSession:
 
     @property
     def processed_ms(self) -> int:
-        return samples_to_ms(min(c.endpointer.frames_seen for c in self._channels) * FRAME_SAMPLES)
+        return samples_to_ms(self._processed_samples())
+
+    def _processed_samples(self) -> int:
+        """16 kHz samples every live channel has pushed through VAD and endpointing (channels done with their
+        single utterance no longer advance, so they do not hold the others back)."""
+        live = [c for c in self._channels if not c.done] or self._channels
+        return min(c.endpointer.frames_seen for c in live) * FRAME_SAMPLES
 
     @property
     def held_samples(self) -> int:
@@ -298,6 +306,8 @@ class StreamingSession:
                 self._maybe_interim(channel)
 
     async def _process_channel(self, channel: _Channel, samples: npt.NDArray[np.float32]) -> None:
+        if channel.done:
+            return
         channel.buffer.append(np.ascontiguousarray(samples, dtype=np.float32))
         probs, energies = await self._vad.frames(channel.vad, samples)
         if self._stopped and not self._flushing:
@@ -343,14 +353,24 @@ class StreamingSession:
         task.add_done_callback(lambda _: _final_done(channel))
         channel.finals.put_nowait(task)
         if self.options.single_utterance and not self._stopped:
-            self._stopped = True
-            self._emit(
-                SpeechEvent(SpeechEventKind.END_OF_SINGLE_UTTERANCE, samples_to_ms(ended.end_sample), channel.index, 0)
-            )
-            for other in self._channels:
+            self._end_single_utterance(channel, ended.end_sample)
+
+    def _end_single_utterance(self, channel: _Channel, end_sample: int) -> None:
+        """One utterance per channel: a channel that spoke is done once its utterance closed; one that had no open
+        utterance when the first one closed is done at once. The call ends when every channel is done, so a
+        second speaker mid-sentence on another channel still gets its whole utterance and its final."""
+        channel.done = True
+        self._reset_interim(channel, channel.buffer.end)
+        for other in self._channels:
+            if other.endpointer.open_start is None and not other.done:
+                other.done = True
                 self._reset_interim(other, other.buffer.end)
-            # Kept: the loop holds tasks only weakly.
-            self._finishing = asyncio.get_running_loop().create_task(self.finish())
+        if not all(c.done for c in self._channels):
+            return
+        self._stopped = True
+        self._emit(SpeechEvent(SpeechEventKind.END_OF_SINGLE_UTTERANCE, samples_to_ms(end_sample), channel.index, 0))
+        # Kept: the loop holds tasks only weakly.
+        self._finishing = asyncio.get_running_loop().create_task(self.finish())
 
     async def _final(
         self, channel_index: int, utterance_index: int, start: int, end: int, audio: npt.NDArray[np.float32]
@@ -422,9 +442,10 @@ class StreamingSession:
 
     def _maybe_interim(self, channel: _Channel) -> None:
         start = channel.endpointer.open_start
-        if not self.options.interim_results or self._stopped or start is None:
+        if not self.options.interim_results or self._stopped or channel.done or start is None:
             return
-        end = channel.buffer.end
+        # Only audio the endpointer has seen: the interim's end_ms never runs ahead of processed_audio_ms.
+        end = min(channel.buffer.end, self._processed_samples())
         if end - channel.interim_from < self._interval_samples or end - start < _MIN_INTERIM_SAMPLES:
             return
         if channel.interim_task is not None or channel.finals_decoding:
