@@ -31,7 +31,7 @@ import numpy.typing as npt
 
 from asr_server.audio.assembler import StreamAssembler, StreamResampler
 from asr_server.audio.formats import AudioFormat, AudioLimits, ms_to_samples, samples_to_ms
-from asr_server.errors import AsrError, InvalidInput
+from asr_server.errors import AsrError, InvalidInput, Unavailable
 from asr_server.results import ChannelMode, Word, WordTimestampsStatus
 from asr_server.streaming.endpoint import Endpointer, EndpointEvent, EndpointSettings, SpeechStarted, UtteranceEnded
 from asr_server.streaming.prefix import TokenDecoder, rollback
@@ -266,6 +266,17 @@ class StreamingSession:
                     self._close_utterance(channel, ended)
         await self._drain_finals()
         self._out.put_nowait(None)
+
+    async def drain(self, reason: str) -> int:
+        """The server is shutting down: every open utterance is flushed as a final (as on half-close), then
+        `events()` ends with Unavailable(reason) so the caller knows to reconnect. Returns how many open
+        utterances were flushed."""
+        if self._finished:
+            return 0  # half-closed, cancelled or failed already: it ends on its own, as it would have
+        flushed = sum(1 for c in self._channels if not c.done and c.endpointer.open_start is not None)
+        self._error = Unavailable(reason)
+        await self.finish()
+        return flushed
 
     def cancel(self) -> None:
         """The client went away: drop every decode at once (queued ones leave the engine queue)."""
