@@ -51,3 +51,32 @@ async def test_drain_flushes_the_open_utterance_then_ends_unavailable() -> None:
         assert await session.drain("again") == 0
     finally:
         await runner.stop()
+
+
+async def test_a_final_later_than_the_lag_limit_is_reported() -> None:
+    # The engine takes 300 ms a batch: each final comes >= 300 ms after its utterance closed.
+    runner = EngineRunner(lambda: FakeEngine(max_batch_size=8, batch_delay_ms=300), BatchingPolicy(8, 0.0, 64))
+    await runner.start()
+    try:
+        transcriber = Transcriber(runner, None, TranscriberLimits(1200, 180))
+        audio, _ = synthesize_sentences(["Hello there, how are you today?"], silence_s=1.0)
+        reported: dict[int, list[float]] = {}
+        for limit_ms in (100, 5000):
+            lags = reported.setdefault(limit_ms, [])
+            session = StreamingSession(
+                StreamingOptions(TranscribeOptions(None, "", 4096), EndpointSettings()),
+                AudioFormat(Encoding.LINEAR16, 16000, 1),
+                transcriber=transcriber,
+                vad=VadBatcher(),
+                limits=LIMITS,
+                max_lag_ms=limit_ms,
+                on_lag=lags.append,
+            )
+            await session.feed(pcm16(audio))
+            await session.finish()
+            finals = [e async for e in session.events() if isinstance(e, StreamResult) and e.is_final]
+            assert len(finals) == 1 and session.max_final_delay_ms >= 300
+        assert len(reported[100]) == 1 and reported[100][0] >= 300
+        assert reported[5000] == []
+    finally:
+        await runner.stop()

@@ -157,7 +157,8 @@ class _Channel:
     vad: VadState = field(default_factory=VadState)
     buffer: _AudioBuffer = field(default_factory=_AudioBuffer)
     utterance_index: int = 0
-    finals: asyncio.Queue[asyncio.Task[StreamResult] | None] = field(default_factory=asyncio.Queue)
+    # Finals in utterance order, each with when its utterance closed (loop time), for the lag check.
+    finals: asyncio.Queue[tuple[asyncio.Task[StreamResult], float] | None] = field(default_factory=asyncio.Queue)
     finals_decoding: int = 0  # finals of this channel still in the engine
     emitter: asyncio.Task[None] | None = None
     # The open utterance's interim state.
@@ -190,6 +191,8 @@ class StreamingSession:
         limits: AudioLimits,
         token_decoder: TokenDecoder | None = None,
         on_utterance_work: Callable[[UtteranceWork], None] | None = None,
+        max_lag_ms: float = 0.0,
+        on_lag: Callable[[float], None] | None = None,
     ) -> None:
         if not audio_format.encoding.is_raw:
             raise InvalidInput(
@@ -203,6 +206,11 @@ class StreamingSession:
         self._vad = vad
         self._decoder = token_decoder
         self._on_work = on_utterance_work
+        # A final later than this after its utterance closed means the stream is behind real time: reported to
+        # on_lag (the servicer logs it), never silently. 0: not checked.
+        self._max_lag_s = max_lag_ms / 1000
+        self._on_lag = on_lag
+        self.max_final_delay_ms = 0.0
         self._assembler = StreamAssembler(audio_format, limits=limits, keep_for_finish=False)
         separate = options.transcribe.channel_mode is ChannelMode.SEPARATE and audio_format.channel_count > 1
         self._downmix = not separate and audio_format.channel_count > 1
@@ -289,9 +297,9 @@ class StreamingSession:
             if channel.emitter is not None:
                 channel.emitter.cancel()
             while not channel.finals.empty():
-                task = channel.finals.get_nowait()
-                if task is not None:
-                    task.cancel()
+                queued = channel.finals.get_nowait()
+                if queued is not None:
+                    queued[0].cancel()
         self._out.put_nowait(None)
 
     async def events(self) -> AsyncIterator[StreamEvent]:
@@ -362,7 +370,7 @@ class StreamingSession:
             channel.emitter = asyncio.get_running_loop().create_task(self._emit_finals(channel))
         channel.finals_decoding += 1
         task.add_done_callback(lambda _: _final_done(channel))
-        channel.finals.put_nowait(task)
+        channel.finals.put_nowait((task, asyncio.get_running_loop().time()))
         if self.options.single_utterance and not self._stopped:
             self._end_single_utterance(channel, ended.end_sample)
 
@@ -408,10 +416,12 @@ class StreamingSession:
         )
 
     async def _emit_finals(self, channel: _Channel) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            task = await channel.finals.get()
-            if task is None:
+            queued = await channel.finals.get()
+            if queued is None:
                 return
+            task, closed_at = queued
             try:
                 result = await task
             except asyncio.CancelledError:
@@ -420,6 +430,7 @@ class StreamingSession:
                 self.fail(exc)
                 return
             self._emit(result)
+            self._check_lag(loop.time() - closed_at)
 
     async def _drain_finals(self) -> None:
         for channel in self._channels:
@@ -434,6 +445,11 @@ class StreamingSession:
         if self._error is None:
             self._error = exc
             self.cancel()
+
+    def _check_lag(self, delay_s: float) -> None:
+        self.max_final_delay_ms = max(self.max_final_delay_ms, delay_s * 1000)
+        if self._max_lag_s and delay_s > self._max_lag_s and self._on_lag is not None:
+            self._on_lag(delay_s * 1000)
 
     def _emit(self, event: StreamEvent) -> None:
         self._out.put_nowait(dataclasses.replace(event, processed_ms=self.processed_ms))
