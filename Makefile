@@ -50,11 +50,12 @@ serve: proto
 test: setup
 	$(PY) -m pytest -q
 
+# The fast layer: pure tests (no model, no subprocess, no thread timing), a few seconds.
 test-unit: proto
 	$(PY) -m pytest -q tests/unit
 
 test-clients: setup
-	$(PY) -m pytest -q tests/clients $(wildcard tests/unit/test_python_client*.py)
+	$(PY) -m pytest -q tests/clients $(wildcard tests/unit/test_python_client*.py tests/integration/test_python_client*.py)
 
 lint: proto
 	$(VENV)/bin/ruff check server clients/python tests bench

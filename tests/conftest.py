@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from asr_server.models.tiny_checkpoint import TinyCheckpoints, build_all
+if TYPE_CHECKING:
+    from asr_server.models.tiny_checkpoint import TinyCheckpoints
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,6 +21,9 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint
     Built under the session's tmp dir (a few seconds), or, when ASR_TINY_DIR names a directory (e.g.
     ASR_TINY_DIR=artifacts/tiny, relative to the repo root), kept there and reused by later runs.
     """
+    # Imported here, not at the top: collecting the pure unit tests must not pay for the checkpoint builder.
+    from asr_server.models.tiny_checkpoint import build_all
+
     configured = os.environ.get("ASR_TINY_DIR", "").strip()
     if configured:
         root = Path(configured).expanduser()

@@ -1,4 +1,5 @@
-"""Driving StreamingRecognize from tests and benchmarks: pacing, collection, 16 kHz LINEAR16 framing."""
+"""Driving StreamingRecognize from tests and benchmarks: pacing, collection, 16 kHz LINEAR16 framing; and an engine
+that counts what a StreamingSession asks of it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from asr_server.engine.fake import fake_transcript
+from asr_server.engine.types import BatchStats, DecodeRequest, DecodeResult
+from asr_server.transcription import DecodeBackend
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 
@@ -103,3 +107,59 @@ async def run_stream(
     async for response in stub.StreamingRecognize(requests):
         received.responses.append((time.perf_counter() - started, response))
     return received
+
+
+class CountingEngine:
+    """A Transcriber backend that counts the work it is given: decodes, and the 16 kHz samples they cover.
+
+    Without `inner` it answers each decode at once, inside the event loop, with the fake engine's text (no thread,
+    so nothing depends on timing); with `inner` (e.g. an EngineRunner) it passes each decode on. Tests that
+    call `settle()` after every piece they feed get every decode answered before the next piece arrives, so what
+    a session decodes depends only on its audio, not on how fast the machine is.
+    """
+
+    model_id = "counting"
+
+    def __init__(self, inner: DecodeBackend | None = None) -> None:
+        self._inner = inner
+        self.decodes = 0
+        self.samples = 0
+        self.max_samples = 0
+        self._pending = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def decode(self, request: DecodeRequest) -> DecodeResult:
+        size = request.audio_16k.shape[0]
+        self.decodes += 1
+        self.samples += size
+        self.max_samples = max(self.max_samples, size)
+        if self._inner is None:
+            return _answer_now(request)
+        self._pending += 1
+        self._idle.clear()
+        try:
+            return await self._inner.decode(request)
+        finally:
+            self._pending -= 1
+            if not self._pending:
+                self._idle.set()
+
+    async def settle(self) -> None:
+        """Returns once every decode asked for so far is answered, and the answers asked for no new ones."""
+        while True:
+            await self._idle.wait()
+            before = self.decodes
+            # Tasks created since the caller last yielded (by `feed`, or by an answer just handled) take their first
+            # step now, which is where a decode is submitted.
+            await asyncio.sleep(0)
+            if self.decodes == before and self._idle.is_set():
+                return
+
+
+def _answer_now(request: DecodeRequest) -> DecodeResult:
+    text, ids = fake_transcript(request)
+    language = request.options.language or ("English" if text else "")
+    now_ns = time.time_ns()
+    stats = BatchStats(batch_size=1, audio_s=request.audio_s, generated_tokens=len(ids), start_ns=now_ns, end_ns=now_ns)
+    return DecodeResult(request.request_id, text, language, ids, now_ns, stats, now_ns)

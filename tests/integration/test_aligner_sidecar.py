@@ -35,7 +35,7 @@ from qwenasr.aligner.v1 import aligner_pb2, aligner_pb2_grpc
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 from tests.helpers import fake_config, running_server, tone, with_limits
-from tests.unit.test_aligner_core import TEXTS, make_jobs, reference_alignment
+from tests.integration.test_aligner_core import TEXTS, make_jobs, reference_alignment
 
 
 @pytest.fixture(scope="module")

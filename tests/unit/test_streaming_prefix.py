@@ -18,12 +18,11 @@ from typing import Any
 
 import pytest
 
-from asr_server.models.tiny_checkpoint import TinyCheckpoints, build_tokenizer
+from asr_server.models.tiny_checkpoint import build_tokenizer
 from asr_server.streaming.prefix import (
     REPLACEMENT_CHAR,
     FakeTokenDecoder,
     HfTokenDecoder,
-    load_hf_token_decoder,
     rollback,
 )
 from asr_server.streaming.session import StreamingOptions
@@ -162,11 +161,3 @@ def test_a_trailing_eos_is_not_counted_as_one_of_the_dropped_tokens(tokenizer: A
             assert rollback(ids, 5, decoder) == rollback(text_ids, 5, decoder), eos
     # A history that is only special tokens has nothing to keep.
     assert rollback([int(tokenizer.convert_tokens_to_ids("<|im_end|>"))], 0, decoder) == ((), "")
-
-
-def test_the_checkpoints_saved_tokenizer_behaves_the_same(tiny_checkpoints: TinyCheckpoints, tokenizer: Any) -> None:
-    # What the servicer loads (load_hf_token_decoder on the model directory) splits and rolls back alike.
-    loaded = load_hf_token_decoder(str(tiny_checkpoints.asr_hf))
-    ids = encode(tokenizer, RAW_ZH)
-    assert loaded.decode(ids) == RAW_ZH
-    assert rollback(ids, 1, loaded) == (tuple(ids[:-3]), "language Chinese<asr_text>你好世界")

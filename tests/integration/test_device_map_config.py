@@ -2,7 +2,8 @@
 
 The factory: the continuous engine (the default) only when no device_map is given, since its paged decoder wants
 every layer on one device; with one, the generate engine (padded batches), with a warning; `--engine transformers`
-is the generate engine either way. `--devices` with several devices and a device_map are refused together.
+is the generate engine either way. (How the config reads the flag, and that `--devices` with several devices and a
+device_map are refused together: tests/unit/test_config_device_map.py.)
 
 The cores are built from the tiny original-layout checkpoint, which takes a device_map without `accelerate` (the -hf
 layout needs it, a dependency; see tests/integration/test_device_map.py).
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from asr_server.config import Config, ConfigError, parse_serve_config
+from asr_server.config import Config, parse_serve_config
 from asr_server.edge.server import AsrServer
 from asr_server.engine.continuous.core import ContinuousEngine
 from asr_server.engine.core import EngineCore
@@ -46,14 +47,6 @@ def _cores(server: AsrServer) -> Iterator[list[EngineCore]]:
             core.close()
 
 
-def test_the_flag_and_its_environment_variable_are_read_as_given() -> None:
-    assert parse_serve_config([], {}).model.device_map is None
-    config = parse_serve_config(["--device-map", "auto", "--engine", "continuous"], {})
-    assert (config.model.device_map, config.engine.kind) == ("auto", "continuous")
-    assert parse_serve_config([], {"ASR_DEVICE_MAP": "cpu"}).model.device_map == "cpu"
-    assert parse_serve_config(["--device-map", "auto"], {"ASR_DEVICE_MAP": "cpu"}).model.device_map == "auto"
-
-
 @pytest.mark.parametrize(
     ("flags", "core_type", "warned"),
     [
@@ -80,9 +73,3 @@ def test_a_device_map_resolves_to_the_generate_engine(
         assert type(core) is core_type
         assert str(core._loaded.device) == "cpu"  # type: ignore[attr-defined]
     assert any(FALLBACK_WARNING in r.getMessage() for r in caplog.records) == warned
-
-
-def test_devices_and_a_device_map_are_refused_together() -> None:
-    # Each replica would be split over every device by the map, its own device ignored.
-    with pytest.raises(ConfigError, match="exclude each other"):
-        parse_serve_config(["--device-map", "auto", "--devices", "cpu,cpu"], {})

@@ -2,7 +2,9 @@
 
 The long-stream test is the guard against anything growing with the stream's length: a 2-hour stream of
 repeated espeak-ng sentences, fed far faster than real time, must hold flat memory and cost the same per
-utterance at its end as at its start.
+utterance at its end as at its start. Its work is counted, not timed: every piece's decodes are answered before
+the next piece is fed, so the counts depend on the audio alone (the same counts on a short stream, without the
+engine thread: tests/unit/test_streaming_interims.py).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from asr_server.streaming.session import StreamingOptions, StreamingSession, Str
 from asr_server.streaming.vad import EnergyVad, VadBatcher
 from asr_server.transcription import TranscribeOptions, Transcriber, TranscriberLimits
 from tests.speech import espeak_available, synthesize_sentences
-from tests.streaming_helpers import pcm16
+from tests.streaming_helpers import CountingEngine, pcm16
 
 pytestmark = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")
 
@@ -79,23 +81,30 @@ async def test_a_two_hour_stream_has_flat_memory_and_flat_work_per_utterance() -
 
     runner = EngineRunner(make_core, BatchingPolicy(32, 0.0, 4096))
     await runner.start()
-    transcriber = Transcriber(runner, None, TranscriberLimits(1200, 180))
+    engine = CountingEngine(runner)
+    transcriber = Transcriber(engine, None, TranscriberLimits(1200, 180))
     per_block = len(sentences)
     total_utterances = blocks * per_block
     # The test keeps only fixed-size summaries of the work, so its own bookkeeping cannot grow either.
     second_block: list[int] = []
     last_block: deque[int] = deque(maxlen=per_block)
-    tenth = total_utterances // 10
-    interim_s = [0.0] * 10
+    # (interim decodes, interim samples) per utterance of the second and of the last block.
+    second_interims: list[tuple[int, int]] = []
+    last_interims: deque[tuple[int, int]] = deque(maxlen=per_block)
+    interim_decodes = 0
+    decoded_samples = 0  # interims, and finals padded to the model's 0.5 s minimum
     bound_violations: list[UtteranceWork] = []
     seen = 0
 
     def on_work(w: UtteranceWork) -> None:
-        nonlocal seen
+        nonlocal seen, interim_decodes, decoded_samples
         if per_block <= w.utterance_index < 2 * per_block:
             second_block.append(w.audio_samples)
+            second_interims.append((w.interim_decodes, w.interim_samples))
         last_block.append(w.audio_samples)
-        interim_s[min(9, w.utterance_index // tenth)] += w.interim_samples / 16000
+        last_interims.append((w.interim_decodes, w.interim_samples))
+        interim_decodes += w.interim_decodes
+        decoded_samples += w.interim_samples + max(w.audio_samples, 8000)
         # At most one interim per second of audio, each covering at most the utterance, its trailing silence
         # (0.8 s) and one 2 s piece of newer audio.
         if w.interim_decodes > w.audio_samples // 16000 + 1 or w.interim_samples > w.interim_decodes * (
@@ -130,14 +139,14 @@ async def test_a_two_hour_stream_has_flat_memory_and_flat_work_per_utterance() -
     memory: list[int] = []
     held: list[int] = []
     started = time.perf_counter()
-    piece = 2 * 16000 * 2  # 2 s pieces, as fast as the session takes them
+    piece = 2 * 16000 * 2  # 2 s pieces, each as soon as the session and the engine are done with the last one
     try:
         for b in range(blocks):
             for offset in range(0, len(block_bytes), piece):
                 await session.feed(block_bytes[offset : offset + piece])
+                await engine.settle()
             held.append(session.held_samples)
             if b % (blocks // 8) == 0:
-                await asyncio.sleep(0.05)  # let decodes in flight land before measuring
                 # The fake engine logs every request id for batching tests; that log is not the server's.
                 cores[0].batches.clear()
                 cores[0].aborted.clear()
@@ -157,11 +166,16 @@ async def test_a_two_hour_stream_has_flat_memory_and_flat_work_per_utterance() -
     growth = [m - memory[1] for m in memory]
     assert max(growth[1:]) < 200_000, growth
     # Work: every decode is at most one utterance long; the same utterance is cut alike at the end as at the
-    # start; interims stay within their bounds, and the audio they cover per utterance does not grow.
+    # start; interims stay within their bounds, and the audio they cover per utterance does not grow: each
+    # interim is one engine decode, and the same utterance gets the same interims at the end as at the start.
     assert max_request_s <= 30.5
+    assert engine.max_samples <= 30.5 * 16000
     assert second_block == list(last_block)
     assert not bound_violations, bound_violations[:3]
-    assert interim_s[9] <= 1.25 * interim_s[0] + tenth, interim_s
+    assert engine.decodes == finals + interim_decodes
+    assert engine.samples == decoded_samples
+    assert second_interims == list(last_interims)
+    assert sum(decodes for decodes, _ in second_interims) >= per_block, second_interims  # interims were asked for
     print(f"2 h stream: {elapsed:.1f} s wall, {finals} finals, heap growth {[g // 1024 for g in growth]} kB")
 
 

@@ -461,21 +461,6 @@ def test_original_config_flattening_matches_the_hf_config(tiny_checkpoints: Tiny
             assert flat.timestamp_token_id == native.timestamp_token_id
 
 
-def test_key_renaming_round_trips() -> None:
-    cases = {
-        "model.audio_tower.conv2d1.weight": "thinker.audio_tower.conv2d1.weight",
-        "model.multi_modal_projector.linear_1.bias": "thinker.audio_tower.proj1.bias",
-        "model.multi_modal_projector.linear_2.weight": "thinker.audio_tower.proj2.weight",
-        "model.language_model.layers.0.self_attn.q_proj.weight": "thinker.model.layers.0.self_attn.q_proj.weight",
-        "lm_head.weight": "thinker.lm_head.weight",
-    }
-    for hf_key, original_key in cases.items():
-        assert loading.hf_to_original_key(hf_key, "asr") == original_key
-        assert loading.original_to_hf_key(original_key, "asr") == hf_key
-    assert loading.original_to_hf_key("thinker.lm_head.weight", "aligner") == "score.weight"
-    assert loading.hf_to_original_key("score.weight", "aligner") == "thinker.lm_head.weight"
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 @pytest.mark.parametrize("layout", ["hf", "original"])
 def test_a_cuda_device_map_without_cuda_is_a_clear_failed_precondition(
