@@ -55,7 +55,8 @@ class FailedPreconditionError(AsrError):
 
 
 class ResourceExhaustedError(AsrError):
-    """Audio or a message over the server's limits, or its request queue is full (retry with backoff)."""
+    """Audio or a message over the server's limits (not `retryable`), or its request queue is full (`retryable`:
+    wait `retry_delay_s`, then back off)."""
 
 
 class UnavailableError(AsrError, ConnectionError):
