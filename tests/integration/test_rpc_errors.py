@@ -168,3 +168,21 @@ async def test_audio_over_the_duration_limit_is_not_retryable_but_a_full_queue_i
         assert "queue is full" in (error.details() or "")
         info = retry_info(error)
         assert info is not None and info.retry_delay.ToNanoseconds() == 1_000_000_000
+
+
+async def test_an_unexpected_failure_is_internal_and_logged_with_its_traceback(
+    server_log: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asr_server.edge import convert
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(convert, "server_info_to_pb", broken)
+    async with running_server(fake_config()) as (_, channel):
+        error = await failure(pb_grpc.AsrServiceStub(channel).GetServerInfo(pb.GetServerInfoRequest()))
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert error.details() == "internal error: RuntimeError: boom"
+    (record,) = [r for r in server_log.records if r.exc_info]
+    assert record.getMessage() == "GetServerInfo failed" and record.exc_info is not None
+    assert isinstance(record.exc_info[1], RuntimeError)
