@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from asr_server import __version__
+from asr_server.errors import excerpt
 from asr_server.models.devices import parse_device_list
 
 TracingExporter = Literal["none", "console", "otlp"]
@@ -255,7 +256,7 @@ def _parse_value(raw: str, kind: Callable[[str], Any], flag: str) -> Any:
     try:
         return kind(raw)
     except ValueError as exc:
-        raise ConfigError(f"{flag}: cannot read {raw!r}: {exc}") from exc
+        raise ConfigError(f"{flag}: cannot read {excerpt(raw)}: {excerpt(str(exc), 200)}") from exc
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
@@ -297,7 +298,7 @@ def validate(config: Config) -> None:
     e, lim, t = config.engine, config.limits, config.tracing
     need(
         e.kind in ("continuous", "transformers", "fake"),
-        f"--engine must be continuous, transformers or fake, not {e.kind!r}",
+        f"--engine must be continuous, transformers or fake, not {excerpt(e.kind)}",
     )
     need(e.max_running_requests >= 1, "--max-running-requests must be >= 1")
     need(e.kv_cache_dtype in ("auto", "fp8"), "--kv-cache-dtype must be auto or fp8")
@@ -332,7 +333,9 @@ def validate(config: Config) -> None:
         30 <= lim.max_chunk_with_timestamps_s <= 300,
         "--max-chunk-with-timestamps-s must be 30..300 (the aligner's 5000 classes x 80 ms cover 400 s)",
     )
-    need(t.exporter in ("none", "console", "otlp"), f"--tracing must be none, console or otlp, not {t.exporter!r}")
+    need(
+        t.exporter in ("none", "console", "otlp"), f"--tracing must be none, console or otlp, not {excerpt(t.exporter)}"
+    )
     need(config.streaming.idle_timeout_s > 0, "--stream-idle-timeout-s must be > 0")
     need(config.aligner.mode in ("spawn", "connect"), "--aligner-mode must be spawn or connect")
     need(config.aligner.max_batch_size >= 1, "--aligner-max-batch-size must be >= 1")

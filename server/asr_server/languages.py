@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from asr_server.errors import InvalidInput
+from asr_server.errors import InvalidInput, excerpt
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def resolve_language(value: str) -> str | None:
         name = _BY_KEY.get(primary)
     if name is None:
         raise InvalidInput(
-            f"unknown language {value!r}; accepted (case-insensitive, name or ISO 639 code, empty to detect): "
+            f"unknown language {excerpt(value)}; accepted (case-insensitive, name or ISO 639 code, empty to detect): "
             f"{accepted_languages_text()}"
         )
     return name

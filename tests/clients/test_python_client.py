@@ -28,6 +28,7 @@ from asr_client import (
     InvalidArgumentError,
     ResourceExhaustedError,
     UnauthenticatedError,
+    UnavailableError,
     UnimplementedError,
 )
 from asr_client.cli import main as cli_main
@@ -241,6 +242,29 @@ def test_large_audio_goes_over_transcribe_stream() -> None:
                 client.transcribe((samples, RATE))
 
 
+# One request decodes at a time and holds the only queue place for 400 ms; audio over 3 s is refused outright.
+QUEUE_OF_ONE = with_limits(
+    fake_config(max_inference_batch_size=1, max_batch_wait_ms=0, max_queued_requests=1, fake_batch_delay_ms=400),
+    max_audio_duration_s=3,
+)
+LONG_WAV = wav_bytes(exact_samples(4.0, seed=2))
+
+
+def test_retryable_follows_the_servers_retry_info_not_the_status_code() -> None:
+    with threaded_server(QUEUE_OF_ONE) as (_, address), AsrClient(address) as client:
+        with pytest.raises(ResourceExhaustedError, match="max_audio_duration_s=3") as too_long:
+            client.transcribe(LONG_WAV)
+        assert too_long.value.retryable is False and too_long.value.retry_delay_s is None
+        with pytest.raises(ResourceExhaustedError, match="queue is full") as full:
+            client.transcribe([WAV] * 4)
+        assert full.value.retryable is True and full.value.retry_delay_s == 1.0
+    # A server that cannot be reached sends no RetryInfo, and is still worth retrying.
+    with AsrClient(address, timeout_s=2.0) as gone:
+        with pytest.raises(UnavailableError) as unreachable:
+            gone.transcribe(WAV)
+    assert unreachable.value.retryable is True and unreachable.value.retry_delay_s is None
+
+
 def test_an_expired_deadline_raises_promptly_instead_of_hanging() -> None:
     slow = Engines(batch_delay_ms=1200)
     with threaded_server(fake_config(), core_factory=slow) as (_, address):
@@ -439,6 +463,17 @@ async def test_async_client_transcribes_batches_and_streams(target: str, http_ur
             with pytest.raises(UnimplementedError):
                 async for _ in old.stream(WAV, realtime=False):
                     pass
+
+
+async def test_async_retryable_follows_the_servers_retry_info() -> None:
+    with threaded_server(QUEUE_OF_ONE) as (_, address):
+        async with AsyncAsrClient(address) as client:
+            with pytest.raises(ResourceExhaustedError, match="max_audio_duration_s=3") as too_long:
+                await client.transcribe(LONG_WAV)
+            assert too_long.value.retryable is False and too_long.value.retry_delay_s is None
+            with pytest.raises(ResourceExhaustedError, match="queue is full") as full:
+                await client.transcribe([WAV] * 4)
+            assert full.value.retryable is True and full.value.retry_delay_s == 1.0
 
 
 async def test_async_deadline_raises_promptly() -> None:

@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from asr_server.aligner.words import fix_timestamps, split_words
 from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
-from asr_server.errors import InvalidInput
+from asr_server.errors import InvalidInput, excerpt
 from asr_server.languages import ALIGNER_LANGUAGE_NAMES
 from asr_server.models.loading import LoadedAlignerModel
 from asr_server.results import Word
@@ -61,7 +61,8 @@ def check_job(job: AlignJob) -> None:
     """Input checks that do not need the model (the sidecar runs them before queueing)."""
     if job.language not in ALIGNER_LANGUAGE_NAMES:
         raise InvalidInput(
-            f"the forced aligner does not cover {job.language!r}; it aligns {', '.join(sorted(ALIGNER_LANGUAGE_NAMES))}"
+            f"the forced aligner does not cover {excerpt(job.language)}; it aligns "
+            f"{', '.join(sorted(ALIGNER_LANGUAGE_NAMES))}"
         )
     if job.audio_16k.ndim != 1:
         raise InvalidInput("audio must be mono")

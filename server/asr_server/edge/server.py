@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from asr_server.aligner.managed import WORD_TIMESTAMPS_HEALTH_SERVICE, ManagedAligner
 from asr_server.config import Config
+from asr_server.edge.rpc import RpcInterceptor, with_behaviour
 from asr_server.edge.servicer import AsrServicer
 from asr_server.engine.core import EngineCore
 from asr_server.engine.factory import Engine, build_engine
@@ -66,21 +67,7 @@ def _deny(handler: Any) -> Any:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover - makes this an async generator
 
-    return _with_behaviour(handler, deny_stream if handler.response_streaming else deny_unary)
-
-
-def _with_behaviour(handler: Any, behaviour: Any) -> Any:
-    """The same method handler (kind, serializers) running `behaviour` instead."""
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    make = kinds[(handler.request_streaming, handler.response_streaming)]
-    return make(
-        behaviour, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-    )
+    return with_behaviour(handler, deny_stream if handler.response_streaming else deny_unary)
 
 
 class _InFlight:
@@ -148,7 +135,7 @@ def _counted(handler: Any, in_flight: _InFlight) -> Any:
                 in_flight.leave()
 
         behaviour = unary_behaviour
-    return _with_behaviour(handler, behaviour)
+    return with_behaviour(handler, behaviour)
 
 
 class AsrServer:
@@ -182,11 +169,13 @@ class AsrServer:
     async def start(self) -> int:
         """Opens the port (health NOT_SERVING), loads and warms the engine, then reports SERVING."""
         max_bytes = self.config.limits.max_message_bytes + _OVERHEAD_BYTES
-        # Auth first: a refused call is never counted as in flight.
+        # Auth first: a refused call is never counted as in flight and is refused whatever its bytes. The error
+        # path innermost, so that the in-flight count also covers a call's status being sent.
         interceptors: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]
         if self.config.server.auth_token:
             interceptors.append(_AuthInterceptor(self.config.server.auth_token))
         interceptors.append(_InFlightInterceptor(self._in_flight))
+        interceptors.append(RpcInterceptor())
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[

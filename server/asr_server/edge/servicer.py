@@ -1,58 +1,35 @@
-"""The AsrService servicer: protobuf in, domain calls, protobuf out, errors as precise gRPC statuses."""
+"""The AsrService servicer: protobuf in, domain calls, protobuf out.
+
+Its methods raise domain errors; edge.rpc answers them as precise gRPC statuses and opens each call's span.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from collections.abc import AsyncIterator, Callable
 
 import grpc
-from opentelemetry.trace import Span, StatusCode
+from opentelemetry import trace
 
 from asr_server.audio.assembler import StreamAssembler
 from asr_server.audio.decode import DecodedAudio, container_formats, decode_audio
 from asr_server.audio.formats import MAX_CHANNEL_COUNT, MAX_RAW_SAMPLE_RATE_HZ, MIN_RAW_SAMPLE_RATE_HZ, AudioLimits
 from asr_server.config import Config
 from asr_server.edge import convert
-from asr_server.errors import (
-    AsrError,
-    Cancelled,
-    FailedPrecondition,
-    InvalidInput,
-    LimitExceeded,
-    Unavailable,
-)
+from asr_server.errors import AsrError, InvalidInput
 from asr_server.results import ChannelMode
 from asr_server.streaming.endpoint import EndpointSettings
 from asr_server.streaming.prefix import FakeTokenDecoder, TokenDecoder, load_hf_token_decoder
 from asr_server.streaming.segmenter import UtterancePlanner
 from asr_server.streaming.session import IdleTimeout, StreamingSession
 from asr_server.streaming.vad import VadBatcher
-from asr_server.tracing import rpc_span
 from asr_server.transcription import TranscribeOptions, Transcriber
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
-
-_CODES: tuple[tuple[type[AsrError], grpc.StatusCode], ...] = (
-    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
-    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-    (Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (Cancelled, grpc.StatusCode.CANCELLED),
-    (IdleTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
-)
-
-
-def status_for(exc: AsrError) -> grpc.StatusCode:
-    for kind, code in _CODES:
-        if isinstance(exc, kind):
-            return code
-    return grpc.StatusCode.INTERNAL
 
 
 class AsrServicer(pb_grpc.AsrServiceServicer):
@@ -78,129 +55,111 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         self._vad = VadBatcher()
         self._token_decoder: asyncio.Task[TokenDecoder | None] | None = None
 
-    # ---- RPCs ----
+    # ---- RPCs (edge.rpc gives each its span and answers its errors) ----
 
     async def Transcribe(  # noqa: N802 - gRPC method name
         self,
         request: pb.TranscribeRequest,
         context: grpc.aio.ServicerContext[pb.TranscribeRequest, pb.TranscribeResponse],
     ) -> pb.TranscribeResponse:
-        async def run(span: Span) -> pb.TranscribeResponse:
-            started = time.perf_counter()
-            audio_format = convert.audio_format_from_pb(request.config.audio_format)
-            options = convert.options_from_pb(request.config, self._config)
-            endpointing = self._endpointing(request.config, options)
-            decode_started = time.perf_counter()
-            # Mixing before resampling costs a fraction of resampling every channel.
-            audio = await asyncio.to_thread(
-                decode_audio,
-                request.audio,
-                audio_format,
-                limits=self._audio_limits,
-                downmix=options.channel_mode is ChannelMode.DOWNMIX,
-            )
-            return await self._finish(
-                span, audio, options, started, time.perf_counter() - decode_started, endpointing=endpointing
-            )
-
-        return await self._guard("Transcribe", context, run)
+        started = time.perf_counter()
+        audio_format = convert.audio_format_from_pb(request.config.audio_format)
+        options = convert.options_from_pb(request.config, self._config)
+        endpointing = self._endpointing(request.config, options)
+        decode_started = time.perf_counter()
+        # Mixing before resampling costs a fraction of resampling every channel.
+        audio = await asyncio.to_thread(
+            decode_audio,
+            request.audio,
+            audio_format,
+            limits=self._audio_limits,
+            downmix=options.channel_mode is ChannelMode.DOWNMIX,
+        )
+        decode_s = time.perf_counter() - decode_started
+        return await self._finish(audio, options, started, decode_s, endpointing=endpointing)
 
     async def TranscribeStream(  # noqa: N802 - gRPC method name
         self,
         request_iterator: AsyncIterator[pb.TranscribeStreamRequest],
         context: grpc.aio.ServicerContext[pb.TranscribeStreamRequest, pb.TranscribeResponse],
     ) -> pb.TranscribeResponse:
-        async def run(span: Span) -> pb.TranscribeResponse:
-            started = time.perf_counter()
-            assembler: StreamAssembler | None = None
-            options: TranscribeOptions | None = None
-            endpointing: EndpointSettings | None = None
-            received_bytes = 0
-            async for message in request_iterator:
-                payload = message.WhichOneof("payload")
-                if assembler is None:
-                    if payload != "config":
-                        raise InvalidInput(
-                            "the first TranscribeStreamRequest must carry config (audio_format, language, ...); "
-                            f"got {payload or 'an empty message'}"
-                        )
-                    audio_format = convert.audio_format_from_pb(message.config.audio_format)
-                    options = convert.options_from_pb(message.config, self._config)
-                    endpointing = self._endpointing(message.config, options)
-                    assembler = StreamAssembler(audio_format, limits=self._audio_limits)
-                elif payload == "config":
+        started = time.perf_counter()
+        assembler: StreamAssembler | None = None
+        options: TranscribeOptions | None = None
+        endpointing: EndpointSettings | None = None
+        received_bytes = 0
+        async for message in request_iterator:
+            payload = message.WhichOneof("payload")
+            if assembler is None:
+                if payload != "config":
                     raise InvalidInput(
-                        f"config may be sent only once, in the first message; got a second one after "
-                        f"{received_bytes} audio bytes"
+                        "the first TranscribeStreamRequest must carry config (audio_format, language, ...); "
+                        f"got {payload or 'an empty message'}"
                     )
-                elif payload == "audio":
-                    received_bytes += len(message.audio)
-                    assembler.append(message.audio)
-            if assembler is None or options is None:
-                raise InvalidInput("the stream was empty: send a config message, then the audio")
-            span.set_attribute("asr.stream.bytes", received_bytes)
-            decode_started = time.perf_counter()
-            audio = await asyncio.to_thread(assembler.finish, downmix=options.channel_mode is ChannelMode.DOWNMIX)
-            return await self._finish(
-                span, audio, options, started, time.perf_counter() - decode_started, endpointing=endpointing
-            )
-
-        return await self._guard("TranscribeStream", context, run)
+                audio_format = convert.audio_format_from_pb(message.config.audio_format)
+                options = convert.options_from_pb(message.config, self._config)
+                endpointing = self._endpointing(message.config, options)
+                assembler = StreamAssembler(audio_format, limits=self._audio_limits)
+            elif payload == "config":
+                raise InvalidInput(
+                    f"config may be sent only once, in the first message; got a second one after "
+                    f"{received_bytes} audio bytes"
+                )
+            elif payload == "audio":
+                received_bytes += len(message.audio)
+                assembler.append(message.audio)
+        if assembler is None or options is None:
+            raise InvalidInput("the stream was empty: send a config message, then the audio")
+        trace.get_current_span().set_attribute("asr.stream.bytes", received_bytes)
+        decode_started = time.perf_counter()
+        audio = await asyncio.to_thread(assembler.finish, downmix=options.channel_mode is ChannelMode.DOWNMIX)
+        decode_s = time.perf_counter() - decode_started
+        return await self._finish(audio, options, started, decode_s, endpointing=endpointing)
 
     async def StreamingRecognize(  # noqa: N802 - gRPC method name
         self,
         request_iterator: AsyncIterator[pb.StreamingRecognizeRequest],
         context: grpc.aio.ServicerContext[pb.StreamingRecognizeRequest, pb.StreamingRecognizeResponse],
     ) -> AsyncIterator[pb.StreamingRecognizeResponse]:
-        with rpc_span("StreamingRecognize", context.invocation_metadata()) as span:
-            session: StreamingSession | None = None
-            reader: asyncio.Task[None] | None = None
-            try:
-                session = await self._open_stream(request_iterator)
-                span.set_attribute("asr.stream.channels", session.format.channel_count)
-                reader = asyncio.create_task(self._read_stream(request_iterator, session))
-                finals = 0
-                async for event in session.events():
-                    finals += int(getattr(event, "is_final", False))
-                    yield convert.stream_event_to_pb(event)
-                span.set_attribute("asr.stream.finals", finals)
-                span.set_attribute("asr.stream.processed_s", session.processed_ms / 1000)
-                if reader.done():
-                    reader.result()  # an idle timeout ends the call with its status after the flushed finals
-            except AsrError as exc:
-                await _abort(context, span, status_for(exc), str(exc))
-            except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
-                raise
-            except Exception as exc:
-                logger.exception("StreamingRecognize failed")
-                await _abort(context, span, grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-            finally:
-                # Client cancellation, an error or single_utterance's end: free everything at once.
-                if reader is not None and not reader.done():
-                    reader.cancel()
-                if session is not None:
-                    session.cancel()
+        span = trace.get_current_span()
+        session: StreamingSession | None = None
+        reader: asyncio.Task[None] | None = None
+        try:
+            session = await self._open_stream(request_iterator)
+            span.set_attribute("asr.stream.channels", session.format.channel_count)
+            reader = asyncio.create_task(self._read_stream(request_iterator, session))
+            finals = 0
+            async for event in session.events():
+                finals += int(getattr(event, "is_final", False))
+                yield convert.stream_event_to_pb(event)
+            span.set_attribute("asr.stream.finals", finals)
+            span.set_attribute("asr.stream.processed_s", session.processed_ms / 1000)
+            if reader.done():
+                reader.result()  # an idle timeout ends the call with its status after the flushed finals
+        finally:
+            # Client cancellation, an error or single_utterance's end: free everything at once.
+            if reader is not None and not reader.done():
+                reader.cancel()
+            if session is not None:
+                session.cancel()
 
     async def GetServerInfo(  # noqa: N802 - gRPC method name
         self,
         request: pb.GetServerInfoRequest,
         context: grpc.aio.ServicerContext[pb.GetServerInfoRequest, pb.GetServerInfoResponse],
     ) -> pb.GetServerInfoResponse:
-        async def run(span: Span) -> pb.GetServerInfoResponse:
-            return convert.server_info_to_pb(
-                self._config,
-                model_id=self._model_id() or self._config.model.model,
-                aligner_model_id=self._config.aligner.model,
-                aligner_ready=self._aligner_ready(),
-                streaming_recognize=True,
-                endpointing=True,
-                container_formats=container_formats(),
-                min_sample_rate_hz=MIN_RAW_SAMPLE_RATE_HZ,
-                max_sample_rate_hz=MAX_RAW_SAMPLE_RATE_HZ,
-                max_channel_count=MAX_CHANNEL_COUNT,
-            )
-
-        return await self._guard("GetServerInfo", context, run)
+        return convert.server_info_to_pb(
+            self._config,
+            model_id=self._model_id() or self._config.model.model,
+            aligner_model_id=self._config.aligner.model,
+            aligner_ready=self._aligner_ready(),
+            streaming_recognize=True,
+            endpointing=True,
+            container_formats=container_formats(),
+            min_sample_rate_hz=MIN_RAW_SAMPLE_RATE_HZ,
+            max_sample_rate_hz=MAX_RAW_SAMPLE_RATE_HZ,
+            max_channel_count=MAX_CHANNEL_COUNT,
+        )
 
     # ---- live streams ----
 
@@ -295,7 +254,6 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
 
     async def _finish(
         self,
-        span: Span,
         audio: DecodedAudio,
         options: TranscribeOptions,
         started: float,
@@ -303,6 +261,7 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         *,
         endpointing: EndpointSettings | None = None,
     ) -> pb.TranscribeResponse:
+        span = trace.get_current_span()
         span.set_attribute("asr.audio_s", audio.duration_ms / 1000)
         span.set_attribute("asr.channels", len(audio.channels))
         planner = UtterancePlanner(self._vad, endpointing) if endpointing is not None else None
@@ -310,33 +269,6 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         return convert.result_to_pb(
             result, total_ms=(time.perf_counter() - started) * 1000, audio_decode_ms=decode_s * 1000
         )
-
-    async def _guard(
-        self,
-        method: str,
-        context: grpc.aio.ServicerContext[Any, Any],
-        run: Callable[[Span], Awaitable[T]],
-    ) -> T:
-        with rpc_span(method, context.invocation_metadata()) as span:
-            try:
-                return await run(span)
-            except AsrError as exc:
-                await _abort(context, span, status_for(exc), str(exc))
-            except ExceptionGroup as group:
-                # A TaskGroup wraps the first failure of a request's chunks; report that one. TaskGroups nest
-                # (channels, then chunks), so look through to the innermost failure.
-                first: BaseException = group
-                while isinstance(first, BaseExceptionGroup) and first.exceptions:
-                    first = first.exceptions[0]
-                if isinstance(first, AsrError):
-                    await _abort(context, span, status_for(first), str(first))
-                logger.error("%s failed", method, exc_info=group)
-                await _abort(context, span, grpc.StatusCode.INTERNAL, f"internal error: {first}")
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                raise
-            except Exception as exc:
-                logger.exception("%s failed", method)
-                await _abort(context, span, grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
 
 class _IdleWatchdog:
@@ -398,12 +330,3 @@ def _second_config_message(msg: pb.StreamingRecognitionConfig, session: Streamin
             f"{new.sample_rate_hz} Hz x{new.channel_count}; start a new stream for the new format"
         )
     return f"config may be sent only once, in the first message; got a second one after {received} audio bytes"
-
-
-async def _abort(
-    context: grpc.aio.ServicerContext[Any, Any], span: Span, code: grpc.StatusCode, message: str
-) -> NoReturn:
-    span.set_attribute("rpc.grpc.status_code", code.value[0])
-    span.set_status(StatusCode.ERROR, code.name)
-    await context.abort(code, message)
-    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover

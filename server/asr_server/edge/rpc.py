@@ -1,0 +1,210 @@
+"""The one path every AsrService call takes at the edge: its span, its request parsing, its errors as statuses.
+
+`RpcInterceptor` wraps each AsrService method, so the servicer's methods only do their work and raise domain
+errors (asr_server.errors):
+
+- a request (or a streamed message) that is not a valid protobuf of its type, e.g. a string field holding invalid
+  UTF-8, is answered INVALID_ARGUMENT; gRPC itself would answer UNKNOWN and log a traceback;
+- every `AsrError` is answered with its code from `_CODES`, with `google.rpc.RetryInfo` in the status details when
+  retrying can succeed (`AsrError.retry_after_s`), and is not logged: it is the caller's problem, not ours;
+- anything else is a bug: INTERNAL, logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from opentelemetry.trace import Span, StatusCode
+
+from asr_server.errors import AsrError, FailedPrecondition, InvalidInput, LimitExceeded, Unavailable, excerpt
+from asr_server.streaming.session import IdleTimeout
+from asr_server.tracing import rpc_span
+from qwenasr.v1 import asr_pb2
+
+logger = logging.getLogger(__name__)
+
+SERVICE = asr_pb2.DESCRIPTOR.services_by_name["AsrService"]
+# The status message travels in an HTTP/2 trailer (twice with details): keep it well inside clients' 8 KB cap
+# whatever a raise site wrote.
+_MAX_MESSAGE_CHARS = 2000
+
+_CODES: tuple[tuple[type[AsrError], grpc.StatusCode], ...] = (
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (IdleTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+)
+
+
+def status_for(exc: AsrError) -> grpc.StatusCode:
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def grpc_status(code: grpc.StatusCode, message: str, *, retry_after_s: float | None = None) -> grpc.Status:
+    """The status to end a call with; with `retry_after_s`, a RetryInfo in its details says when to retry."""
+    if len(message) > _MAX_MESSAGE_CHARS:
+        message = f"{message[:_MAX_MESSAGE_CHARS]}... (cut at {_MAX_MESSAGE_CHARS} characters)"
+    status = status_pb2.Status(code=code.value[0], message=message)
+    if retry_after_s is not None:
+        delay = Duration()
+        delay.FromNanoseconds(round(retry_after_s * 1e9))
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    result: grpc.Status = rpc_status.to_status(status)
+    return result
+
+
+@dataclass(frozen=True)
+class Unparsable:
+    """What the request deserializer returns in place of a message it could not parse."""
+
+    message_type: str
+    reason: str
+
+    def error(self) -> InvalidInput:
+        return InvalidInput(
+            f"the request could not be parsed as {self.message_type} ({excerpt(self.reason)}); accepted: a "
+            f"{self.message_type} in protobuf binary encoding, with valid UTF-8 in every string field"
+        )
+
+
+def tolerant(deserialize: Callable[[bytes], Any], message_type: str) -> Callable[[bytes], Any]:
+    """`deserialize`, returning an `Unparsable` instead of raising for bytes that are no such message."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            # upb says "Error parsing message with type 'X': <what>"; the type is named by us already.
+            return Unparsable(message_type, str(exc).rpartition(": ")[2] or type(exc).__name__)
+
+    return parse
+
+
+class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Puts every AsrService method on the one path (see the module doc); other services pass untouched."""
+
+    def __init__(self) -> None:
+        self._prefix = f"/{SERVICE.full_name}/"
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method or ""
+        if handler is None or not method.startswith(self._prefix):
+            return handler
+        name = method[len(self._prefix) :]
+        described = SERVICE.methods_by_name.get(name)
+        if described is None:
+            return handler
+        return guarded(handler, name, described.input_type.full_name)
+
+
+def guarded(handler: Any, method: str, message_type: str) -> Any:
+    """`handler` with a tolerant request deserializer, inside the method's span and error path."""
+    streaming_in: bool = handler.request_streaming
+    if handler.response_streaming:
+        inner_stream = handler.stream_stream if streaming_in else handler.unary_stream
+
+        async def stream_behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            with rpc_span(method, context.invocation_metadata()) as span:
+                try:
+                    async with aclosing(inner_stream(_parsed(request, streaming_in), context)) as responses:
+                        async for response in responses:
+                            yield response
+                except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every failure ends the call with a status
+                    await _fail(context, span, method, exc)
+
+        behaviour: Any = stream_behaviour
+    else:
+        inner_unary = handler.stream_unary if streaming_in else handler.unary_unary
+
+        async def unary_behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            with rpc_span(method, context.invocation_metadata()) as span:
+                try:
+                    return await inner_unary(_parsed(request, streaming_in), context)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every failure ends the call with a status
+                    await _fail(context, span, method, exc)
+
+        behaviour = unary_behaviour
+    deserialize = handler.request_deserializer
+    return with_behaviour(
+        handler, behaviour, request_deserializer=None if deserialize is None else tolerant(deserialize, message_type)
+    )
+
+
+def with_behaviour(handler: Any, behaviour: Any, *, request_deserializer: Any = None) -> Any:
+    """The same method handler (kind, serializers) running `behaviour` instead; optionally another deserializer."""
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(
+        behaviour,
+        request_deserializer=request_deserializer or handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _parsed(request: Any, streaming: bool) -> Any:
+    if streaming:
+        return _checked_messages(request)
+    if isinstance(request, Unparsable):
+        raise request.error()
+    return request
+
+
+async def _checked_messages(messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    # A streamed message is parsed as it arrives: the ones before a bad one have been handled already.
+    async for message in messages:
+        if isinstance(message, Unparsable):
+            raise message.error()
+        yield message
+
+
+async def _fail(context: grpc.aio.ServicerContext[Any, Any], span: Span, method: str, exc: Exception) -> NoReturn:
+    cause = _innermost(exc)
+    if isinstance(cause, AsrError):
+        await _abort(context, span, grpc_status(status_for(cause), str(cause), retry_after_s=cause.retry_after_s))
+    logger.error("%s failed", method, exc_info=exc)
+    message = f"internal error: {type(cause).__name__}: {cause}"
+    await _abort(context, span, grpc_status(grpc.StatusCode.INTERNAL, message))
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    # A TaskGroup wraps the first failure of a request's chunks; report that one. TaskGroups nest (channels, then
+    # chunks), so look through to the innermost failure.
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], span: Span, status: grpc.Status) -> NoReturn:
+    span.set_attribute("rpc.grpc.status_code", status.code.value[0])
+    span.set_status(StatusCode.ERROR, status.code.name)
+    # What context.abort_with_status does; grpc.aio's stubs lack it.
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
