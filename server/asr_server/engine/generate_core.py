@@ -94,8 +94,10 @@ def collate(prepared: list[PreparedInputs], pad_token_id: int) -> dict[str, Any]
     mel_bins = prepared[0].input_features.shape[1]
     input_ids = torch.full((batch, max_len), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((batch, max_len), dtype=torch.long)
-    features = torch.zeros((batch, mel_bins, max_frames), dtype=prepared[0].input_features.dtype)
-    features_mask = torch.zeros((batch, max_frames), dtype=prepared[0].input_features_mask.dtype)
+    # On the features' own device: features computed on the GPU (continuous/features.py) stay there.
+    device = prepared[0].input_features.device
+    features = torch.zeros((batch, mel_bins, max_frames), dtype=prepared[0].input_features.dtype, device=device)
+    features_mask = torch.zeros((batch, max_frames), dtype=prepared[0].input_features_mask.dtype, device=device)
     for row, p in enumerate(prepared):
         length = p.input_ids.shape[1]
         frames = p.input_features.shape[2]

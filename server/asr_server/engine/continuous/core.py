@@ -68,6 +68,7 @@ class ContinuousConfig:
     kv_cache_dtype: str = "auto"
     # Benchmarks: synchronise after each phase and add up its time in ContinuousEngine.profile (slower).
     profile: bool = False
+    features: str = "reference"  # "torch": log-mel by continuous/features.py, on the engine's CUDA device
 
 
 @dataclass
@@ -151,7 +152,7 @@ class ContinuousEngine:
                 splits = num_splits_for(b, self._decoder.kv_heads, props.multi_processor_count)
                 self._decoder.splits_by_batch[b] = splits
         self._graphs: dict[int, Any] = {}
-        self._preparer = FastPreparer(loaded)
+        self._preparer = FastPreparer(loaded, features=cfg.features)
         self._pool = ThreadPoolExecutor(max_workers=cfg.preprocess_threads, thread_name_prefix="asr-prep")
         self._waiting: deque[_Request] = deque()
         self._running: dict[str, _Request] = {}

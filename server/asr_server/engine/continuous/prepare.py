@@ -9,6 +9,10 @@ needs only its features (the processor's own feature-extractor call, with the pr
 its audio-token count (the processor's own formula). The result is checked equal to the reference on the probe,
 and tests compare the two over many lengths.
 
+With features="torch" the features come from features.py instead (the same values, computed in torch on the
+engine's device when it is CUDA, else on the CPU; per request here, on the preparer's thread); the probe's
+self-check then compares them with the reference within features.REFERENCE_TOLERANCE.
+
 The cache is keyed without the prefix because every interim of a stream carries a different one: keyed with it,
 each interim missed (a full reference run per interim) and the dict grew by one entry per interim. Contexts are
 caller text too, so the cache keeps only the most recently used combinations.
@@ -16,6 +20,7 @@ caller text too, so the cache keeps only the most recently used combinations.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -24,26 +29,39 @@ import numpy as np
 import torch
 
 from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
+from asr_server.engine.continuous.features import REFERENCE_TOLERANCE, TorchFeatureExtractor
 from asr_server.engine.generate_core import PreparedInputs, prepare_single, require_finite_features
 from asr_server.engine.types import DecodeRequest
 from asr_server.models.loading import LoadedAsrModel
 
+logger = logging.getLogger(__name__)
+
 _Template = tuple[list[int], list[int]]
+FEATURE_MODES = ("reference", "torch")
 
 
 class FastPreparer:
-    def __init__(self, loaded: LoadedAsrModel, max_templates: int = 1024) -> None:
+    def __init__(self, loaded: LoadedAsrModel, max_templates: int = 1024, features: str = "reference") -> None:
+        if features not in FEATURE_MODES:
+            raise ValueError(f"features must be one of {FEATURE_MODES}, not {features!r}")
         self._loaded = loaded
         processor: Any = loaded.processor
         self._processor = processor
         self._audio_token_id = int(loaded.model.config.audio_token_id)
         self._n_window = int(getattr(loaded.model.config.audio_config, "n_window", 50))
+        self._torch: TorchFeatureExtractor | None = None
+        if features == "torch":
+            device = loaded.device if loaded.device.type == "cuda" else torch.device("cpu")
+            self._torch = TorchFeatureExtractor(processor, n_window=self._n_window, device=device)
         self._max_templates = max_templates
         self._templates: OrderedDict[tuple[str | None, str], _Template | None] = OrderedDict()
         self._lock = threading.Lock()
 
     def features(self, audio: np.ndarray[Any, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(input_features, input_features_mask, number of audio tokens) as the processor computes them."""
+        if self._torch is not None:
+            clip = self._torch([audio]).clip(0)
+            return clip.input_features, clip.input_features_mask, clip.num_audio_tokens
         out = self._processor.feature_extractor(
             [audio],
             sampling_rate=MODEL_SAMPLE_RATE_HZ,
@@ -79,15 +97,22 @@ class FastPreparer:
             mine = self._build(probe, template)
             if not (
                 torch.equal(mine.input_ids, reference.input_ids)
-                and torch.equal(mine.input_features, reference.input_features)
-                and torch.equal(mine.input_features_mask, reference.input_features_mask)
+                and self._features_match(mine.input_features, reference.input_features)
+                and torch.equal(mine.input_features_mask.cpu(), reference.input_features_mask)
             ):
+                logger.warning("fast preprocessing differs from the reference on the probe; using the reference")
                 template = None
         with self._lock:
             self._templates[key] = template
             while len(self._templates) > self._max_templates:
                 self._templates.popitem(last=False)
         return template
+
+    def _features_match(self, mine: torch.Tensor, reference: torch.Tensor) -> bool:
+        if self._torch is None:
+            return torch.equal(mine, reference)
+        mine = mine.cpu()
+        return mine.shape == reference.shape and bool((mine - reference).abs().max() <= REFERENCE_TOLERANCE)
 
     def _build(self, request: DecodeRequest, template: _Template) -> PreparedInputs:
         features, mask, count = self.features(request.audio_16k)

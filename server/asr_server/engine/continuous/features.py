@@ -1,0 +1,126 @@
+"""Batched log-mel features in torch, on any device: per clip what the processor's feature extractor returns for
+that clip alone (transformers' Qwen3ASRFeatureExtractor called with padding=True, truncation=False, n_window).
+
+What the extractor does to one clip, reproduced here per row of a batch:
+- zero-pad to `min_length` samples (8000: 0.5 s), attention mask included (as upstream, the mask covers the pad);
+- centred STFT (reflect padding of n_fft // 2 at both ends, periodic Hann window, n_fft 400, hop 160), the last
+  frame dropped: a clip of n samples has n // 160 frames, the same count as its attention mask;
+- power spectrum through the extractor's own mel filterbank, log10 of it clamped at 1e-10;
+- the floor: the clip's own maximum - 8 over its own frames, then (x + 4) / 4;
+- zeros (features and mask) up to a multiple of 2 * n_window frames.
+Batching must be invisible, so each row gets its own reflect padding (gathered from its own samples, not from the
+zeros after it), its own floor (a max over its own valid frames) and zeros past its own frames: the batched
+extractor instead pads the waveforms first, so a short clip's last frames and its floor see the padding.
+
+The filterbank is the extractor's array and the window is the same torch.hann_window call, made on the CPU as the
+extractor makes it, then moved: nothing is re-derived. The math is float32 throughout, as the extractor's. The
+STFT runs on one padded batch; frames past a row's end are computed and discarded (cheap next to the encoder).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+# Measured against the extractor itself on the CPU (tests/integration/test_features_torch.py states the figure).
+REFERENCE_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class ClipFeatures:
+    input_features: torch.Tensor  # float32 (1, mel_bins, frames), frames a multiple of 2 * n_window
+    input_features_mask: torch.Tensor  # int32 (1, frames), as the extractor's attention_mask
+    num_audio_tokens: int
+
+
+@dataclass(frozen=True)
+class FeatureBatch:
+    """Rows zero-padded to the longest row: exactly a batch of per-clip features padded with zeros."""
+
+    input_features: torch.Tensor  # float32 (batch, mel_bins, max_frames)
+    input_features_mask: torch.Tensor  # int32 (batch, max_frames)
+    frames: list[int]  # per row: its own padded frame count (a multiple of 2 * n_window)
+    num_audio_tokens: list[int]
+
+    def clip(self, row: int) -> ClipFeatures:
+        frames = self.frames[row]
+        return ClipFeatures(
+            self.input_features[row : row + 1, :, :frames],
+            self.input_features_mask[row : row + 1, :frames],
+            self.num_audio_tokens[row],
+        )
+
+
+class TorchFeatureExtractor:
+    def __init__(self, processor: Any, *, n_window: int, device: torch.device | str = "cpu") -> None:
+        extractor = processor.feature_extractor
+        if float(getattr(extractor, "dither", 0.0)) != 0.0:
+            raise ValueError("the feature extractor dithers (random noise): its output cannot be reproduced")
+        self._processor = processor
+        self._device = torch.device(device)
+        self._n_fft = int(extractor.n_fft)
+        self._hop = int(extractor.hop_length)
+        self._min_samples = int(extractor.min_length)
+        self._multiple = 2 * n_window
+        self._n_window = n_window
+        # (mel_bins, freq_bins): the extractor computes mel_filters.T @ magnitudes with float32 filters.
+        filters = torch.from_numpy(np.asarray(extractor.mel_filters)).to(torch.float32)
+        self._filters_t = filters.T.contiguous().to(self._device)
+        self._window = torch.hann_window(self._n_fft).to(self._device)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def __call__(self, clips: Sequence[np.ndarray[Any, Any]]) -> FeatureBatch:
+        if not clips:
+            raise ValueError("no clips")
+        lengths = [max(int(np.asarray(c).shape[-1]), self._min_samples) for c in clips]
+        half = self._n_fft // 2
+        if min(lengths) <= half:
+            raise ValueError(f"a clip needs more than {half} samples for the centred STFT's reflect padding")
+        longest = max(lengths)
+        waves = np.zeros((len(clips), longest), dtype=np.float32)
+        for row, clip in enumerate(clips):
+            samples = np.asarray(clip, dtype=np.float32).reshape(-1)
+            waves[row, : samples.shape[0]] = samples
+        wave = torch.from_numpy(waves).to(self._device)
+        length = torch.tensor(lengths, dtype=torch.long, device=self._device)
+        valid = [n // self._hop for n in lengths]
+        log_spec, inside = self._log_mel(_reflect_pad_rows(wave, length, half), valid)
+        frames = [-(-v // self._multiple) * self._multiple if self._multiple > 1 else v for v in valid]
+        extra = max(frames) - max(valid)
+        features = torch.nn.functional.pad(log_spec, (0, extra))
+        mask = torch.nn.functional.pad(inside, (0, extra)).to(torch.int32)
+        counts = self._processor._get_audio_token_length(torch.tensor(valid), self._n_window)
+        return FeatureBatch(features, mask, frames, [int(c) for c in counts])
+
+    def _log_mel(self, padded: torch.Tensor, valid: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, mel_bins, max(valid)) normalised log-mel, zero past each row's `valid` frames; and the
+        (batch, frames) bool mask of those frames. Each row's floor is its own maximum - 8."""
+        stft = torch.stft(padded, self._n_fft, self._hop, window=self._window, center=False, return_complex=True)
+        max_valid = max(valid)
+        power = stft[..., :max_valid].abs() ** 2
+        log_spec = torch.clamp(self._filters_t @ power, min=1e-10).log10()
+        frame = torch.arange(max_valid, device=self._device)
+        inside = frame[None, :] < torch.tensor(valid, device=self._device)[:, None]
+        outside = ~inside[:, None, :]
+        peak = log_spec.masked_fill(outside, float("-inf")).amax(dim=(1, 2), keepdim=True)
+        log_spec = (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
+        return log_spec.masked_fill(outside, 0.0), inside
+
+
+def _reflect_pad_rows(wave: torch.Tensor, length: torch.Tensor, half: int) -> torch.Tensor:
+    """Each row reflect-padded by `half` at both ends of its own `length` samples (torch.stft's centre padding,
+    per row); positions past a row's padded end read sample 0 and only feed frames that are discarded."""
+    rows, longest = wave.shape
+    position = torch.arange(longest + 2 * half, device=wave.device)[None, :] - half  # (1, L + 2 half)
+    last = (length - 1)[:, None]
+    source = torch.where(position < 0, -position, position)
+    source = torch.where(source > last, 2 * last - source, source)
+    source = source.clamp(min=0, max=longest - 1)
+    return torch.gather(wave, 1, source.expand(rows, -1))
