@@ -111,6 +111,12 @@ class StreamingConfig:
     # A live stream that sends no message for this long ends with DEADLINE_EXCEEDED (its open utterance is
     # flushed as a final first).
     idle_timeout_s: float = 30.0
+    # Live streams each engine replica takes; past (this x replicas), a new stream is refused RESOURCE_EXHAUSTED
+    # with retry advice. 256 is the per-GPU target of the streaming work, not yet measured on a GPU (see
+    # docs/streaming.md); 0: no limit.
+    max_live_streams_per_replica: int = 256
+    # A final later than this after its utterance ended is logged as the stream falling behind real time.
+    max_stream_lag_ms: float = 2000.0
 
 
 @dataclass(frozen=True)
@@ -201,6 +207,14 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("aligner", "max_batch_wait_ms", "--aligner-max-batch-wait-ms", float, "aligner: wait for a batch to fill"),
     ("aligner", "timeout_s", "--aligner-timeout-s", float, "deadline of one alignment (UNAVAILABLE after)"),
     ("streaming", "idle_timeout_s", "--stream-idle-timeout-s", float, "end a live stream idle this long"),
+    (
+        "streaming",
+        "max_live_streams_per_replica",
+        "--max-live-streams-per-replica",
+        int,
+        "live streams per engine replica before new ones get RESOURCE_EXHAUSTED; 0: no limit",
+    ),
+    ("streaming", "max_stream_lag_ms", "--max-stream-lag-ms", float, "log a live stream whose final is this late"),
     ("tracing", "exporter", "--tracing", str, "none, console or otlp"),
     ("tracing", "otlp_endpoint", "--otlp-endpoint", str, "OTLP gRPC endpoint"),
     ("tracing", "service_name", "--service-name", str, "service.name of spans"),
@@ -337,6 +351,8 @@ def validate(config: Config) -> None:
         t.exporter in ("none", "console", "otlp"), f"--tracing must be none, console or otlp, not {excerpt(t.exporter)}"
     )
     need(config.streaming.idle_timeout_s > 0, "--stream-idle-timeout-s must be > 0")
+    need(config.streaming.max_live_streams_per_replica >= 0, "--max-live-streams-per-replica must be >= 0")
+    need(config.streaming.max_stream_lag_ms >= 0, "--max-stream-lag-ms must be >= 0")
     need(config.aligner.mode in ("spawn", "connect"), "--aligner-mode must be spawn or connect")
     need(config.aligner.max_batch_size >= 1, "--aligner-max-batch-size must be >= 1")
     need(config.aligner.max_batch_wait_ms >= 0, "--aligner-max-batch-wait-ms must be >= 0")

@@ -11,6 +11,7 @@ Every import counts, also one inside a function: a lazy import still ties the tw
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def _imported(name: str, path: Path, known: set[str]) -> Iterator[str]:
                 yield target
 
 
+@functools.cache
 def _graph() -> dict[str, set[str]]:
     modules = _modules()
     known = set(modules)

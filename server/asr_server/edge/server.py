@@ -162,6 +162,7 @@ class AsrServer:
         )
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
+        self._servicer: AsrServicer | None = None
         self._in_flight = _InFlight()
         self.port = 0
         self._stopping = False
@@ -187,6 +188,7 @@ class AsrServer:
         servicer = AsrServicer(
             self.config, self.transcriber, model_id=lambda: self.engine.model_id, aligner_ready=self._aligner_ready
         )
+        self._servicer = servicer
         asr_pb2_grpc.add_AsrServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.config.server.reflection:
@@ -254,10 +256,15 @@ class AsrServer:
             # streams (load balancers, sidecars keep one open); once our own calls are done, a second stop(None)
             # ends those at once, as grpc documents for a later call with a shorter grace.
             stopping = asyncio.create_task(self._server.stop(grace))
+            # Live streams never end by themselves: their open utterances are flushed as finals within the grace,
+            # then they end UNAVAILABLE, so a caller loses no speech and reconnects elsewhere.
+            draining = asyncio.create_task(self._servicer.drain_streams()) if self._servicer is not None else None
             try:
                 await asyncio.wait_for(self._in_flight.wait_idle(), grace)
             except TimeoutError:
                 logger.warning("grace period over with %d calls in flight; cancelling them", self._in_flight.count)
+            if draining is not None and not draining.done():
+                draining.cancel()
             await self._server.stop(None)
             await stopping
         await self.engine.stop()

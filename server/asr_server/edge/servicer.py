@@ -18,7 +18,7 @@ from asr_server.audio.decode import DecodedAudio, container_formats, decode_audi
 from asr_server.audio.formats import MAX_CHANNEL_COUNT, MAX_RAW_SAMPLE_RATE_HZ, MIN_RAW_SAMPLE_RATE_HZ, AudioLimits
 from asr_server.config import Config
 from asr_server.edge import convert
-from asr_server.errors import AsrError, InvalidInput
+from asr_server.errors import AsrError, InvalidInput, LimitExceeded
 from asr_server.results import ChannelMode
 from asr_server.streaming.endpoint import EndpointSettings
 from asr_server.streaming.prefix import FakeTokenDecoder, TokenDecoder, load_hf_token_decoder
@@ -54,6 +54,9 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         # Shared by every stream (and by endpointed unary calls), so VAD batches across them.
         self._vad = VadBatcher()
         self._token_decoder: asyncio.Task[TokenDecoder | None] | None = None
+        self._sessions: set[StreamingSession] = set()
+        per_replica = config.streaming.max_live_streams_per_replica
+        self._max_live_streams = per_replica * len(config.replica_devices)
 
     # ---- RPCs (edge.rpc gives each its span and answers its errors) ----
 
@@ -142,6 +145,18 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
                 reader.cancel()
             if session is not None:
                 session.cancel()
+                self._sessions.discard(session)
+
+    async def drain_streams(self) -> int:
+        """Shutdown: every live stream flushes its open utterances as finals, then ends UNAVAILABLE (retry on
+        another replica). Returns how many open utterances were flushed."""
+        sessions = list(self._sessions)
+        flushed = await asyncio.gather(
+            *(s.drain("the server is shutting down; open utterances were flushed as finals; reconnect to continue")
+              for s in sessions)
+        )
+        logger.info("shutdown: %d open utterances of %d live streams flushed", sum(flushed), len(sessions))
+        return sum(flushed)
 
     async def GetServerInfo(  # noqa: N802 - gRPC method name
         self,
@@ -187,14 +202,33 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
                 f"audio_format, language, ...); got {payload or 'an empty message'}"
             )
         audio_format, options = convert.streaming_config_from_pb(first.config, self._config)
-        return StreamingSession(
+        token_decoder = await self._get_token_decoder()
+        # Checked and counted with no await in between, so concurrent opens cannot overshoot the capacity.
+        if self._max_live_streams and len(self._sessions) >= self._max_live_streams:
+            raise LimitExceeded(
+                f"this server holds its capacity of {self._max_live_streams} live streams "
+                f"(--max-live-streams-per-replica x replicas); retry with backoff or on another replica",
+                retryable=True,
+            )
+        max_lag_ms = self._config.streaming.max_stream_lag_ms
+        session = StreamingSession(
             options,
             audio_format,
             transcriber=self._transcriber,
             vad=self._vad,
             limits=self._audio_limits,
-            token_decoder=await self._get_token_decoder(),
+            token_decoder=token_decoder,
+            max_lag_ms=max_lag_ms,
+            on_lag=lambda delay_ms: logger.warning(
+                "a live stream fell behind real time: a final came %.0f ms after its utterance ended "
+                "(--max-stream-lag-ms %.0f); %d live streams",
+                delay_ms,
+                max_lag_ms,
+                len(self._sessions),
+            ),
         )
+        self._sessions.add(session)
+        return session
 
     async def _read_stream(
         self, request_iterator: AsyncIterator[pb.StreamingRecognizeRequest], session: StreamingSession
