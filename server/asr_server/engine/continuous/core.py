@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
+from asr_server.config import ContinuousConfig
 from asr_server.engine.continuous.attention import num_splits_for
 from asr_server.engine.continuous.decoder import DecodeBuffers, KvCache, PagedDecoder
 from asr_server.engine.continuous.encoder import encode
@@ -38,36 +39,11 @@ from asr_server.engine.types import BatchStats, DecodeOptions, DecodeRequest, De
 from asr_server.errors import LimitExceeded
 from asr_server.models.loading import LoadedAsrModel
 
+__all__ = ["ContinuousConfig", "ContinuousEngine"]
+
 logger = logging.getLogger(__name__)
 
 _DEFAULT_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
-
-
-@dataclass(frozen=True)
-class ContinuousConfig:
-    # Rows of the decode batch: the most requests decoding at once.
-    max_running: int = 128
-    page_size: int = 64
-    # KV cache size: an explicit token count, else this fraction of the device memory left after loading.
-    kv_cache_tokens: int | None = None
-    kv_cache_memory_fraction: float = 0.85
-    # Longest prompt + generation one request may have (sets the block table's width).
-    max_context_tokens: int = 32768
-    max_prefill_tokens: int = 16384
-    # While requests are decoding, newcomers are prefilled together once the oldest has waited this long (or
-    # enough have arrived to fill half a prefill), not one small prefill per step: each prefill has a fixed cost
-    # (encoder and decoder launches, ~10-15 ms) that the running streams pay for on every step it runs.
-    prefill_interval_ms: float = 12.0
-    encoder_batch_audio_s: float = 960.0
-    cuda_graphs: bool = True
-    preprocess_threads: int = 8
-    # "auto": fused Triton kernels on CUDA, the checkpoint's own torch modules elsewhere; "triton" forces them
-    # (with TRITON_INTERPRET=1 on CPU, for tests without a GPU).
-    kernels: str = "auto"
-    # "auto": the model's dtype; "fp8": float8 e4m3 with no scale (half the KV bytes; changes numerics slightly).
-    kv_cache_dtype: str = "auto"
-    # Benchmarks: synchronise after each phase and add up its time in ContinuousEngine.profile (slower).
-    profile: bool = False
 
 
 @dataclass
@@ -175,7 +151,7 @@ class ContinuousEngine:
 
     def _size_cache(self, cfg: ContinuousConfig) -> int:
         per_token = self._decoder.kv_bytes_per_token()
-        if cfg.kv_cache_tokens is not None:
+        if cfg.kv_cache_tokens > 0:
             tokens = cfg.kv_cache_tokens
         elif self._cuda:
             free, _total = torch.cuda.mem_get_info(self._device)
