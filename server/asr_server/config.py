@@ -57,6 +57,10 @@ class ContinuousConfig:
     kv_cache_dtype: str = "auto"
     # Benchmarks: synchronise after each phase and add up its time in ContinuousEngine.profile (slower).
     profile: bool = False
+    # KV pages per request: "full" reserves the prompt plus the whole token budget at admission (nothing is ever
+    # preempted); "lazy" gives pages as the request grows and, when they run out, preempts the most recently
+    # admitted request, which is later prefilled again over its prompt and the tokens it had (recompute).
+    kv_reservation: Literal["full", "lazy"] = "full"
 
 
 @dataclass(frozen=True)

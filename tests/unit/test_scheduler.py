@@ -253,3 +253,103 @@ def test_the_scheduler_and_page_manager_import_neither_torch_nor_numpy() -> None
 def test_a_kv_manager_of_another_page_size_is_refused(page_size: int) -> None:
     with pytest.raises(ValueError, match="page sizes differ"):
         Scheduler(ContinuousConfig(page_size=16), KvPageManager(8, page_size))
+
+
+# ---- lazy page growth, preemption by recompute ----
+
+
+def _lazy(rows: int = 4, pages: int = 64, **config: float) -> Scheduler:
+    return _scheduler(rows=rows, pages=pages, kv_reservation="lazy", **config)  # type: ignore[arg-type]
+
+
+def test_lazy_admission_takes_pages_for_the_prompt_and_first_decode_and_grows_a_page_at_a_time() -> None:
+    s = _lazy()
+    _add(s, "a", prompt=15, budget=100)  # 16 tokens: 1 page; the budget reserves nothing
+    plan = s.schedule(0.0)
+    assert [len(p.pages) for p in plan.prefills] == [1] and plan.grown == ()
+    assert [d.position for d in plan.decodes] == [15]  # the 16th slot: still page 0 of the request
+    plan = s.schedule(0.0)  # position 16 needs a second page
+    ((growth,),) = [plan.grown]
+    assert (growth.request_id, growth.row, growth.start, len(growth.pages)) == ("a", 0, 1, 1)
+    assert s.get("a").pages[1:] == list(growth.pages)  # type: ignore[union-attr]
+    for _ in range(15):
+        assert s.schedule(0.0).grown == ()  # positions 17..31 fit the second page
+    assert len(s.schedule(0.0).grown) == 1
+
+
+def test_when_pages_run_out_the_latest_admitted_is_preempted_and_recomputed_from_its_tokens() -> None:
+    s = _lazy(rows=4, pages=6)  # 5 usable pages
+    _add(s, "old", prompt=15, budget=60)
+    _add(s, "new", prompt=15, budget=60)
+    assert _ids(s.schedule(0.0)) == ["old", "new"]  # 1 page each; 3 free
+    assert len(s.schedule(0.0).grown) == 2  # both grow to 2 pages; 1 free
+    for _ in range(15):
+        assert s.schedule(0.0).preempted == ()
+    plan = s.schedule(0.0)  # both need a third page: "old" takes the last, "new" gives its pages back
+    ((victim,),) = [plan.preempted]
+    assert (victim.request_id, victim.row) == ("new", 1)
+    # Its KV held the prompt and 17 decoded tokens; the prefill covers those plus the last generated token.
+    assert victim.prefill_tokens == 15 + 17 + 1
+    assert [g.request_id for g in plan.grown] == ["old"] and [d.request_id for d in plan.decodes] == ["old"]
+    assert plan.prefills == ()  # not readmitted in the step that preempted it
+    assert s.num_waiting() == 1 and s.oldest_waiting_monotonic_s() == 0.0
+    assert len(s.get("old").pages) == 3 and s.kv.num_free == 2  # type: ignore[union-attr]
+    s.finish("old")
+    plan = s.schedule(1.0)
+    ((work,),) = [plan.prefills]
+    assert (work.request_id, work.start_token, work.num_tokens, len(work.pages)) == ("new", 0, 33, 3)
+    assert [d.position for d in plan.decodes] == [33]
+
+
+def test_the_latest_admitted_preempts_itself_and_waits_until_pages_are_free() -> None:
+    s = _lazy(rows=2, pages=4)  # 3 usable pages
+    _add(s, "a", prompt=30, budget=17)  # 48 tokens at most: 3 pages when alone
+    _add(s, "b", prompt=15, budget=4)
+    assert _ids(s.schedule(0.0)) == ["a", "b"]  # 2 + 1 pages, none free
+    plan = s.schedule(0.0)  # b's position 16 needs a page: b is the latest admitted, so it gives its own back
+    assert [p.request_id for p in plan.preempted] == ["b"] and [d.request_id for d in plan.decodes] == ["a"]
+    assert s.kv.num_free == 1
+    plan = s.schedule(1.0)  # a's position 32 takes the free page; b (2 pages for 17 + 1 tokens) still waits
+    assert [g.request_id for g in plan.grown] == ["a"] and plan.prefills == () and s.kv.num_free == 0
+    s.finish("a")
+    ((work,),) = [s.schedule(2.0).prefills]
+    assert (work.request_id, work.num_tokens, len(work.pages)) == ("b", 15 + 1 + 1, 2)
+
+
+def test_a_preempted_request_that_finishes_with_its_last_tokens_leaves_the_queue() -> None:
+    s = _lazy(rows=2, pages=4)
+    _add(s, "a", prompt=15, budget=20)
+    _add(s, "b", prompt=15, budget=20)
+    s.schedule(0.0)
+    assert [p.request_id for p in s.schedule(0.0).preempted] == ["b"]
+    assert s.finish("b") and s.num_waiting() == 0
+    assert not s.finish("b")
+
+
+def test_lazy_random_traffic_keeps_page_accounting_exact() -> None:
+    rng = random.Random(5)
+    s = _lazy(rows=5, pages=24, max_prefill_tokens=200, prefill_interval_ms=2.0)
+    now = 0.0
+    next_id = 0
+    preemptions = 0
+    for _ in range(4000):
+        now += rng.random() * 0.003
+        if rng.random() < 0.3:
+            _add(s, f"r{next_id}", prompt=rng.randint(1, 100), budget=rng.randint(1, 150), t=now)
+            next_id += 1
+        plan = s.schedule(now)
+        preemptions += len(plan.preempted)
+        # Every decode this step has its slot in the request's pages.
+        assert all(d.position < len(s.get(d.request_id).pages) * PAGE for d in plan.decodes)  # type: ignore[union-attr]
+        running = s.running()
+        if running and rng.random() < 0.05:
+            s.finish(rng.choice(running).request_id)  # EOS, or an abort
+        for r in s.running():
+            if r.num_computed_tokens - r.prompt_tokens > r.budget:  # the host saw the budget's last token
+                s.finish(r.request_id)
+        owned = [p for r in s.running() for p in r.pages]
+        free = s.kv.free_pages()
+        assert 0 not in owned and 0 not in free and len(set(owned)) == len(owned)
+        assert sorted(owned + free) == list(range(1, 24))
+        assert sorted([r.row for r in s.running()] + s.free_rows()) == list(range(5))
+    assert preemptions > 0

@@ -174,6 +174,11 @@ class ContinuousEngine:
         outputs: list[EngineOutput] = []
         with torch.inference_mode():
             plan = self._scheduler.schedule(time.monotonic())
+            for preempted in plan.preempted:
+                # Its tokens still on their way are kept: the prefill that readmits it starts from them.
+                self._runner.release_row(preempted.row)
+            for growth in plan.grown:
+                self._runner.extend_pages(growth.row, growth.start, growth.pages)
             outputs.extend(self._rejected(r) for r in plan.rejected)
             if plan.prefills:
                 self._prefill_isolating_failures(plan.prefills, outputs)
@@ -222,7 +227,8 @@ class ContinuousEngine:
         """
         now = time.time_ns()
         for work in works:
-            self._requests[work.request_id].output.start_ns = now
+            output = self._requests[work.request_id].output
+            output.start_ns = output.start_ns or now
         try:
             self._prefill(works)
             return
@@ -243,12 +249,20 @@ class ContinuousEngine:
 
     def _prefill(self, works: tuple[PrefillWork, ...]) -> None:
         reqs = [self._requests[work.request_id] for work in works]
-        inputs = [
-            PrefillInput(work, req.prepared.future.result(), req.output.suppress_eos)
-            for work, req in zip(works, reqs, strict=True)
-        ]
+        inputs = [self._prefill_inputs(work, req) for work, req in zip(works, reqs, strict=True)]
         first = self._runner.prefill(inputs)
         self._pending.append(_Pending(self._runner.to_host(first), [(i, r.output) for i, r in enumerate(reqs)]))
+
+    @staticmethod
+    def _prefill_inputs(work: PrefillWork, req: _Request) -> PrefillInput:
+        """The prepared prompt; after a preemption (lazy pages) with the tokens generated so far after it, so the
+        prefill recomputes their KV and yields the next token."""
+        prepared = req.prepared.future.result()
+        generated = work.num_tokens - int(prepared.input_ids.shape[1])
+        tokens = req.output.tokens
+        if generated and generated != len(tokens):
+            raise RuntimeError(f"recompute of {generated} generated tokens, the host has {len(tokens)}")
+        return PrefillInput(work, prepared, req.output.suppress_eos, tuple(tokens) if generated else ())
 
     # ---- decode + outputs ----
 

@@ -48,11 +48,17 @@ class HostTokens:
 
 @dataclass(frozen=True)
 class PrefillInput:
-    """One request's part of a prefill: what the scheduler planned, its prepared inputs, its EOS rule."""
+    """One request's part of a prefill: what the scheduler planned, its prepared inputs, its EOS rule, and (a
+    recompute after preemption) the tokens it had generated, prefilled after the prompt."""
 
     work: PrefillWork
     prepared: PreparedInputs
     suppress_eos: bool
+    generated: tuple[int, ...] = ()
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.prepared.input_ids.shape[1])
 
 
 class ModelRunner:
@@ -152,6 +158,13 @@ class ModelRunner:
         b.active.index_fill_(0, index, False)
         b.block_table.index_fill_(0, index, 0)
 
+    def extend_pages(self, row: int, start: int, pages: Sequence[int]) -> None:
+        """Pages appended to a live row's block table (lazy page growth), from column `start`."""
+        if row not in self._live_rows or start + len(pages) > self.table_width:
+            raise ValueError(f"cannot extend row {row} by {len(pages)} pages from {start}")
+        values = torch.tensor(list(pages), dtype=torch.int32).to(self.device, non_blocking=True)
+        self.buffers.block_table[row, start : start + len(pages)].copy_(values)
+
     def bucket(self, highest_row: int) -> int:
         """The decode batch size (a graph's bucket) that covers rows 0..highest_row."""
         return next(b for b in self.buckets if b > highest_row)
@@ -170,8 +183,8 @@ class ModelRunner:
         leaves nothing to undo: the pages are simply written again.
         """
         for item in inputs:
-            if item.work.start_token != 0 or item.work.num_tokens != int(item.prepared.input_ids.shape[1]):
-                raise ValueError("the model runner prefills whole prompts only")
+            if item.work.start_token != 0 or item.work.num_tokens != item.prompt_tokens + len(item.generated):
+                raise ValueError("the model runner prefills whole prompts (and their generated tokens) only")
         prepared = [item.prepared for item in inputs]
         profiling = self._config.profile
         t0 = time.perf_counter()
@@ -183,9 +196,19 @@ class ModelRunner:
         decoder = self.decoder
         dev = self.device
         page = self._config.page_size
-        ids = torch.cat([p.input_ids[0] for p in prepared]).to(dev)
+        pieces: list[torch.Tensor] = []
+        masks: list[torch.Tensor] = []
+        for item in inputs:
+            prompt = item.prepared.input_ids[0]
+            # Only the prompt holds audio placeholders; a generated token of the same id is a token.
+            pieces.append(prompt)
+            masks.append(prompt == self._audio_token_id)
+            if item.generated:
+                pieces.append(torch.tensor(item.generated, dtype=prompt.dtype))
+                masks.append(torch.zeros(len(item.generated), dtype=torch.bool))
+        ids = torch.cat(pieces).to(dev)
         embeds = decoder.embed(ids)
-        audio_mask = ids == self._audio_token_id
+        audio_mask = torch.cat(masks).to(dev)
         audio = torch.cat(audio_embeds).to(embeds.dtype)
         if int(audio.shape[0]) != int(audio_mask.sum().item()):
             raise RuntimeError(f"audio features ({audio.shape[0]}) and audio tokens do not match")

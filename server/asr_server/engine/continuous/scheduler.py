@@ -16,10 +16,18 @@ A request's prompt length is known once its features are computed (on a thread p
 scheduler sees it through a `PromptSource`. A request whose prompt plus budget exceeds the context, or the whole
 cache, is refused (`Rejected`).
 
-The plan is made for later policies too: a prefill names the token range it covers (`start_token`, `num_tokens`:
-the whole prompt from 0 today; a chunked or recomputed prefill would cover part of it), each request counts the
-tokens whose K/V its pages hold (`num_computed_tokens`: grows by one per scheduled decode), which is what lazy
-page growth needs, and `preempted` lists requests sent back to waiting (always empty under reservation).
+A prefill names the token range it covers (`start_token`, `num_tokens`: the whole prompt from 0 under the
+default policy), and each request counts the tokens whose K/V its pages hold (`num_computed_tokens`: the prompt,
+then one more per scheduled decode).
+
+`kv_reservation="lazy"` (off by default): a request gets pages for its prompt and first decode at admission and
+one more page whenever its next decode needs it. When none is free, the most recently admitted running request is
+preempted (vLLM's recompute preemption): its row and pages come back, and it goes to the front of the waiting
+queue; when it is admitted again, its prefill covers the prompt plus every token it had generated
+(`num_computed_tokens` + 1 at preemption: the KV it held plus the last token, whose KV no step had written), so
+decoding continues where it stopped. A request preempted in a step is not admitted again in that same step: the
+host has not seen its last token yet (tokens reach the host one step late). Requests that could never fit alone
+are refused at admission as under reservation.
 """
 
 from __future__ import annotations
@@ -71,6 +79,10 @@ class ScheduledRequest:
     # Tokens whose K/V the request's pages hold once the steps scheduled so far have run.
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
+    # Lazy policy: tokens the next prefill covers (the prompt, or after a preemption the prompt plus the tokens
+    # generated so far); 0 until the prompt is known.
+    prefill_tokens: int = 0
+    num_preemptions: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,12 +114,34 @@ class Rejected:
 
 
 @dataclass(frozen=True)
+class PageGrowth:
+    """Lazy policy: pages appended to a running request's block-table row, from index `start`."""
+
+    request_id: str
+    row: int
+    start: int
+    pages: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Preempted:
+    """A request sent back to waiting (lazy policy): its row is free; its next prefill covers `prefill_tokens`."""
+
+    request_id: str
+    row: int
+    prefill_tokens: int
+
+
+@dataclass(frozen=True)
 class SchedulerOutput:
     prefills: tuple[PrefillWork, ...] = ()
     # Every row that decodes this step, the ones prefilled just before included; by row.
     decodes: tuple[DecodeWork, ...] = ()
     rejected: tuple[Rejected, ...] = ()
-    preempted: tuple[str, ...] = ()
+    # Preempted this step (lazy policy only), before anything was admitted: release their rows first.
+    preempted: tuple[Preempted, ...] = ()
+    # Lazy policy: pages running requests got this step (write them into their rows before decoding).
+    grown: tuple[PageGrowth, ...] = ()
 
     @property
     def prefill_tokens(self) -> int:
@@ -124,6 +158,9 @@ class Scheduler:
         self.max_pages_per_request = -(-config.max_context_tokens // config.page_size)
         self.max_context_tokens = self.max_pages_per_request * config.page_size
         self.num_rows = config.max_running
+        if config.kv_reservation not in ("full", "lazy"):
+            raise ValueError(f"kv_reservation must be full or lazy, not {config.kv_reservation!r}")
+        self._lazy = config.kv_reservation == "lazy"
         self._free_rows: list[int] = list(range(self.num_rows - 1, -1, -1))
         self._waiting: deque[ScheduledRequest] = deque()
         self._running: dict[str, ScheduledRequest] = {}
@@ -173,10 +210,11 @@ class Scheduler:
         return self.finish(request_id) or found
 
     def finish(self, request_id: str) -> bool:
-        """A running request is done (or failed): its row and pages come back; whether it was running."""
+        """A request is done (or failed): its row and pages come back; whether it was running (or, preempted,
+        waiting to run again)."""
         request = self._running.pop(request_id, None)
         if request is None:
-            return False
+            return self._drop_preempted(request_id)
         request.status = RequestStatus.FINISHED
         if request.pages:
             self.kv.free(request.pages)
@@ -188,16 +226,67 @@ class Scheduler:
             request.row = -1
         return True
 
+    def _drop_preempted(self, request_id: str) -> bool:
+        """A preempted request that finished with the tokens already on their way leaves the waiting queue."""
+        for request in [r for r in self._waiting if r.request_id == request_id and r.num_preemptions]:
+            self._waiting.remove(request)
+            request.status = RequestStatus.FINISHED
+            return True
+        return False
+
     # ---- one step ----
 
     def schedule(self, now_monotonic_s: float) -> SchedulerOutput:
         """This step's plan: the prefills of newly admitted requests, then one decode for every running row."""
-        prefills, rejected = self._admit(now_monotonic_s)
+        preempted: list[Preempted] = []
+        grown: list[PageGrowth] = []
+        if self._lazy:
+            preempted, grown = self._grow_running()
+        prefills: list[PrefillWork] = []
+        rejected: list[Rejected] = []
+        if not preempted:
+            prefills, rejected = self._admit(now_monotonic_s)
         decodes = []
         for request in sorted(self._running.values(), key=lambda r: r.row):
             decodes.append(DecodeWork(request.request_id, request.row, request.num_computed_tokens))
             request.num_computed_tokens += 1
-        return SchedulerOutput(tuple(prefills), tuple(decodes), tuple(rejected))
+        return SchedulerOutput(tuple(prefills), tuple(decodes), tuple(rejected), tuple(preempted), tuple(grown))
+
+    def _grow_running(self) -> tuple[list[Preempted], list[PageGrowth]]:
+        """Lazy policy: a page more for every running request whose next decode needs one, in admission order;
+        when none is free, the most recently admitted request gives its pages back (preemption by recompute)."""
+        preempted: list[Preempted] = []
+        grown: list[PageGrowth] = []
+        order = list(self._running.values())  # admission order
+        for request in order:
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted just now for an earlier one
+            need = min(self.kv.pages_for(request.num_computed_tokens + 1), self.max_pages_per_request)
+            start = len(request.pages)
+            while len(request.pages) < need:
+                if self.kv.can_allocate(1):
+                    request.pages.extend(self.kv.allocate(1))
+                    continue
+                victim = next(r for r in reversed(order) if r.status is RequestStatus.RUNNING)
+                preempted.append(self._preempt(victim))
+                if victim is request:
+                    break
+            if request.status is RequestStatus.RUNNING and len(request.pages) > start:
+                grown.append(PageGrowth(request.request_id, request.row, start, tuple(request.pages[start:])))
+        # Victims are the latest admitted still running, never one already grown: `grown` needs no filtering.
+        return preempted, grown
+
+    def _preempt(self, request: ScheduledRequest) -> Preempted:
+        row = request.row
+        self.finish(request.request_id)
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        # Its KV (the prompt and the decoded tokens) plus the last token generated, whose KV no step wrote.
+        request.prefill_tokens = request.num_computed_tokens + 1
+        request.num_computed_tokens = 0
+        # To the front of the queue; victims go latest admitted first, so the earliest admitted ends up in front.
+        self._waiting.appendleft(request)
+        return Preempted(request.request_id, row, request.prefill_tokens)
 
     def _admit_now(self, now_monotonic_s: float) -> bool:
         if not self._waiting or not self._free_rows:
@@ -225,30 +314,36 @@ class Scheduler:
             if not request.source.done() and (prefills or self._running):
                 break
             self._waiting.popleft()
-            try:
-                prompt = request.source.prompt_tokens()  # waits when nothing else can run meanwhile
-            except Exception as exc:  # noqa: BLE001 - one bad clip fails alone
-                request.status = RequestStatus.FINISHED
-                rejected.append(Rejected(request.request_id, "preprocessing", exc))
-                continue
-            refusal = self._refusal(prompt, request.budget)
-            if refusal is not None:
-                request.status = RequestStatus.FINISHED
-                rejected.append(Rejected(request.request_id, "admission", refusal))
-                continue
-            need_pages = self.kv.pages_for(prompt + request.budget + 1)
-            over_prefill = bool(prefills) and prompt_tokens + prompt > self._config.max_prefill_tokens
+            if request.num_preemptions:
+                tokens = request.prefill_tokens  # known, and checked at its first admission
+            else:
+                try:
+                    prompt = request.source.prompt_tokens()  # waits when nothing else can run meanwhile
+                except Exception as exc:  # noqa: BLE001 - one bad clip fails alone
+                    request.status = RequestStatus.FINISHED
+                    rejected.append(Rejected(request.request_id, "preprocessing", exc))
+                    continue
+                refusal = self._refusal(prompt, request.budget)
+                if refusal is not None:
+                    request.status = RequestStatus.FINISHED
+                    rejected.append(Rejected(request.request_id, "admission", refusal))
+                    continue
+                request.prompt_tokens = prompt
+                tokens = request.prefill_tokens = prompt
+            # Lazy: the prefill and the first decode; full: the prompt and every token the budget allows (+1: the
+            # step launched before the host sees the end).
+            need_pages = self.kv.pages_for(tokens + 1 if self._lazy else tokens + request.budget + 1)
+            over_prefill = bool(prefills) and prompt_tokens + tokens > self._config.max_prefill_tokens
             if not self.kv.can_allocate(need_pages) or over_prefill:
                 self._waiting.appendleft(request)
                 break
-            request.prompt_tokens = prompt
             request.pages = self.kv.allocate(need_pages)
             request.row = self._free_rows.pop()
-            request.num_computed_tokens = prompt
+            request.num_computed_tokens = tokens
             request.status = RequestStatus.RUNNING
             self._running[request.request_id] = request
-            prompt_tokens += prompt
-            prefills.append(PrefillWork(request.request_id, request.row, tuple(request.pages), 0, prompt))
+            prompt_tokens += tokens
+            prefills.append(PrefillWork(request.request_id, request.row, tuple(request.pages), 0, tokens))
         return prefills, rejected
 
     def _refusal(self, prompt: int, budget: int) -> LimitExceeded | None:
