@@ -32,6 +32,42 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class ContinuousConfig:
+    """The continuous-batching engine (engine/continuous): its part of the config tree, `EngineConfig.continuous`."""
+
+    # Rows of the decode batch: the most requests decoding at once.
+    max_running: int = 128
+    page_size: int = 64
+    # KV cache size: an explicit token count, else (0) this fraction of the device memory left after loading.
+    kv_cache_tokens: int = 0
+    kv_cache_memory_fraction: float = 0.85
+    # Longest prompt + generation one request may have (sets the block table's width).
+    max_context_tokens: int = 32768
+    max_prefill_tokens: int = 16384
+    # While requests are decoding, newcomers are prefilled together once the oldest has waited this long (or
+    # enough have arrived to fill half a prefill), not one small prefill per step: each prefill has a fixed cost
+    # (encoder and decoder launches, ~10-15 ms) that the running streams pay for on every step it runs.
+    prefill_interval_ms: float = 12.0
+    encoder_batch_audio_s: float = 960.0
+    cuda_graphs: bool = True
+    preprocess_threads: int = 8
+    # "auto": fused Triton kernels on CUDA, the checkpoint's own torch modules elsewhere; "triton" forces them
+    # (with TRITON_INTERPRET=1 on CPU, for tests without a GPU).
+    kernels: str = "auto"
+    # "auto": the model's dtype; "fp8": float8 e4m3 with no scale (half the KV bytes; changes numerics slightly).
+    kv_cache_dtype: str = "auto"
+    # Benchmarks: synchronise after each phase and add up its time in ContinuousEngine.profile (slower).
+    profile: bool = False
+    # KV pages per request: "full" reserves the prompt plus the whole token budget at admission (nothing is ever
+    # preempted); "lazy" gives pages as the request grows and, when they run out, preempts the most recently
+    # admitted request, which is later prefilled again over its prompt and the tokens it had (recompute).
+    kv_reservation: Literal["full", "lazy"] = "full"
+    # "reference": log-mel by the processor's feature extractor; "torch": continuous/features.py, batched torch
+    # (on the engine's CUDA device), equal to it within 1e-4 (tests/integration/test_features_torch.py).
+    features: Literal["reference", "torch"] = "reference"
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     kind: EngineKind = "continuous"
     max_inference_batch_size: int = 32
@@ -45,14 +81,7 @@ class EngineConfig:
     fake_batch_delay_ms: float = 0.0
     warmup: bool = True
     # Continuous engine (engine/continuous): decode rows, KV cache, prefill and encoder budgets, CUDA graphs.
-    max_running_requests: int = 128
-    kv_cache_tokens: int = 0  # 0: size the cache from free device memory
-    kv_cache_memory_fraction: float = 0.85
-    max_context_tokens: int = 32768
-    max_prefill_tokens: int = 16384
-    encoder_batch_audio_s: float = 960.0
-    cuda_graphs: bool = True
-    kv_cache_dtype: str = "auto"  # auto (the model's) or fp8
+    continuous: ContinuousConfig = field(default_factory=ContinuousConfig)
     # One engine replica per device (--devices cuda:0,cuda:1, parsed here once); empty: the single --device.
     devices: tuple[str, ...] = ()
     # Benchmarks only: every request generates exactly this many tokens per audio second (+6 for the language
@@ -166,19 +195,43 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("engine", "default_max_new_tokens", "--max-new-tokens", int, "tokens per chunk when a request says 0"),
     ("engine", "max_new_tokens_limit", "--max-new-tokens-limit", int, "most tokens a request may ask for"),
     ("engine", "fake_batch_delay_ms", "--fake-batch-delay-ms", float, "fake engine: time per batch"),
-    ("engine", "max_running_requests", "--max-running-requests", int, "continuous: most requests decoding at once"),
-    ("engine", "kv_cache_tokens", "--kv-cache-tokens", int, "continuous: KV cache size in tokens; 0: from memory"),
+    ("engine.continuous", "max_running", "--max-running-requests", int, "continuous: most requests decoding at once"),
     (
-        "engine",
+        "engine.continuous",
+        "kv_cache_tokens",
+        "--kv-cache-tokens",
+        int,
+        "continuous: KV cache size in tokens; 0: from memory",
+    ),
+    (
+        "engine.continuous",
         "kv_cache_memory_fraction",
         "--kv-cache-memory-fraction",
         float,
         "continuous: share of free device memory for the KV cache",
     ),
-    ("engine", "max_context_tokens", "--max-context-tokens", int, "continuous: longest prompt + output per chunk"),
-    ("engine", "max_prefill_tokens", "--max-prefill-tokens", int, "continuous: prompt tokens prefilled per step"),
-    ("engine", "encoder_batch_audio_s", "--encoder-batch-audio-s", float, "continuous: audio per encoder batch"),
-    ("engine", "kv_cache_dtype", "--kv-cache-dtype", str, "continuous: auto (model dtype) or fp8 (CUDA)"),
+    (
+        "engine.continuous",
+        "max_context_tokens",
+        "--max-context-tokens",
+        int,
+        "continuous: longest prompt + output per chunk",
+    ),
+    (
+        "engine.continuous",
+        "max_prefill_tokens",
+        "--max-prefill-tokens",
+        int,
+        "continuous: prompt tokens prefilled per step",
+    ),
+    (
+        "engine.continuous",
+        "encoder_batch_audio_s",
+        "--encoder-batch-audio-s",
+        float,
+        "continuous: audio per encoder batch",
+    ),
+    ("engine.continuous", "kv_cache_dtype", "--kv-cache-dtype", str, "continuous: auto (model dtype) or fp8 (CUDA)"),
     ("engine", "devices", "--devices", parse_device_list, "one engine replica per device, e.g. cuda:0,cuda:1"),
     (
         "engine",
@@ -222,7 +275,7 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
 
 _BOOL_FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("engine", "warmup", "--no-warmup", "skip the warm-up batch before reporting SERVING"),
-    ("engine", "cuda_graphs", "--no-cuda-graphs", "continuous engine: run decode steps eagerly"),
+    ("engine.continuous", "cuda_graphs", "--no-cuda-graphs", "continuous engine: run decode steps eagerly"),
     ("server", "reflection", "--no-reflection", "do not register server reflection"),
 )
 
@@ -250,10 +303,18 @@ def _raw_value(args: argparse.Namespace, dest: str, environ: Mapping[str, str], 
     return environ.get(env) if raw is None else str(raw)
 
 
+def _section(config: Config, path: str) -> Any:
+    """The config section at a dotted path ("engine", "engine.continuous")."""
+    node: Any = config
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Config()
     for section, name, flag, _type, help_text in _FLAGS:
-        default = getattr(getattr(defaults, section), name)
+        default = getattr(_section(defaults, section), name)
         _add_value_flag(parser, flag, f"{section}.{name}", help_text, _env_name(flag), default)
     for section, name, flag, help_text in _BOOL_FLAGS:
         parser.add_argument(
@@ -276,6 +337,7 @@ def _parse_value(raw: str, kind: Callable[[str], Any], flag: str) -> Any:
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     """Builds the config from parsed flags and the environment, then checks it."""
     values: dict[str, dict[str, Any]] = {f.name: {} for f in dataclasses.fields(Config)}
+    values["engine.continuous"] = {}
     for section, name, flag, kind, _help in _FLAGS:
         raw = _raw_value(args, f"{section}.{name}", environ, _env_name(flag))
         if raw is not None:
@@ -288,7 +350,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
     config = Config(
         server=ServerConfig(**values["server"]),
         model=ModelConfig(**values["model"]),
-        engine=EngineConfig(**values["engine"]),
+        engine=EngineConfig(**values["engine"], continuous=ContinuousConfig(**values["engine.continuous"])),
         limits=LimitsConfig(**values["limits"]),
         aligner=AlignerConfig(**values["aligner"]),
         tracing=TracingConfig(**values["tracing"]),
@@ -314,13 +376,14 @@ def validate(config: Config) -> None:
         e.kind in ("continuous", "transformers", "fake"),
         f"--engine must be continuous, transformers or fake, not {excerpt(e.kind)}",
     )
-    need(e.max_running_requests >= 1, "--max-running-requests must be >= 1")
-    need(e.kv_cache_dtype in ("auto", "fp8"), "--kv-cache-dtype must be auto or fp8")
-    need(e.kv_cache_tokens >= 0, "--kv-cache-tokens must be >= 0")
-    need(0 < e.kv_cache_memory_fraction <= 1, "--kv-cache-memory-fraction must be in (0, 1]")
-    need(e.max_context_tokens >= 256, "--max-context-tokens must be >= 256")
-    need(e.max_prefill_tokens >= 1, "--max-prefill-tokens must be >= 1")
-    need(e.encoder_batch_audio_s > 0, "--encoder-batch-audio-s must be > 0")
+    c = e.continuous
+    need(c.max_running >= 1, "--max-running-requests must be >= 1")
+    need(c.kv_cache_dtype in ("auto", "fp8"), "--kv-cache-dtype must be auto or fp8")
+    need(c.kv_cache_tokens >= 0, "--kv-cache-tokens must be >= 0")
+    need(0 < c.kv_cache_memory_fraction <= 1, "--kv-cache-memory-fraction must be in (0, 1]")
+    need(c.max_context_tokens >= 256, "--max-context-tokens must be >= 256")
+    need(c.max_prefill_tokens >= 1, "--max-prefill-tokens must be >= 1")
+    need(c.encoder_batch_audio_s > 0, "--encoder-batch-audio-s must be > 0")
     need(e.bench_forced_tokens_per_audio_s >= 0, "--bench-forced-tokens-per-audio-s must be >= 0")
     need(e.max_inference_batch_size >= 1, "--max-inference-batch-size must be >= 1")
     need(e.max_batch_wait_ms >= 0, "--max-batch-wait-ms must be >= 0")

@@ -138,6 +138,33 @@ def test_random_arrivals_mixed_lengths_and_row_and_page_limits(loaded: LoadedAsr
     assert len(engine._free_rows) == 3
 
 
+def test_lazy_pages_with_preemption_by_recompute_give_the_reference_tokens(loaded: LoadedAsrModel) -> None:
+    # 14 pages of 16 tokens for 4 rows of requests needing up to 6 pages each: pages run out mid-decode, the latest
+    # admitted request is preempted and later prefilled again over its prompt and the tokens it had.
+    requests = [
+        _request(f"z{i}", seconds, max_new, seed=400 + i)
+        for i, (seconds, max_new) in enumerate([(0.3, 40), (2.5, 60), (0.8, 50), (4.0, 64), (1.2, 30), (3.1, 48)])
+    ]
+    expected = _reference(loaded, requests)
+    config = ContinuousConfig(max_running=4, page_size=16, kv_cache_tokens=14 * 16, kv_reservation="lazy")
+    engine = ContinuousEngine(loaded, config)
+    schedule = engine._scheduler.schedule
+    preempted: list[str] = []
+
+    def counting(now_s: float) -> Any:
+        plan = schedule(now_s)
+        preempted.extend(p.request_id for p in plan.preempted)
+        return plan
+
+    engine._scheduler.schedule = counting  # type: ignore[method-assign]
+    for request in requests:
+        engine.add(_item(request))
+    assert _tokens(list(_drain(engine))) == expected
+    assert preempted, "the cache was meant to run out"
+    assert len(engine._free_pages) == engine._cache.num_pages - 1
+    assert len(engine._free_rows) == 4
+
+
 def test_eos_ends_each_request_on_its_own(loaded: LoadedAsrModel) -> None:
     # The tiny model rarely says EOS; declare its favourite token an EOS so requests end early, at different steps.
     generation = loaded.model.generation_config

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from asr_server.config import Config, EngineConfig, ModelConfig
+from asr_server.config import Config, ContinuousConfig, EngineConfig, ModelConfig
 from asr_server.engine.replicas import ReplicatedRunner
 from asr_server.models.loading import LoadedAsrModel, load_asr_model
 from asr_server.models.tiny_checkpoint import TinyCheckpoints
@@ -32,8 +32,7 @@ def _config(model: str, **engine: Any) -> Config:
     settings: dict[str, Any] = {
         "kind": "continuous",
         "max_batch_wait_ms": 0.0,
-        "max_running_requests": 4,
-        "kv_cache_tokens": 8192,
+        "continuous": ContinuousConfig(max_running=4, kv_cache_tokens=8192),
         "warmup": True,
     }
     settings.update(engine)

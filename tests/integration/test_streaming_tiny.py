@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from asr_server.config import Config, ModelConfig
+from asr_server.config import Config, ContinuousConfig, ModelConfig
 from asr_server.engine.continuous.core import ContinuousEngine
 from asr_server.engine.core import EngineCore
 from asr_server.engine.generate_core import GenerateEngine
@@ -55,7 +55,9 @@ def _engine_setup(
     if engine == "transformers":
         config = dataclasses.replace(fake_config(kind="transformers", max_batch_wait_ms=2), model=model)
         return config, lambda: GenerateEngine(tiny_asr, max_batch_size=8), GenerateEngine
-    engine_config = fake_config(kind="continuous", max_batch_wait_ms=0, max_running_requests=8, kv_cache_tokens=8192)
+    engine_config = fake_config(
+        kind="continuous", max_batch_wait_ms=0, continuous=ContinuousConfig(max_running=8, kv_cache_tokens=8192)
+    )
     return dataclasses.replace(engine_config, model=model), None, ContinuousEngine
 
 

@@ -65,21 +65,9 @@ def make_core_factory(config: Config, device: str) -> Callable[[], EngineCore]:
         )
         core: EngineCore
         if engine.kind == "continuous" and model.device_map is None:
-            from asr_server.engine.continuous.core import ContinuousConfig, ContinuousEngine
+            from asr_server.engine.continuous.core import ContinuousEngine
 
-            core = ContinuousEngine(
-                loaded,
-                ContinuousConfig(
-                    max_running=engine.max_running_requests,
-                    kv_cache_tokens=engine.kv_cache_tokens or None,
-                    kv_cache_memory_fraction=engine.kv_cache_memory_fraction,
-                    max_context_tokens=engine.max_context_tokens,
-                    max_prefill_tokens=engine.max_prefill_tokens,
-                    encoder_batch_audio_s=engine.encoder_batch_audio_s,
-                    cuda_graphs=engine.cuda_graphs,
-                    kv_cache_dtype=engine.kv_cache_dtype,
-                ),
-            )
+            core = ContinuousEngine(loaded, engine.continuous)
         else:
             from asr_server.engine.generate_core import GenerateEngine
 

@@ -1,0 +1,76 @@
+"""The continuous engine's output step: sampled tokens into each request's output, finished ones into results.
+
+A request ends at its token budget or (unless its length is forced) at an EOS token; its tokens are then
+detokenized and parsed as the reference path parses them (generate_core.parse_transcription). Tokens reach the
+host one step late, so a request ended by one step still has a token in the next: `finished` makes it ignored.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from asr_server.engine.core import EngineOutput
+from asr_server.engine.generate_core import parse_transcription
+from asr_server.engine.types import BatchStats, DecodeResult, WorkItem
+
+
+@dataclass
+class RequestOutput:
+    """What the host knows of one admitted or waiting request's output."""
+
+    item: WorkItem
+    budget: int
+    suppress_eos: bool
+    tokens: list[int] = field(default_factory=list)
+    finished: bool = False
+    start_ns: int = 0
+    first_token_ns: int = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.item.request.request_id
+
+
+class OutputStep:
+    def __init__(self, processor: Any, eos_ids: Iterable[int]) -> None:
+        self._processor = processor
+        self._eos_ids = frozenset(eos_ids)
+        # Time to first token (ms, from arrival to the host seeing it) of recent requests, for benchmarks.
+        self.ttft_ms: deque[float] = deque(maxlen=100_000)
+
+    def append(self, owners: Iterable[tuple[int, RequestOutput]], values: list[int]) -> list[RequestOutput]:
+        """Appends each owner's token (values[index]); returns the requests this ends (not yet marked finished)."""
+        done: list[RequestOutput] = []
+        for index, req in owners:
+            if req.finished:
+                continue
+            token = int(values[index])
+            if not req.tokens:
+                req.first_token_ns = time.time_ns()
+                self.ttft_ms.append((req.first_token_ns - req.item.enqueued_ns) / 1e6)
+            req.tokens.append(token)
+            if len(req.tokens) >= req.budget or (not req.suppress_eos and token in self._eos_ids):
+                done.append(req)
+        return done
+
+    def result(self, req: RequestOutput, batch_size: int, end_ns: int) -> EngineOutput:
+        request = req.item.request
+        try:
+            text, language = parse_transcription(self._processor, request, req.tokens)
+        except Exception as exc:  # noqa: BLE001 - a decoding failure is this request's alone
+            return EngineOutput(req.request_id, error=RuntimeError(f"decoding the output failed: {exc}"))
+        stats = BatchStats(
+            batch_size=batch_size,
+            audio_s=request.audio_s,
+            generated_tokens=len(req.tokens),
+            start_ns=req.start_ns,
+            end_ns=end_ns,
+        )
+        result = DecodeResult(
+            req.request_id, text, language, tuple(req.tokens), req.item.enqueued_ns, stats, req.first_token_ns
+        )
+        return EngineOutput(req.request_id, result=result)

@@ -1,0 +1,360 @@
+"""The continuous engine's scheduler: which requests prefill this step and which rows decode (torch-free).
+
+As vLLM v1's scheduler, it owns the waiting queue, the running set, the decode rows and (through KvPageManager)
+the KV pages, and hands the model runner a plain plan per step (`SchedulerOutput`); it imports neither torch nor
+numpy, so its tests run in milliseconds.
+
+Admission (`schedule`): waiting requests are taken in arrival order while a row and enough pages are free. Pages
+for the prompt plus the request's whole token budget (+1: the step launched before the host sees the end) are
+reserved at admission, so a running request never runs out and nothing is ever preempted. At most
+`max_prefill_tokens` prompt tokens are admitted per step (a first request is always admitted whatever its
+length), so running streams keep getting tokens while a burst of long requests is prefilled. While requests are
+decoding, newcomers wait until the oldest has waited `prefill_interval_ms` (or enough have arrived to fill every
+free row or half a prefill): each prefill has a fixed cost that every running stream pays for.
+
+A request's prompt length is known once its features are computed (on a thread pool, off the engine thread): the
+scheduler sees it through a `PromptSource`. A request whose prompt plus budget exceeds the context, or the whole
+cache, is refused (`Rejected`).
+
+A prefill names the token range it covers (`start_token`, `num_tokens`: the whole prompt from 0 under the
+default policy), and each request counts the tokens whose K/V its pages hold (`num_computed_tokens`: the prompt,
+then one more per scheduled decode).
+
+`kv_reservation="lazy"` (off by default): a request gets pages for its prompt and first decode at admission and
+one more page whenever its next decode needs it. When none is free, the most recently admitted running request is
+preempted (vLLM's recompute preemption): its row and pages come back, and it goes to the front of the waiting
+queue; when it is admitted again, its prefill covers the prompt plus every token it had generated
+(`num_computed_tokens` + 1 at preemption: the KV it held plus the last token, whose KV no step had written), so
+decoding continues where it stopped. A request preempted in a step is not admitted again in that same step: the
+host has not seen its last token yet (tokens reach the host one step late). Requests that could never fit alone
+are refused at admission as under reservation.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from asr_server.config import ContinuousConfig
+from asr_server.engine.continuous.kv_manager import KvPageManager
+from asr_server.errors import LimitExceeded
+
+
+class PromptSource(Protocol):
+    """A request's prepared inputs, as far as the scheduler needs them."""
+
+    def done(self) -> bool:
+        """Whether the prompt is ready (prompt_tokens will not wait)."""
+        ...
+
+    def prompt_tokens(self) -> int:
+        """The prompt's length in tokens; waits for it; raises what preparing it raised."""
+        ...
+
+    def cancel(self) -> None: ...
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class ScheduledRequest:
+    """The scheduler's state of one request."""
+
+    request_id: str
+    arrival_monotonic_s: float
+    # Most tokens the request may generate.
+    budget: int
+    # A guess of the prompt's length before it is known (for the prefill-interval rule).
+    estimated_prompt_tokens: int
+    source: PromptSource
+    prompt_tokens: int = 0
+    row: int = -1
+    pages: list[int] = field(default_factory=list)
+    # Tokens whose K/V the request's pages hold once the steps scheduled so far have run.
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    # Lazy policy: tokens the next prefill covers (the prompt, or after a preemption the prompt plus the tokens
+    # generated so far); 0 until the prompt is known.
+    prefill_tokens: int = 0
+    num_preemptions: int = 0
+
+
+@dataclass(frozen=True)
+class PrefillWork:
+    """Prefill prompt tokens [start_token, start_token + num_tokens) of a request into its pages, on its row."""
+
+    request_id: str
+    row: int
+    pages: tuple[int, ...]
+    start_token: int
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class DecodeWork:
+    request_id: str
+    row: int
+    # The position this step writes (the tokens in the request's pages before it).
+    position: int
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A request refused before it ran: stage "preprocessing" (its features failed) or "admission" (too large)."""
+
+    request_id: str
+    stage: str
+    error: Exception
+
+
+@dataclass(frozen=True)
+class PageGrowth:
+    """Lazy policy: pages appended to a running request's block-table row, from index `start`."""
+
+    request_id: str
+    row: int
+    start: int
+    pages: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Preempted:
+    """A request sent back to waiting (lazy policy): its row is free; its next prefill covers `prefill_tokens`."""
+
+    request_id: str
+    row: int
+    prefill_tokens: int
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    prefills: tuple[PrefillWork, ...] = ()
+    # Every row that decodes this step, the ones prefilled just before included; by row.
+    decodes: tuple[DecodeWork, ...] = ()
+    rejected: tuple[Rejected, ...] = ()
+    # Preempted this step (lazy policy only), before anything was admitted: release their rows first.
+    preempted: tuple[Preempted, ...] = ()
+    # Lazy policy: pages running requests got this step (write them into their rows before decoding).
+    grown: tuple[PageGrowth, ...] = ()
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(p.num_tokens for p in self.prefills)
+
+
+class Scheduler:
+    def __init__(self, config: ContinuousConfig, kv: KvPageManager) -> None:
+        if kv.page_size != config.page_size:
+            raise ValueError(f"page sizes differ: config {config.page_size}, KV manager {kv.page_size}")
+        self._config = config
+        self.kv = kv
+        # The block table's width: the most pages one request may hold.
+        self.max_pages_per_request = -(-config.max_context_tokens // config.page_size)
+        self.max_context_tokens = self.max_pages_per_request * config.page_size
+        self.num_rows = config.max_running
+        if config.kv_reservation not in ("full", "lazy"):
+            raise ValueError(f"kv_reservation must be full or lazy, not {config.kv_reservation!r}")
+        self._lazy = config.kv_reservation == "lazy"
+        self._free_rows: list[int] = list(range(self.num_rows - 1, -1, -1))
+        self._waiting: deque[ScheduledRequest] = deque()
+        self._running: dict[str, ScheduledRequest] = {}
+
+    # ---- queue state ----
+
+    def add(
+        self,
+        request_id: str,
+        arrival_monotonic_s: float,
+        budget: int,
+        estimated_prompt_tokens: int,
+        source: PromptSource,
+    ) -> ScheduledRequest:
+        request = ScheduledRequest(request_id, arrival_monotonic_s, max(1, budget), estimated_prompt_tokens, source)
+        self._waiting.append(request)
+        return request
+
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def oldest_waiting_monotonic_s(self) -> float | None:
+        return self._waiting[0].arrival_monotonic_s if self._waiting else None
+
+    def free_rows(self) -> list[int]:
+        return list(self._free_rows)
+
+    def get(self, request_id: str) -> ScheduledRequest | None:
+        return self._running.get(request_id)
+
+    def running(self) -> list[ScheduledRequest]:
+        return list(self._running.values())
+
+    # ---- leaving ----
+
+    def abort(self, request_id: str) -> bool:
+        """Drops a waiting or running request (its row and pages come back); whether there was one."""
+        found = False
+        for request in [r for r in self._waiting if r.request_id == request_id]:
+            self._waiting.remove(request)
+            request.source.cancel()
+            request.status = RequestStatus.FINISHED
+            found = True
+        return self.finish(request_id) or found
+
+    def finish(self, request_id: str) -> bool:
+        """A request is done (or failed): its row and pages come back; whether it was running (or, preempted,
+        waiting to run again)."""
+        request = self._running.pop(request_id, None)
+        if request is None:
+            return self._drop_preempted(request_id)
+        request.status = RequestStatus.FINISHED
+        if request.pages:
+            self.kv.free(request.pages)
+            request.pages = []
+        if request.row >= 0:
+            self._free_rows.append(request.row)
+            # Lowest rows first keeps the running rows packed at the start, so the decode bucket stays small.
+            self._free_rows.sort(reverse=True)
+            request.row = -1
+        return True
+
+    def _drop_preempted(self, request_id: str) -> bool:
+        """A preempted request that finished with the tokens already on their way leaves the waiting queue."""
+        for request in [r for r in self._waiting if r.request_id == request_id and r.num_preemptions]:
+            self._waiting.remove(request)
+            request.status = RequestStatus.FINISHED
+            return True
+        return False
+
+    # ---- one step ----
+
+    def schedule(self, now_monotonic_s: float) -> SchedulerOutput:
+        """This step's plan: the prefills of newly admitted requests, then one decode for every running row."""
+        preempted: list[Preempted] = []
+        grown: list[PageGrowth] = []
+        if self._lazy:
+            preempted, grown = self._grow_running()
+        prefills: list[PrefillWork] = []
+        rejected: list[Rejected] = []
+        if not preempted:
+            prefills, rejected = self._admit(now_monotonic_s)
+        decodes = []
+        for request in sorted(self._running.values(), key=lambda r: r.row):
+            decodes.append(DecodeWork(request.request_id, request.row, request.num_computed_tokens))
+            request.num_computed_tokens += 1
+        return SchedulerOutput(tuple(prefills), tuple(decodes), tuple(rejected), tuple(preempted), tuple(grown))
+
+    def _grow_running(self) -> tuple[list[Preempted], list[PageGrowth]]:
+        """Lazy policy: a page more for every running request whose next decode needs one, in admission order;
+        when none is free, the most recently admitted request gives its pages back (preemption by recompute)."""
+        preempted: list[Preempted] = []
+        grown: list[PageGrowth] = []
+        order = list(self._running.values())  # admission order
+        for request in order:
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted just now for an earlier one
+            need = min(self.kv.pages_for(request.num_computed_tokens + 1), self.max_pages_per_request)
+            start = len(request.pages)
+            while len(request.pages) < need:
+                if self.kv.can_allocate(1):
+                    request.pages.extend(self.kv.allocate(1))
+                    continue
+                victim = next(r for r in reversed(order) if r.status is RequestStatus.RUNNING)
+                preempted.append(self._preempt(victim))
+                if victim is request:
+                    break
+            if request.status is RequestStatus.RUNNING and len(request.pages) > start:
+                grown.append(PageGrowth(request.request_id, request.row, start, tuple(request.pages[start:])))
+        # Victims are the latest admitted still running, never one already grown: `grown` needs no filtering.
+        return preempted, grown
+
+    def _preempt(self, request: ScheduledRequest) -> Preempted:
+        row = request.row
+        self.finish(request.request_id)
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        # Its KV (the prompt and the decoded tokens) plus the last token generated, whose KV no step wrote.
+        request.prefill_tokens = request.num_computed_tokens + 1
+        request.num_computed_tokens = 0
+        # To the front of the queue; victims go latest admitted first, so the earliest admitted ends up in front.
+        self._waiting.appendleft(request)
+        return Preempted(request.request_id, row, request.prefill_tokens)
+
+    def _admit_now(self, now_monotonic_s: float) -> bool:
+        if not self._waiting or not self._free_rows:
+            return False
+        if not self._running:
+            return True
+        oldest_ms = (now_monotonic_s - self._waiting[0].arrival_monotonic_s) * 1000
+        if oldest_ms >= self._config.prefill_interval_ms:
+            return True
+        # Enough arrived to take every free row (or to make a full prefill anyway): no reason to wait.
+        if len(self._waiting) >= len(self._free_rows):
+            return True
+        ready_tokens = sum(r.estimated_prompt_tokens for r in self._waiting)
+        return ready_tokens >= self._config.max_prefill_tokens // 2
+
+    def _admit(self, now_monotonic_s: float) -> tuple[list[PrefillWork], list[Rejected]]:
+        prefills: list[PrefillWork] = []
+        rejected: list[Rejected] = []
+        if not self._admit_now(now_monotonic_s):
+            return prefills, rejected
+        prompt_tokens = 0
+        while self._waiting and self._free_rows:
+            request = self._waiting[0]
+            # Features are computed in arrival order; a later one being ready first is rare and cheap to wait for.
+            if not request.source.done() and (prefills or self._running):
+                break
+            self._waiting.popleft()
+            if request.num_preemptions:
+                tokens = request.prefill_tokens  # known, and checked at its first admission
+            else:
+                try:
+                    prompt = request.source.prompt_tokens()  # waits when nothing else can run meanwhile
+                except Exception as exc:  # noqa: BLE001 - one bad clip fails alone
+                    request.status = RequestStatus.FINISHED
+                    rejected.append(Rejected(request.request_id, "preprocessing", exc))
+                    continue
+                refusal = self._refusal(prompt, request.budget)
+                if refusal is not None:
+                    request.status = RequestStatus.FINISHED
+                    rejected.append(Rejected(request.request_id, "admission", refusal))
+                    continue
+                request.prompt_tokens = prompt
+                tokens = request.prefill_tokens = prompt
+            # Lazy: the prefill and the first decode; full: the prompt and every token the budget allows (+1: the
+            # step launched before the host sees the end).
+            need_pages = self.kv.pages_for(tokens + 1 if self._lazy else tokens + request.budget + 1)
+            over_prefill = bool(prefills) and prompt_tokens + tokens > self._config.max_prefill_tokens
+            if not self.kv.can_allocate(need_pages) or over_prefill:
+                self._waiting.appendleft(request)
+                break
+            request.pages = self.kv.allocate(need_pages)
+            request.row = self._free_rows.pop()
+            request.num_computed_tokens = tokens
+            request.status = RequestStatus.RUNNING
+            self._running[request.request_id] = request
+            prompt_tokens += tokens
+            prefills.append(PrefillWork(request.request_id, request.row, tuple(request.pages), 0, tokens))
+        return prefills, rejected
+
+    def _refusal(self, prompt: int, budget: int) -> LimitExceeded | None:
+        need_tokens = prompt + budget + 1  # +1: the step launched before the host sees the end
+        if need_tokens > self.max_context_tokens:
+            return LimitExceeded(
+                f"prompt ({prompt} tokens) plus max_new_tokens ({budget}) exceeds the engine's "
+                f"context of {self.max_context_tokens} tokens; send shorter chunks or fewer tokens"
+            )
+        if self.kv.pages_for(need_tokens) > self.kv.usable_pages:
+            return LimitExceeded(
+                f"request needs {need_tokens} KV tokens, the cache holds {self.kv.usable_pages * self.kv.page_size}"
+            )
+        return None
