@@ -112,6 +112,24 @@ class StreamingConfig:
     idle_timeout_s: float = 30.0
 
 
+# ---- Serving in a mesh: TLS and connection policy (docs/operations.md) ----
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    # PEM files. Both empty: a plaintext port. The files are re-read when they change (certificate rotation).
+    cert_file: str = ""
+    key_file: str = ""
+    # mTLS: clients must present a certificate signed by one of these CAs. grpc's Python server either ignores
+    # client certificates or requires them, so the CA and --tls-require-client-cert come together.
+    client_ca_file: str = ""
+    require_client_cert: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -121,6 +139,7 @@ class Config:
     aligner: AlignerConfig = field(default_factory=AlignerConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     @property
     def replica_devices(self) -> tuple[str, ...]:
@@ -212,6 +231,16 @@ _BOOL_FLAGS: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
+# Serving in a mesh: TLS and connection policy. Value flags as in _FLAGS; on-flags set True.
+_MESH_FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
+    ("tls", "cert_file", "--tls-cert-file", str, "TLS certificate chain (PEM); with --tls-key-file: TLS port"),
+    ("tls", "key_file", "--tls-key-file", str, "TLS private key (PEM)"),
+    ("tls", "client_ca_file", "--tls-client-ca-file", str, "mTLS: CA bundle (PEM) that signs client certificates"),
+)
+_MESH_ON_FLAGS: tuple[tuple[str, str, str, str], ...] = (
+    ("tls", "require_client_cert", "--tls-require-client-cert", "mTLS: refuse clients without a valid certificate"),
+)
+
 # Tests and benchmarks only: they work as any flag (and ASR_* variable) but stay out of --help, which is for
 # operators. docs/benchmarks.md documents them.
 _HIDDEN_FLAGS = frozenset({"--fake-batch-delay-ms", "--bench-forced-tokens-per-audio-s"})
@@ -249,6 +278,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             default=None,
             help=f"{help_text} [{_env_name(flag)}=1]",
         )
+    _add_mesh_arguments(parser, defaults)
+
+
+def _add_mesh_arguments(parser: argparse.ArgumentParser, defaults: Config) -> None:
+    group = parser.add_argument_group("TLS and connection policy (docs/operations.md)")
+    for section, name, flag, _type, help_text in _MESH_FLAGS:
+        default = getattr(getattr(defaults, section), name)
+        shown = f"{help_text} [{_env_name(flag)}; {default!r}]"
+        group.add_argument(flag, dest=f"{section}.{name}", metavar=name.upper(), default=None, help=shown)
+    for section, name, flag, help_text in _MESH_ON_FLAGS:
+        group.add_argument(
+            flag,
+            dest=f"{section}.{name}",
+            action="store_const",
+            const=True,
+            default=None,
+            help=f"{help_text} [{_env_name(flag)}=1]",
+        )
 
 
 def _parse_value(raw: str, kind: Callable[[str], Any], flag: str) -> Any:
@@ -270,6 +317,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         env = environ.get(_env_name(flag), "")
         if raw_flag is False or env.lower() in ("1", "true", "yes"):
             values[section][name] = False
+    _read_mesh_values(args, environ, values)
     config = Config(
         server=ServerConfig(**values["server"]),
         model=ModelConfig(**values["model"]),
@@ -278,9 +326,21 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         aligner=AlignerConfig(**values["aligner"]),
         tracing=TracingConfig(**values["tracing"]),
         streaming=StreamingConfig(**values["streaming"]),
+        tls=TlsConfig(**values["tls"]),
     )
     validate(config)
     return config
+
+
+def _read_mesh_values(args: argparse.Namespace, environ: Mapping[str, str], values: dict[str, dict[str, Any]]) -> None:
+    for section, name, flag, kind, _help in _MESH_FLAGS:
+        raw = _raw_value(args, f"{section}.{name}", environ, _env_name(flag))
+        if raw is not None:
+            values[section][name] = _parse_value(raw, kind, flag)
+    for section, name, flag, _help in _MESH_ON_FLAGS:
+        raw_flag = getattr(args, f"{section}.{name}", None)
+        if raw_flag is True or environ.get(_env_name(flag), "").lower() in ("1", "true", "yes"):
+            values[section][name] = True
 
 
 def parse_serve_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
@@ -342,6 +402,49 @@ def validate(config: Config) -> None:
         config.aligner.mode != "connect" or not config.aligner.model or bool(config.aligner.address),
         "--aligner-mode connect needs --aligner-address",
     )
+    _validate_mesh(config)
+
+
+def _validate_mesh(config: Config) -> None:
+    problem = _tls_problem(config.tls)
+    if problem:
+        raise ConfigError(problem)
+
+
+def _tls_problem(tls: TlsConfig) -> str:
+    """The first thing wrong with the TLS flags, or "" (files are opened here so a typo fails at start-up)."""
+    if bool(tls.cert_file) != bool(tls.key_file):
+        return "--tls-cert-file and --tls-key-file go together: give both for TLS, or neither"
+    if not tls.cert_file and (tls.client_ca_file or tls.require_client_cert):
+        return "--tls-client-ca-file and --tls-require-client-cert need TLS: give --tls-cert-file and --tls-key-file"
+    if bool(tls.client_ca_file) != tls.require_client_cert:
+        return (
+            "--tls-client-ca-file and --tls-require-client-cert go together: the server either requires client "
+            "certificates signed by that CA or does not ask for one"
+        )
+    files = (
+        ("--tls-cert-file", tls.cert_file, "CERTIFICATE"),
+        ("--tls-key-file", tls.key_file, "PRIVATE KEY"),
+        ("--tls-client-ca-file", tls.client_ca_file, "CERTIFICATE"),
+    )
+    for flag, path, pem_label in files:
+        if path:
+            problem = _pem_file_problem(flag, path, pem_label)
+            if problem:
+                return problem
+    return ""
+
+
+def _pem_file_problem(flag: str, path: str, pem_label: str) -> str:
+    try:
+        with open(path, "rb") as pem:
+            text = pem.read()
+    except OSError as exc:
+        return f"{flag}: cannot read {path!r}: {exc.strerror or exc}"
+    # "BEGIN PRIVATE KEY", "BEGIN RSA PRIVATE KEY", "BEGIN EC PRIVATE KEY" all end in the label.
+    if b"-----BEGIN " not in text or pem_label.encode() + b"-----" not in text:
+        return f"{flag}: {path!r} holds no PEM {pem_label}"
+    return ""
 
 
 def version_text() -> str:
