@@ -131,6 +131,35 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class ConnectionConfig:
+    """HTTP/2 connection policy, as gRPC server options; why these defaults: docs/operations.md."""
+
+    # Streams (calls) one connection may have open; more wait in the client. A guard against a runaway client, not
+    # a balancer: as many as the engine queue holds (--max-queued-requests), so a gateway multiplexing hundreds of
+    # live calls over one connection is not throttled.
+    max_concurrent_streams: int = 1024
+    # A connection without calls for this long gets GOAWAY: before the usual middlebox idle timeouts (AWS NLB 350 s),
+    # so the server, not a silent proxy, ends it. 0: never.
+    max_connection_idle_ms: int = 300_000
+    # GOAWAY to a connection this old (grpc adds +-10% jitter), so clients re-resolve and spread over new replicas;
+    # its open calls get the grace to finish, then the connection closes. 0: never.
+    max_connection_age_ms: int = 1_800_000
+    max_connection_age_grace_ms: int = 600_000
+    # The server pings a connection quiet this long and drops it when no ack comes within the timeout: a caller
+    # that vanished (no FIN) frees its streams.
+    keepalive_time_ms: int = 60_000
+    keepalive_timeout_ms: int = 20_000
+    # Client pings closer than this (with no data in between) are strikes; past max_ping_strikes a GOAWAY
+    # too_many_pings. Below 5000 so a client pinging every 5 s, timer jitter included, is never struck.
+    # Client pings on a connection without calls are allowed (grpc.keepalive_permit_without_calls=1).
+    min_ping_interval_ms: int = 4_000
+    max_ping_strikes: int = 2
+    # A connection must finish its TLS and HTTP/2 handshake within this; a TCP connection that sends nothing is
+    # closed after it.
+    handshake_timeout_ms: int = 20_000
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -140,6 +169,7 @@ class Config:
     tracing: TracingConfig = field(default_factory=TracingConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    connection: ConnectionConfig = field(default_factory=ConnectionConfig)
 
     @property
     def replica_devices(self) -> tuple[str, ...]:
@@ -236,6 +266,27 @@ _MESH_FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("tls", "cert_file", "--tls-cert-file", str, "TLS certificate chain (PEM); with --tls-key-file: TLS port"),
     ("tls", "key_file", "--tls-key-file", str, "TLS private key (PEM)"),
     ("tls", "client_ca_file", "--tls-client-ca-file", str, "mTLS: CA bundle (PEM) that signs client certificates"),
+    ("connection", "max_concurrent_streams", "--max-concurrent-streams", int, "most open calls per connection"),
+    ("connection", "max_connection_idle_ms", "--max-connection-idle-ms", int, "GOAWAY after this long idle; 0: never"),
+    ("connection", "max_connection_age_ms", "--max-connection-age-ms", int, "GOAWAY to connections this old; 0: never"),
+    (
+        "connection",
+        "max_connection_age_grace_ms",
+        "--max-connection-age-grace-ms",
+        int,
+        "after the max-age GOAWAY, time for its open calls",
+    ),
+    ("connection", "keepalive_time_ms", "--keepalive-time-ms", int, "ping a connection quiet this long"),
+    ("connection", "keepalive_timeout_ms", "--keepalive-timeout-ms", int, "close when a ping is unacked this long"),
+    (
+        "connection",
+        "min_ping_interval_ms",
+        "--min-ping-interval-ms",
+        int,
+        "client pings closer than this without data are strikes",
+    ),
+    ("connection", "max_ping_strikes", "--max-ping-strikes", int, "strikes before GOAWAY too_many_pings; 0: no limit"),
+    ("connection", "handshake_timeout_ms", "--handshake-timeout-ms", int, "TLS + HTTP/2 handshake deadline"),
 )
 _MESH_ON_FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("tls", "require_client_cert", "--tls-require-client-cert", "mTLS: refuse clients without a valid certificate"),
@@ -327,6 +378,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         tracing=TracingConfig(**values["tracing"]),
         streaming=StreamingConfig(**values["streaming"]),
         tls=TlsConfig(**values["tls"]),
+        connection=ConnectionConfig(**values["connection"]),
     )
     validate(config)
     return config
@@ -406,9 +458,24 @@ def validate(config: Config) -> None:
 
 
 def _validate_mesh(config: Config) -> None:
-    problem = _tls_problem(config.tls)
+    problem = _tls_problem(config.tls) or _connection_problem(config.connection)
     if problem:
         raise ConfigError(problem)
+
+
+def _connection_problem(c: ConnectionConfig) -> str:
+    problems = (
+        (c.max_concurrent_streams < 1, "--max-concurrent-streams must be >= 1"),
+        (c.max_connection_idle_ms < 0, "--max-connection-idle-ms must be >= 0 (0: never)"),
+        (c.max_connection_age_ms < 0, "--max-connection-age-ms must be >= 0 (0: never)"),
+        (c.max_connection_age_grace_ms < 0, "--max-connection-age-grace-ms must be >= 0"),
+        (c.keepalive_time_ms < 1000, "--keepalive-time-ms must be >= 1000"),
+        (c.keepalive_timeout_ms < 1, "--keepalive-timeout-ms must be >= 1"),
+        (c.min_ping_interval_ms < 0, "--min-ping-interval-ms must be >= 0"),
+        (c.max_ping_strikes < 0, "--max-ping-strikes must be >= 0 (0: no limit)"),
+        (c.handshake_timeout_ms < 1, "--handshake-timeout-ms must be >= 1"),
+    )
+    return next((message for bad, message in problems if bad), "")
 
 
 def _tls_problem(tls: TlsConfig) -> str:

@@ -33,6 +33,10 @@ def test_flags_win_over_environment_which_wins_over_defaults() -> None:
         (["--port", "abc"], "cannot read 'abc'"),
         (["--max-new-tokens", "9000"], "--max-new-tokens"),
         (["--gil-switch-interval-ms", "-1"], "--gil-switch-interval-ms"),
+        (["--max-concurrent-streams", "0"], "--max-concurrent-streams"),
+        (["--max-connection-age-ms", "-5"], "--max-connection-age-ms"),
+        (["--keepalive-time-ms", "10"], "--keepalive-time-ms"),
+        (["--max-ping-strikes", "x"], "cannot read 'x'"),
     ],
 )
 def test_bad_values_are_refused_with_the_flag_named(argv: list[str], needle: str) -> None:

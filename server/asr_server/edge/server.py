@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from asr_server.aligner.managed import WORD_TIMESTAMPS_HEALTH_SERVICE, ManagedAligner
-from asr_server.config import Config
+from asr_server.config import Config, ConnectionConfig
 from asr_server.edge.servicer import AsrServicer
 from asr_server.edge.tls import ReloadingCertificates, server_credentials
 from asr_server.engine.core import EngineCore
@@ -153,6 +153,27 @@ def _counted(handler: Any, in_flight: _InFlight) -> Any:
     return _with_behaviour(handler, behaviour)
 
 
+def connection_options(policy: ConnectionConfig) -> list[tuple[str, int]]:
+    """The connection policy as gRPC server channel arguments (docs/operations.md)."""
+    options = [
+        ("grpc.max_concurrent_streams", policy.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", policy.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", policy.keepalive_timeout_ms),
+        # Mesh clients and sidecars keep idle connections warm with pings; they are not abuse.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", policy.min_ping_interval_ms),
+        ("grpc.http2.max_ping_strikes", policy.max_ping_strikes),
+        ("grpc.server_handshake_timeout_ms", policy.handshake_timeout_ms),
+    ]
+    # Left out, gRPC never closes a connection for idleness or age.
+    if policy.max_connection_idle_ms:
+        options.append(("grpc.max_connection_idle_ms", policy.max_connection_idle_ms))
+    if policy.max_connection_age_ms:
+        options.append(("grpc.max_connection_age_ms", policy.max_connection_age_ms))
+        options.append(("grpc.max_connection_age_grace_ms", policy.max_connection_age_grace_ms))
+    return options
+
+
 class AsrServer:
     def __init__(
         self,
@@ -197,6 +218,7 @@ class AsrServer:
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
+                *connection_options(self.config.connection),
             ],
         )
         servicer = AsrServicer(
