@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with AsrClient(args.target, credentials, timeout_s=args.timeout_s, auth_token=args.auth_token,
                        options=options) as client:
             if args.command == "health":
-                status = client.health()
+                status = client.health(args.service)
                 print(status)
                 return 0 if status == "SERVING" else 1
             if args.command == "info":
@@ -90,7 +90,10 @@ def _parser() -> argparse.ArgumentParser:
     stream.add_argument("--no-interim", action="store_true", help="final results only")
     stream.add_argument("--format", choices=("text", "json"), default="text", help="text, or one JSON object a line")
 
-    commands.add_parser("health", help="print the health status; exit status 0 only when SERVING")
+    health = commands.add_parser("health", help="print the health status; exit status 0 only when SERVING")
+    health.add_argument("--service", default="",
+                        help="health service name: '' (the server), qwenasr.v1.AsrService, "
+                             "qwenasr.v1.AsrService.WordTimestamps (the aligner)")
     commands.add_parser("info", help="print what the server serves (model, languages, limits) as JSON")
     return parser
 
