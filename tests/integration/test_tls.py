@@ -233,3 +233,16 @@ async def test_bearer_token_over_tls_and_duplicate_authorization_refused(pki: Pk
         async with AsyncAsrClient(f"{HOST}:{server.port}", credentials) as client:
             with pytest.raises(UnauthenticatedError):
                 await client.transcribe(wav_bytes(tone(1.0, seed=3)))
+
+
+async def test_files_missing_mid_rotation_keep_the_served_certificate(pki: Pki) -> None:
+    async with tls_server(tls_config(pki)) as server:
+        (pki.dir / "server.key").unlink()
+        channel = secure_channel(server.port, grpc.ssl_channel_credentials(pki.server_ca.cert_pem.bytes()))
+        assert await check(channel) == health_pb2.HealthCheckResponse.SERVING
+        await channel.close()
+        assert server.certificates is not None and server.certificates.reloads == 0
+        new_ca = trustme.CA()
+        write_server_cert(pki.dir, new_ca)
+        assert served_issuer(server.port, pki.path("server-ca.pem")) == ca_subject(new_ca)
+        assert server.certificates.reloads == 1

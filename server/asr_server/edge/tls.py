@@ -61,6 +61,7 @@ class ReloadingCertificates:
         self._signature = files.signature()
         self.initial = files.load()
         self.reloads = 0
+        self._unreadable = False
 
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
         with self._lock:
@@ -70,9 +71,13 @@ class ReloadingCertificates:
                     return None
                 configuration = self._files.load()
             except OSError as exc:
-                # Mid-rotation a file may be missing for a moment: keep serving the certificate loaded last.
-                logger.warning("TLS certificate files unreadable, keeping the current ones: %s", exc)
+                # Mid-rotation a file may be missing for a moment: keep serving the certificate loaded last. Said
+                # once, not at every handshake, until the files are readable again.
+                if not self._unreadable:
+                    logger.warning("TLS certificate files unreadable, keeping the current ones: %s", exc)
+                self._unreadable = True
                 return None
+            self._unreadable = False
             self._signature = signature
             self.reloads += 1
         logger.info("TLS certificate files changed: loaded them for new connections (%s)", self._files.cert_file)
