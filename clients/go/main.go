@@ -1,7 +1,9 @@
 // Example Go client for the Qwen3-ASR server: checks health, transcribes a WAV file with the unary
 // Transcribe call, uploads the same audio as 20 ms PCM frames over TranscribeStream, prints JSON.
 //
-//	asr-client-go [--target localhost:50051] [--language English] [--token TOKEN] speech.wav
+//	asr-client-go [--target localhost:50051] [--language English] [--token TOKEN] [--ca-file CA.pem] speech.wav
+//
+// --ca-file connects over TLS, trusting the server certificates that CA signs (plaintext without it).
 //
 // Exit status: 0 on success, 1 for a usage or file error, 2 when a call fails (one line on stderr names the
 // gRPC status code and the server's message).
@@ -24,12 +26,13 @@ import (
 	asrv1 "github.com/qwenasr/asr-server/gen/go/qwenasr/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
 
-const usage = "usage: asr-client-go [--target host:port] [--language L] [--token TOKEN] FILE.wav"
+const usage = "usage: asr-client-go [--target host:port] [--language L] [--token TOKEN] [--ca-file CA.pem] FILE.wav"
 
 // The canonical status code names (grpc-go's codes.Code.String() says "InvalidArgument", other languages
 // and the gRPC spec say INVALID_ARGUMENT).
@@ -139,6 +142,7 @@ func main() {
 	target := flags.String("target", "localhost:50051", "server address")
 	language := flags.String("language", "", "language name or code, sent as given; empty: detect")
 	token := flags.String("token", os.Getenv("ASR_TOKEN"), "sent as 'authorization: Bearer TOKEN' (env ASR_TOKEN)")
+	caFile := flags.String("ca-file", "", "TLS: trust the server certificates this CA (PEM) signs; empty: plaintext")
 	if err := flags.Parse(os.Args[1:]); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fmt.Println(usage)
@@ -160,7 +164,16 @@ func main() {
 	}
 
 	// No WithBlock: an unreachable server is then an UNAVAILABLE status of the first call, like any other.
-	conn, err := grpc.Dial(*target, grpc.WithInsecure())
+	transport := grpc.WithInsecure()
+	if *caFile != "" {
+		// The certificate must name the target's host (an IP address target needs an IP SAN).
+		tlsCredentials, err := credentials.NewClientTLSFromFile(*caFile, "")
+		if err != nil {
+			fail(1, "--ca-file %s: %v", *caFile, err)
+		}
+		transport = grpc.WithTransportCredentials(tlsCredentials)
+	}
+	conn, err := grpc.Dial(*target, transport)
 	if err != nil {
 		fail(2, "connect to %s: %v", *target, err)
 	}

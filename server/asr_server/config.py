@@ -148,6 +148,53 @@ class StreamingConfig:
     max_stream_lag_ms: float = 2000.0
 
 
+# ---- Serving in a mesh: TLS and connection policy (docs/operations.md) ----
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    # PEM files. Both empty: a plaintext port. The files are re-read when they change (certificate rotation).
+    cert_file: str = ""
+    key_file: str = ""
+    # mTLS: clients must present a certificate signed by one of these CAs. grpc's Python server either ignores
+    # client certificates or requires them, so the CA and --tls-require-client-cert come together.
+    client_ca_file: str = ""
+    require_client_cert: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+@dataclass(frozen=True)
+class ConnectionConfig:
+    """HTTP/2 connection policy, as gRPC server options; why these defaults: docs/operations.md."""
+
+    # Streams (calls) one connection may have open; more wait in the client. A guard against a runaway client, not
+    # a balancer: as many as the engine queue holds (--max-queued-requests), so a gateway multiplexing hundreds of
+    # live calls over one connection is not throttled.
+    max_concurrent_streams: int = 1024
+    # A connection without calls for this long gets GOAWAY: before the usual middlebox idle timeouts (AWS NLB 350 s),
+    # so the server, not a silent proxy, ends it. 0: never.
+    max_connection_idle_ms: int = 300_000
+    # GOAWAY to a connection this old (grpc adds +-10% jitter), so clients re-resolve and spread over new replicas;
+    # its open calls get the grace to finish, then the connection closes. 0: never.
+    max_connection_age_ms: int = 1_800_000
+    max_connection_age_grace_ms: int = 600_000
+    # The server pings a connection quiet this long and drops it when no ack comes within the timeout: a caller
+    # that vanished (no FIN) frees its streams.
+    keepalive_time_ms: int = 60_000
+    keepalive_timeout_ms: int = 20_000
+    # Client pings closer than this (with no data in between) are strikes; past max_ping_strikes a GOAWAY
+    # too_many_pings. Below 5000 so a client pinging every 5 s, timer jitter included, is never struck.
+    # Client pings on a connection without calls are allowed (grpc.keepalive_permit_without_calls=1).
+    min_ping_interval_ms: int = 4_000
+    max_ping_strikes: int = 2
+    # A connection must finish its TLS and HTTP/2 handshake within this; a TCP connection that sends nothing is
+    # closed after it.
+    handshake_timeout_ms: int = 20_000
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -157,6 +204,8 @@ class Config:
     aligner: AlignerConfig = field(default_factory=AlignerConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    connection: ConnectionConfig = field(default_factory=ConnectionConfig)
 
     @property
     def replica_devices(self) -> tuple[str, ...]:
@@ -280,6 +329,37 @@ _BOOL_FLAGS: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
+# Serving in a mesh: TLS and connection policy. Value flags as in _FLAGS; on-flags set True.
+_MESH_FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
+    ("tls", "cert_file", "--tls-cert-file", str, "TLS certificate chain (PEM); with --tls-key-file: TLS port"),
+    ("tls", "key_file", "--tls-key-file", str, "TLS private key (PEM)"),
+    ("tls", "client_ca_file", "--tls-client-ca-file", str, "mTLS: CA bundle (PEM) that signs client certificates"),
+    ("connection", "max_concurrent_streams", "--max-concurrent-streams", int, "most open calls per connection"),
+    ("connection", "max_connection_idle_ms", "--max-connection-idle-ms", int, "GOAWAY after this long idle; 0: never"),
+    ("connection", "max_connection_age_ms", "--max-connection-age-ms", int, "GOAWAY to connections this old; 0: never"),
+    (
+        "connection",
+        "max_connection_age_grace_ms",
+        "--max-connection-age-grace-ms",
+        int,
+        "after the max-age GOAWAY, time for its open calls",
+    ),
+    ("connection", "keepalive_time_ms", "--keepalive-time-ms", int, "ping a connection quiet this long"),
+    ("connection", "keepalive_timeout_ms", "--keepalive-timeout-ms", int, "close when a ping is unacked this long"),
+    (
+        "connection",
+        "min_ping_interval_ms",
+        "--min-ping-interval-ms",
+        int,
+        "client pings closer than this without data are strikes",
+    ),
+    ("connection", "max_ping_strikes", "--max-ping-strikes", int, "strikes before GOAWAY too_many_pings; 0: no limit"),
+    ("connection", "handshake_timeout_ms", "--handshake-timeout-ms", int, "TLS + HTTP/2 handshake deadline"),
+)
+_MESH_ON_FLAGS: tuple[tuple[str, str, str, str], ...] = (
+    ("tls", "require_client_cert", "--tls-require-client-cert", "mTLS: refuse clients without a valid certificate"),
+)
+
 # Tests and benchmarks only: they work as any flag (and ASR_* variable) but stay out of --help, which is for
 # operators. docs/benchmarks.md documents them.
 _HIDDEN_FLAGS = frozenset({"--fake-batch-delay-ms", "--bench-forced-tokens-per-audio-s"})
@@ -325,6 +405,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             default=None,
             help=f"{help_text} [{_env_name(flag)}=1]",
         )
+    _add_mesh_arguments(parser, defaults)
+
+
+def _add_mesh_arguments(parser: argparse.ArgumentParser, defaults: Config) -> None:
+    group = parser.add_argument_group("TLS and connection policy (docs/operations.md)")
+    for section, name, flag, _type, help_text in _MESH_FLAGS:
+        default = getattr(getattr(defaults, section), name)
+        shown = f"{help_text} [{_env_name(flag)}; {default!r}]"
+        group.add_argument(flag, dest=f"{section}.{name}", metavar=name.upper(), default=None, help=shown)
+    for section, name, flag, help_text in _MESH_ON_FLAGS:
+        group.add_argument(
+            flag,
+            dest=f"{section}.{name}",
+            action="store_const",
+            const=True,
+            default=None,
+            help=f"{help_text} [{_env_name(flag)}=1]",
+        )
 
 
 def _parse_value(raw: str, kind: Callable[[str], Any], flag: str) -> Any:
@@ -347,6 +445,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         env = environ.get(_env_name(flag), "")
         if raw_flag is False or env.lower() in ("1", "true", "yes"):
             values[section][name] = False
+    _read_mesh_values(args, environ, values)
     config = Config(
         server=ServerConfig(**values["server"]),
         model=ModelConfig(**values["model"]),
@@ -355,9 +454,22 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         aligner=AlignerConfig(**values["aligner"]),
         tracing=TracingConfig(**values["tracing"]),
         streaming=StreamingConfig(**values["streaming"]),
+        tls=TlsConfig(**values["tls"]),
+        connection=ConnectionConfig(**values["connection"]),
     )
     validate(config)
     return config
+
+
+def _read_mesh_values(args: argparse.Namespace, environ: Mapping[str, str], values: dict[str, dict[str, Any]]) -> None:
+    for section, name, flag, kind, _help in _MESH_FLAGS:
+        raw = _raw_value(args, f"{section}.{name}", environ, _env_name(flag))
+        if raw is not None:
+            values[section][name] = _parse_value(raw, kind, flag)
+    for section, name, flag, _help in _MESH_ON_FLAGS:
+        raw_flag = getattr(args, f"{section}.{name}", None)
+        if raw_flag is True or environ.get(_env_name(flag), "").lower() in ("1", "true", "yes"):
+            values[section][name] = True
 
 
 def parse_serve_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
@@ -424,6 +536,64 @@ def validate(config: Config) -> None:
         config.aligner.mode != "connect" or not config.aligner.model or bool(config.aligner.address),
         "--aligner-mode connect needs --aligner-address",
     )
+    _validate_mesh(config)
+
+
+def _validate_mesh(config: Config) -> None:
+    problem = _tls_problem(config.tls) or _connection_problem(config.connection)
+    if problem:
+        raise ConfigError(problem)
+
+
+def _connection_problem(c: ConnectionConfig) -> str:
+    problems = (
+        (c.max_concurrent_streams < 1, "--max-concurrent-streams must be >= 1"),
+        (c.max_connection_idle_ms < 0, "--max-connection-idle-ms must be >= 0 (0: never)"),
+        (c.max_connection_age_ms < 0, "--max-connection-age-ms must be >= 0 (0: never)"),
+        (c.max_connection_age_grace_ms < 0, "--max-connection-age-grace-ms must be >= 0"),
+        (c.keepalive_time_ms < 1000, "--keepalive-time-ms must be >= 1000"),
+        (c.keepalive_timeout_ms < 1, "--keepalive-timeout-ms must be >= 1"),
+        (c.min_ping_interval_ms < 0, "--min-ping-interval-ms must be >= 0"),
+        (c.max_ping_strikes < 0, "--max-ping-strikes must be >= 0 (0: no limit)"),
+        (c.handshake_timeout_ms < 1, "--handshake-timeout-ms must be >= 1"),
+    )
+    return next((message for bad, message in problems if bad), "")
+
+
+def _tls_problem(tls: TlsConfig) -> str:
+    """The first thing wrong with the TLS flags, or "" (files are opened here so a typo fails at start-up)."""
+    if bool(tls.cert_file) != bool(tls.key_file):
+        return "--tls-cert-file and --tls-key-file go together: give both for TLS, or neither"
+    if not tls.cert_file and (tls.client_ca_file or tls.require_client_cert):
+        return "--tls-client-ca-file and --tls-require-client-cert need TLS: give --tls-cert-file and --tls-key-file"
+    if bool(tls.client_ca_file) != tls.require_client_cert:
+        return (
+            "--tls-client-ca-file and --tls-require-client-cert go together: the server either requires client "
+            "certificates signed by that CA or does not ask for one"
+        )
+    files = (
+        ("--tls-cert-file", tls.cert_file, "CERTIFICATE"),
+        ("--tls-key-file", tls.key_file, "PRIVATE KEY"),
+        ("--tls-client-ca-file", tls.client_ca_file, "CERTIFICATE"),
+    )
+    for flag, path, pem_label in files:
+        if path:
+            problem = _pem_file_problem(flag, path, pem_label)
+            if problem:
+                return problem
+    return ""
+
+
+def _pem_file_problem(flag: str, path: str, pem_label: str) -> str:
+    try:
+        with open(path, "rb") as pem:
+            text = pem.read()
+    except OSError as exc:
+        return f"{flag}: cannot read {path!r}: {exc.strerror or exc}"
+    # "BEGIN PRIVATE KEY", "BEGIN RSA PRIVATE KEY", "BEGIN EC PRIVATE KEY" all end in the label.
+    if b"-----BEGIN " not in text or pem_label.encode() + b"-----" not in text:
+        return f"{flag}: {path!r} holds no PEM {pem_label}"
+    return ""
 
 
 def version_text() -> str:

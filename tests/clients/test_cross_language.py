@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+import trustme
 
-from asr_client import AsrClient
+from asr_client import AsrClient, tls_credentials
 from tests.clients.servers import REPO_ROOT, StreamRefusingServicer, fake_live_server, server_process
 from tests.helpers import tone, wav_bytes
 
@@ -207,6 +208,39 @@ def test_a_stream_the_server_ends_early_reports_the_servers_status(
     line = error_line(lang, result, exit_code=2)
     assert f"TranscribeStream failed: FAILED_PRECONDITION: {StreamRefusingServicer.MESSAGE}" in line
     assert "EOF" not in line
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """The fake engine on a TLS port (a trustme CA and a certificate for 127.0.0.1); yields the target and the CA."""
+    pki = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    leaf.cert_chain_pems[0].write_to_path(str(pki / "server.pem"))
+    leaf.private_key_pem.write_to_path(str(pki / "server.key"))
+    ca.cert_pem.write_to_path(str(pki / "ca.pem"))
+    tls = ("--tls-cert-file", str(pki / "server.pem"), "--tls-key-file", str(pki / "server.key"))
+    with server_process(*FAKE_ENGINE, *tls) as target:
+        with AsrClient(target, tls_credentials(ca_file=str(pki / "ca.pem"))) as client:
+            client.wait_until_serving(timeout_s=240)
+        yield target, pki / "ca.pem"
+
+
+def test_the_go_client_connects_over_tls_with_a_ca_file(
+    client_commands: dict[str, list[str]], tls_server: tuple[str, Path], wav: Path
+) -> None:
+    target, ca_file = tls_server
+    with AsrClient(target, tls_credentials(ca_file=str(ca_file))) as python:
+        (expected,) = python.transcribe(wav)
+    result = run_client(client_commands["go"], target, wav, "--ca-file", str(ca_file))
+    assert_transcripts("go", result, (expected.text, expected.language, DURATION_MS))
+    # Plaintext to the TLS port is refused; so is a CA that did not sign the server's certificate.
+    plaintext = run_client(client_commands["go"], target, wav)
+    assert "UNAVAILABLE" in error_line("go", plaintext, exit_code=2)
+    other_ca = wav.parent / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    untrusted = run_client(client_commands["go"], target, wav, "--ca-file", str(other_ca))
+    assert "UNAVAILABLE" in error_line("go", untrusted, exit_code=2)
 
 
 @pytest.mark.parametrize("lang", LANGUAGES)

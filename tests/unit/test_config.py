@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from asr_server.config import ConfigError, parse_serve_config, parse_sidecar_config
@@ -31,6 +33,10 @@ def test_flags_win_over_environment_which_wins_over_defaults() -> None:
         (["--port", "abc"], "cannot read 'abc'"),
         (["--max-new-tokens", "9000"], "--max-new-tokens"),
         (["--gil-switch-interval-ms", "-1"], "--gil-switch-interval-ms"),
+        (["--max-concurrent-streams", "0"], "--max-concurrent-streams"),
+        (["--max-connection-age-ms", "-5"], "--max-connection-age-ms"),
+        (["--keepalive-time-ms", "10"], "--keepalive-time-ms"),
+        (["--max-ping-strikes", "x"], "cannot read 'x'"),
     ],
 )
 def test_bad_values_are_refused_with_the_flag_named(argv: list[str], needle: str) -> None:
@@ -78,3 +84,54 @@ def test_test_only_flags_work_but_stay_out_of_help(capsys: pytest.CaptureFixture
     shown = capsys.readouterr().out
     assert "--max-inference-batch-size" in shown
     assert "--fake-batch-delay-ms" not in shown and "--bench-forced-tokens" not in shown
+
+
+def _pem_files(tmp_path: Path) -> dict[str, str]:
+    files = {
+        "cert": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        "key": "-----BEGIN EC PRIVATE KEY-----\nMHc\n-----END EC PRIVATE KEY-----\n",
+        "ca": "-----BEGIN CERTIFICATE-----\nMIIC\n-----END CERTIFICATE-----\n",
+    }
+    paths = {}
+    for name, text in files.items():
+        (tmp_path / f"{name}.pem").write_text(text)
+        paths[name] = str(tmp_path / f"{name}.pem")
+    return paths
+
+
+def test_tls_flags_and_their_environment_variables(tmp_path: Path) -> None:
+    pem = _pem_files(tmp_path)
+    assert parse_serve_config([], {}).tls.enabled is False
+    env = {"ASR_TLS_CERT_FILE": pem["cert"], "ASR_TLS_KEY_FILE": pem["key"]}
+    config = parse_serve_config([], env)
+    assert config.tls.enabled and config.tls.key_file == pem["key"] and not config.tls.require_client_cert
+    mtls = parse_serve_config(
+        ["--tls-client-ca-file", pem["ca"]], {**env, "ASR_TLS_REQUIRE_CLIENT_CERT": "1"}
+    )
+    assert mtls.tls.client_ca_file == pem["ca"] and mtls.tls.require_client_cert is True
+    flagged = parse_serve_config(["--tls-client-ca-file", pem["ca"], "--tls-require-client-cert"], env)
+    assert flagged.tls.require_client_cert is True
+
+
+def test_bad_tls_flags_are_refused_with_one_line_naming_the_flag(tmp_path: Path) -> None:
+    pem = _pem_files(tmp_path)
+    cert, key, ca = pem["cert"], pem["key"], pem["ca"]
+    cases = [
+        (["--tls-cert-file", cert], "--tls-cert-file and --tls-key-file go together"),
+        (["--tls-key-file", key], "--tls-cert-file and --tls-key-file go together"),
+        (["--tls-require-client-cert"], "need TLS"),
+        (["--tls-cert-file", cert, "--tls-key-file", key, "--tls-client-ca-file", ca], "go together"),
+        (["--tls-cert-file", cert, "--tls-key-file", key, "--tls-require-client-cert"], "go together"),
+        (["--tls-cert-file", str(tmp_path / "missing.pem"), "--tls-key-file", key], "--tls-cert-file: cannot read"),
+        (["--tls-cert-file", key, "--tls-key-file", key], "--tls-cert-file: .* holds no PEM CERTIFICATE"),
+        (["--tls-cert-file", cert, "--tls-key-file", cert], "--tls-key-file: .* holds no PEM PRIVATE KEY"),
+        (
+            ["--tls-cert-file", cert, "--tls-key-file", key, "--tls-client-ca-file", str(tmp_path),
+             "--tls-require-client-cert"],
+            "--tls-client-ca-file: cannot read",
+        ),
+    ]
+    for argv, needle in cases:
+        with pytest.raises(ConfigError, match=needle) as caught:
+            parse_serve_config(argv, {})
+        assert "\n" not in str(caught.value), argv

@@ -7,6 +7,8 @@
         print(results[0].language, results[0].text)
         for word in results[0].time_stamps or []:
             print(word.text, word.start_time, word.end_time)
+
+Over TLS: `AsrClient("asr.internal:443", tls_credentials(ca_file="ca.pem"))` (with `cert_file=`, `key_file=` for mTLS).
 """
 
 from asr_client.aio import AsyncAsrClient
@@ -23,6 +25,7 @@ from asr_client.errors import (
     UnimplementedError,
 )
 from asr_client.results import ASRTranscription, ForcedAlignItem, ForcedAlignResult, Segment, StreamingResult
+from asr_client.tls import tls_credentials
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -42,4 +45,5 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
+    "tls_credentials",
 ]

@@ -25,20 +25,20 @@ from asr_client.client import DEFAULT_TARGET, AsrClient
 from asr_client.errors import AsrError, UnimplementedError
 from asr_client.results import ASRTranscription, StreamingResult
 from asr_client.subtitles import to_srt, to_vtt
+from asr_client.tls import tls_credentials
 
 FORMATS = ("text", "json", "srt", "vtt")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    credentials = None
-    if args.tls or args.ca_cert:
-        root = Path(args.ca_cert).read_bytes() if args.ca_cert else None
-        credentials = grpc.ssl_channel_credentials(root_certificates=root)
     try:
-        with AsrClient(args.target, credentials, timeout_s=args.timeout_s, auth_token=args.auth_token) as client:
+        credentials = _credentials(args)
+        options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
+        with AsrClient(args.target, credentials, timeout_s=args.timeout_s, auth_token=args.auth_token,
+                       options=options) as client:
             if args.command == "health":
-                status = client.health()
+                status = client.health(args.service)
                 print(status)
                 return 0 if status == "SERVING" else 1
             if args.command == "info":
@@ -64,7 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--auth-token", default=os.environ.get("ASR_AUTH_TOKEN", ""),
                         help="bearer token for servers started with --auth-token (env ASR_AUTH_TOKEN)")
     parser.add_argument("--tls", action="store_true", help="connect with TLS (system root certificates)")
-    parser.add_argument("--ca-cert", default="", help="TLS with this CA certificate (PEM)")
+    parser.add_argument("--tls-ca-file", "--ca-cert", dest="tls_ca_file", default="",
+                        help="TLS, trusting the server certificates this CA bundle (PEM) signs")
+    parser.add_argument("--tls-cert-file", default="", help="mTLS: this client certificate chain (PEM)")
+    parser.add_argument("--tls-key-file", default="", help="mTLS: the client certificate's key (PEM)")
+    parser.add_argument("--tls-server-name", default="",
+                        help="TLS: the name to check the server certificate against, when not the target's host")
     commands = parser.add_subparsers(dest="command", required=True)
 
     transcribe = commands.add_parser("transcribe", help="transcribe audio files or URLs (sent concurrently)")
@@ -85,9 +90,19 @@ def _parser() -> argparse.ArgumentParser:
     stream.add_argument("--no-interim", action="store_true", help="final results only")
     stream.add_argument("--format", choices=("text", "json"), default="text", help="text, or one JSON object a line")
 
-    commands.add_parser("health", help="print the health status; exit status 0 only when SERVING")
+    health = commands.add_parser("health", help="print the health status; exit status 0 only when SERVING")
+    health.add_argument("--service", default="",
+                        help="health service name: '' (the server), qwenasr.v1.AsrService, "
+                             "qwenasr.v1.AsrService.WordTimestamps (the aligner)")
     commands.add_parser("info", help="print what the server serves (model, languages, limits) as JSON")
     return parser
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    tls_files = (args.tls_ca_file, args.tls_cert_file, args.tls_key_file)
+    if not args.tls and not any(tls_files) and not args.tls_server_name:
+        return None
+    return tls_credentials(*tls_files)
 
 
 def _transcribe(client: AsrClient, args: argparse.Namespace) -> int:

@@ -40,7 +40,8 @@ Frame = bytes | bytearray | memoryview | npt.NDArray[Any]
 class AsrClient:
     """A connection to a Qwen3-ASR server. Thread-safe; use one per process and close it (or use `with`).
 
-    `credentials`: `grpc.ssl_channel_credentials(...)` for TLS; None for a plaintext channel.
+    `credentials`: `tls_credentials(ca_file=..., cert_file=..., key_file=...)` (or any `grpc.ssl_channel_credentials`)
+    for TLS and mTLS; None for a plaintext channel.
     `auth_token`: sent as "authorization: Bearer <token>" for servers started with --auth-token.
     `timeout_s`: the deadline of every call (None: none). A call past it raises `DeadlineExceededError`.
     """

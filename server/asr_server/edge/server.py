@@ -19,9 +19,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from asr_server.aligner.managed import WORD_TIMESTAMPS_HEALTH_SERVICE, ManagedAligner
-from asr_server.config import Config
+from asr_server.config import Config, ConnectionConfig
 from asr_server.edge.rpc import RpcInterceptor, with_behaviour
 from asr_server.edge.servicer import AsrServicer
+from asr_server.edge.tls import ReloadingCertificates, server_credentials
 from asr_server.engine.core import EngineCore
 from asr_server.engine.factory import Engine, build_engine
 from asr_server.tracing import SERVICE, setup_tracing
@@ -49,16 +50,17 @@ class _AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method = handler_call_details.method or ""
         if handler is None or method.startswith(f"/{HEALTH_SERVICE_NAME}/"):
             return handler
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        sent = metadata.get("authorization")
+        sent = [value for key, value in handler_call_details.invocation_metadata or () if key == "authorization"]
+        if len(sent) > 1:
+            # Which one would count differs between proxies and servers; a request smuggling a second one is refused.
+            return _deny(handler, f"{len(sent)} 'authorization' metadata entries: send exactly one")
         # Constant-time: a plain == leaks through its timing how much of a guess was right.
-        if isinstance(sent, str) and hmac.compare_digest(sent.encode(), self._expected.encode()):
+        if sent and isinstance(sent[0], str) and hmac.compare_digest(sent[0].encode(), self._expected.encode()):
             return handler
-        return _deny(handler)
+        return _deny(handler, "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'")
 
 
-def _deny(handler: Any) -> Any:
-    message = "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'"
+def _deny(handler: Any, message: str) -> Any:
 
     async def deny_unary(request: object, context: grpc.aio.ServicerContext[object, object]) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
@@ -138,6 +140,27 @@ def _counted(handler: Any, in_flight: _InFlight) -> Any:
     return with_behaviour(handler, behaviour)
 
 
+def connection_options(policy: ConnectionConfig) -> list[tuple[str, int]]:
+    """The connection policy as gRPC server channel arguments (docs/operations.md)."""
+    options = [
+        ("grpc.max_concurrent_streams", policy.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", policy.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", policy.keepalive_timeout_ms),
+        # Mesh clients and sidecars keep idle connections warm with pings; they are not abuse.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", policy.min_ping_interval_ms),
+        ("grpc.http2.max_ping_strikes", policy.max_ping_strikes),
+        ("grpc.server_handshake_timeout_ms", policy.handshake_timeout_ms),
+    ]
+    # Left out, gRPC never closes a connection for idleness or age.
+    if policy.max_connection_idle_ms:
+        options.append(("grpc.max_connection_idle_ms", policy.max_connection_idle_ms))
+    if policy.max_connection_age_ms:
+        options.append(("grpc.max_connection_age_ms", policy.max_connection_age_ms))
+        options.append(("grpc.max_connection_age_grace_ms", policy.max_connection_age_grace_ms))
+    return options
+
+
 class AsrServer:
     def __init__(
         self,
@@ -166,6 +189,8 @@ class AsrServer:
         self._in_flight = _InFlight()
         self.port = 0
         self._stopping = False
+        # With TLS: the reloading certificate files (their reload count is what tests and operators can read).
+        self.certificates: ReloadingCertificates | None = None
 
     async def start(self) -> int:
         """Opens the port (health NOT_SERVING), loads and warms the engine, then reports SERVING."""
@@ -183,6 +208,7 @@ class AsrServer:
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
+                *connection_options(self.config.connection),
             ],
         )
         servicer = AsrServicer(
@@ -199,7 +225,7 @@ class AsrServer:
             )
             reflection.enable_server_reflection(names, server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = server.add_insecure_port(f"{self.config.server.host}:{self.config.server.port}")
+        self.port = self._add_port(server)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {self.config.server.host}:{self.config.server.port}")
         await server.start()
@@ -218,6 +244,15 @@ class AsrServer:
                 await self._set_word_timestamps_health()
             logger.info("serving %s", self.engine.model_id)
         return self.port
+
+    def _add_port(self, server: grpc.aio.Server) -> int:
+        address = f"{self.config.server.host}:{self.config.server.port}"
+        if not self.config.tls.enabled:
+            return server.add_insecure_port(address)
+        credentials, self.certificates = server_credentials(self.config.tls)
+        mode = "mTLS (client certificates required)" if self.config.tls.require_client_cert else "TLS"
+        logger.info("%s on %s with %s", mode, address, self.config.tls.cert_file)
+        return server.add_secure_port(address, credentials)
 
     @property
     def in_flight_calls(self) -> int:
