@@ -11,7 +11,10 @@ Prints audio-seconds per second (all audio sent over the wall time from the firs
 response), RTF (latency / audio length, mean), end-to-end latency p50/p90/p99, the server's own queue-wait and
 inference times (ServerTiming, p50), the server's time to first token (ServerTiming.first_token_ms, p50/p99; the
 continuous engine reports it), time to first result (bidi), and the GPU memory in use (nvidia-smi peak).
-With --json PATH, writes every number and each request's latency there.
+With --json PATH, writes every number and each request's latency there. With --results-json PATH, appends one
+object of the committed results' shape (bench/results/h200-engine.json: concurrency, audio_s, mode, model, side =
+ours | generate, audio_s_per_s, latency_ms, ttft_ms, date, commit, and the GPU's mean utilisation) to the list there,
+so the next run can be compared with it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,6 +66,7 @@ class Report:
     first_result_ms: dict[str, float]
     server_first_token_ms: dict[str, float]
     gpu_memory_mib_peak: int | None
+    gpu_util_pct_mean: float | None
     samples: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -77,24 +83,31 @@ def make_audio(audio_s: float, seed: int) -> bytes:
 
 
 class GpuMemory:
-    """Peak GPU memory in use (MiB, summed over GPUs) sampled with nvidia-smi while the load runs."""
+    """Peak GPU memory in use (MiB, summed over GPUs) and mean utilisation (%, averaged over GPUs and samples),
+    sampled with nvidia-smi every 0.5 s while the load runs."""
 
     def __init__(self) -> None:
         self.peak: int | None = None
+        self._util_pct: list[float] = []
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def util_pct_mean(self) -> float | None:
+        return statistics.fmean(self._util_pct) if self._util_pct else None
 
     async def _poll(self) -> None:
         while True:
             try:
                 out = await asyncio.to_thread(
                     subprocess.run,
-                    ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                    ["nvidia-smi", "--query-gpu=memory.used,utilization.gpu", "--format=csv,noheader,nounits"],
                     capture_output=True,
                     text=True,
                     timeout=5,
                 )
-                used = sum(int(x) for x in out.stdout.split())
-                self.peak = max(self.peak or 0, used)
+                rows = [[int(x) for x in line.split(",")] for line in out.stdout.strip().splitlines()]
+                self.peak = max(self.peak or 0, sum(row[0] for row in rows))
+                self._util_pct.append(statistics.fmean(row[1] for row in rows))
             except (OSError, ValueError, subprocess.SubprocessError):
                 return
             await asyncio.sleep(0.5)
@@ -215,6 +228,7 @@ async def run(args: argparse.Namespace) -> Report:
         first_result_ms={"p50": percentile(firsts, 50), "p99": percentile(firsts, 99)},
         server_first_token_ms={"p50": percentile(first_tokens, 50), "p99": percentile(first_tokens, 99)},
         gpu_memory_mib_peak=gpu.peak,
+        gpu_util_pct_mean=gpu.util_pct_mean,
         samples=[asdict(s) for s in samples],
     )
 
@@ -231,8 +245,44 @@ def summary(report: Report, label: str) -> str:
         f"{report.audio_s_per_s:8.1f} audio-s/s  RTF {report.rtf_mean:.4f}  "
         f"p50/p90/p99 {lat['p50']:.0f}/{lat['p90']:.0f}/{lat['p99']:.0f} ms  "
         f"srv q/inf p50 {report.server_queue_ms_p50:.0f}/{report.server_inference_ms_p50:.0f} ms  "
-        f"gpu {report.gpu_memory_mib_peak} MiB{first}{errors}"
+        f"gpu {report.gpu_memory_mib_peak} MiB util {_pct(report.gpu_util_pct_mean)}{first}{errors}"
     )
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}%"
+
+
+def _finite(value: float) -> float | None:
+    return None if value != value else round(value, 1)
+
+
+def results_row(report: Report, *, model: str, side: str, commit: str) -> dict[str, Any]:
+    """One object of bench/results/h200-engine.json's shape (NaN, e.g. no first-token time, becomes null)."""
+    return {
+        "concurrency": report.concurrency,
+        "audio_s": report.audio_s,
+        "mode": report.mode,
+        "model": model,
+        "side": side,
+        "requests": report.requests,
+        "errors": report.errors,
+        "audio_s_per_s": round(report.audio_s_per_s, 1),
+        "latency_ms": {k: _finite(v) for k, v in report.latency_ms.items()},
+        "ttft_ms": {k: _finite(v) for k, v in report.server_first_token_ms.items()},
+        "gpu_util_pct_mean": None if report.gpu_util_pct_mean is None else round(report.gpu_util_pct_mean, 1),
+        "gpu_memory_mib_peak": report.gpu_memory_mib_peak,
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": commit,
+    }
+
+
+def append_results(path: str, row: dict[str, Any]) -> None:
+    target = Path(path)
+    rows = json.loads(target.read_text(encoding="utf-8")) if target.exists() else []
+    rows.append(row)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=0)
     parser.add_argument("--label", default="")
     parser.add_argument("--json", default="", help="write the full report here")
+    parser.add_argument("--results-json", default="", help="append one results object (the committed shape) here")
+    parser.add_argument("--model-name", default="", help="results: the model measured (e.g. 1.7B)")
+    parser.add_argument("--side", choices=("ours", "generate"), default="ours", help="results: which engine served")
+    parser.add_argument("--commit", default="", help="results: the commit measured")
     args = parser.parse_args(argv)
     if args.requests <= 0:
         args.requests = 2 * args.concurrency
@@ -255,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(asdict(report), fh, indent=1)
+    if args.results_json:
+        row = results_row(report, model=args.model_name, side=args.side, commit=args.commit)
+        append_results(args.results_json, row)
     return 1 if report.errors == report.requests else 0
 
 

@@ -8,6 +8,10 @@
 #   bash bench/run_gpu.sh parity06   # build the random 0.6B, bf16 token parity share vs model.generate
 #   bash bench/run_gpu.sh grpc06     # gRPC server with the random 0.6B, 128 x 120 s
 #   bash bench/run_gpu.sh replicas   # two replicas (--devices cuda:0,cuda:1) vs one, same load
+#   bash bench/run_gpu.sh table17 table06 ratio
+#                                    # issue 11's table: ours and plain model.generate (--engine transformers,
+#                                    # padded batches of 64) at the same loads, one after the other in this run;
+#                                    # each row appended to $RESULTS (bench/results/h200-engine.json's shape)
 # Results go to $OUT (or bench/out) as JSON and logs; each load line is printed as it finishes.
 set -uo pipefail
 OUT=${OUT:-bench/out}
@@ -16,6 +20,8 @@ export PYTHONPATH=/tmp/site:server:gen/python:clients/python
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 PORT=${PORT:-50551}
+RESULTS=${RESULTS:-$OUT/h200-engine.json}
+COMMIT=${COMMIT:-unknown}
 SERVER_PID=""
 
 start_server() {  # $1 model dir, $2 log name, rest: extra flags
@@ -42,6 +48,39 @@ load() {  # label, then loadgen flags
   shift
   $PY bench/loadgen.py --target "localhost:$PORT" --label "$label" --json "$OUT/load-$label.json" "$@" \
     | tee -a "$OUT/table.txt"
+}
+
+row() {  # model, side, label, then loadgen flags: a load whose result is also appended to $RESULTS
+  local model=$1 side=$2
+  shift 2
+  load "$@" --results-json "$RESULTS" --model-name "$model" --side "$side" --commit "$COMMIT"
+}
+
+GENERATE_FLAGS=(--engine transformers --max-inference-batch-size 64 --max-batch-wait-ms 100)
+
+table() {  # size (1.7b | 0.6b), model name: ours, then plain generate at the same loads
+  local size=$1 name=$2 dir=/tmp/rand-$1
+  [ -d "$dir" ] || $PY bench/build_random_checkpoint.py --size "$size" --out "$dir" --device cuda
+  if start_server "$dir" "server-$size-ours.log"; then
+    row "$name" ours "$size-ours-alone-120s" --concurrency 1 --audio-s 120 --requests 3
+    row "$name" ours "$size-ours-alone-5s" --concurrency 1 --audio-s 5 --requests 20
+    row "$name" ours "$size-ours-c64-5s" --concurrency 64 --audio-s 5 --requests 640
+    row "$name" ours "$size-ours-c128-120s" --concurrency 128 --audio-s 120 --requests 256
+    if [ "$size" = 1.7b ]; then
+      row "$name" ours "$size-ours-c128-120s-stream" --concurrency 128 --audio-s 120 --requests 128 --mode stream
+    fi
+    stop_server
+  fi
+  # Plain model.generate: no warm-up request (the server warms up itself; one 120 s request takes ~45 s here).
+  if start_server "$dir" "server-$size-generate.log" "${GENERATE_FLAGS[@]}"; then
+    row "$name" generate "$size-gen-alone-120s" --concurrency 1 --audio-s 120 --requests 1 --warmup 0
+    if [ "$size" = 1.7b ]; then
+      row "$name" generate "$size-gen-alone-5s" --concurrency 1 --audio-s 5 --requests 10 --warmup 0
+      row "$name" generate "$size-gen-c64-5s" --concurrency 64 --audio-s 5 --requests 192 --warmup 0
+    fi
+    row "$name" generate "$size-gen-c128-120s" --concurrency 128 --audio-s 120 --requests 128 --warmup 0
+    stop_server
+  fi
 }
 
 for section in "$@"; do
@@ -108,6 +147,22 @@ for section in "$@"; do
       load 1.7b-2gpu-c256-120s --concurrency 256 --audio-s 120 --requests 512
       stop_server
       ;;
+    table17) table 1.7b 1.7B ;;
+    table06) table 0.6b 0.6B ;;
+    ratio)
+      $PY - "$RESULTS" <<'PYEOF'
+import json, sys
+rows = json.load(open(sys.argv[1]))
+key = lambda r: (r["model"], r["mode"], r["concurrency"], r["audio_s"])
+gen = {key(r): r for r in rows if r["side"] == "generate"}
+for r in rows:
+    g = gen.get(key(r))
+    if r["side"] == "ours" and g and g["audio_s_per_s"]:
+        print(f"{r['model']} {r['mode']} c={r['concurrency']} {r['audio_s']:g}s: ours {r['audio_s_per_s']} / generate "
+              f"{g['audio_s_per_s']} audio-s/s = {r['audio_s_per_s'] / g['audio_s_per_s']:.1f}x; latency p50 "
+              f"{r['latency_ms']['p50']} vs {g['latency_ms']['p50']} ms")
+PYEOF
+      ;;
     replicas2)
       start_server /tmp/rand-1.7b server-2gpu.log --devices cuda:0,cuda:1 || continue
       load 1.7b-2gpu-c256-120s --concurrency 256 --audio-s 120 --requests 512
@@ -120,4 +175,4 @@ echo "==== table"
 cat "$OUT/table.txt" 2>/dev/null
 # The device tool brings back at most 8 files: pack the details into one archive.
 ( cd "$OUT" && files=$(ls | grep -v -e '^results.tgz$' -e '^table.txt$') && [ -n "$files" ] \
-  && tar czf results.tgz --remove-files $files )
+  && tar czf results.tgz --remove-files $(echo "$files" | grep -v -e '^h200-engine.json$') )
