@@ -76,6 +76,11 @@ class TorchFeatureExtractor:
     def device(self) -> torch.device:
         return self._device
 
+    def num_audio_tokens(self, num_samples: int) -> int:
+        """The prompt's audio placeholders for a clip of `num_samples` samples, without computing its features."""
+        frames = max(num_samples, self._min_samples) // self._hop
+        return int(self._processor._get_audio_token_length(torch.tensor([frames]), self._n_window)[0])
+
     def __call__(self, clips: Sequence[np.ndarray[Any, Any]]) -> FeatureBatch:
         if not clips:
             raise ValueError("no clips")
