@@ -164,9 +164,22 @@ def test_continuous_engine_with_torch_features_gives_the_reference_tokens(loaded
     requests.append(_request("s1", 6.5, 15, seed=41, prefix="language English<asr_text>hello wor"))
     expected = _reference(loaded, requests)
     engine = _torch_engine(loaded)
+    extractor = engine._runner._features
+    assert extractor is not None
+    calls: list[int] = []
+
+    def counting(clips: Any) -> Any:
+        calls.append(len(clips))
+        return extractor(clips)
+
+    engine._runner._features = counting  # type: ignore[assignment]
     for request in requests:
         engine.add(_item(request))
+    for pending in engine._requests.values():
+        pending.prepared.future.result()  # every prompt's ids ready: all 8 are admitted in the first step
     outputs = list(_drain(engine))
+    # The preprocess threads made only the ids; the engine computed the features of all 8 clips in one call.
+    assert calls == [8]
     got = {}
     for o in outputs:
         assert o.error is None, o.error
