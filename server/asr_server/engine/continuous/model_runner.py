@@ -82,10 +82,12 @@ class _Prompt:
     ids: torch.Tensor  # (T,) int64 on the host: the prompt, then any tokens generated before a preemption
     audio: torch.Tensor  # (T,) bool: which ids are audio placeholders
     audio_before: list[int]  # audio placeholders before token t (T + 1 entries)
-    features: torch.Tensor  # (1, mel_bins, frames) on the device, in the model's dtype
+    # (mel_bins, frames) on the device, in the model's dtype, zero-padded to whole encoder windows.
+    features: torch.Tensor
     valid_frames: int
     windows: list[int]  # audio tokens per encoder window
-    encoded: list[torch.Tensor] = field(default_factory=list)  # the windows encoded so far, projected
+    window_starts: list[int]  # the audio token each window starts at
+    encoded: dict[int, torch.Tensor] = field(default_factory=dict)  # window -> its projected encoder output
 
 
 class ModelRunner:
@@ -314,7 +316,7 @@ class ModelRunner:
         features for every clip without any, in one batched call on the device)."""
         if not items:
             return
-        computed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        computed: dict[int, tuple[torch.Tensor, int]] = {}
         need = [i for i, item in enumerate(items) if item.prepared.input_features is None]
         if need:
             if self._features is None:
@@ -338,9 +340,16 @@ class ModelRunner:
                 clip = batch.clip(row)
                 if clip.num_audio_tokens != int((items[i].prepared.input_ids == self._audio_token_id).sum()):
                     raise RuntimeError("torch features and the prompt disagree on the audio token count")
-                computed[i] = (clip.input_features, clip.input_features_mask)
+                computed[i] = (clip.input_features, batch.valid_frames[row])
+        window = self._window_frames
         for i, item in enumerate(items):
-            features, mask = computed.get(i) or (item.prepared.input_features, item.prepared.input_features_mask)
+            if i in computed:
+                features, valid_frames = computed[i]
+            else:
+                features, valid_frames = item.prepared.input_features, int(item.prepared.input_features_mask.sum())
+            features = features[0].to(self.device, non_blocking=True).to(self.decoder.dtype)
+            frames = int(features.shape[1])
+            features = torch.nn.functional.pad(features, (0, -(-frames // window) * window - frames))
             prompt = item.prepared.input_ids[0]
             ids = prompt
             audio = prompt == self._audio_token_id
@@ -348,13 +357,15 @@ class ModelRunner:
                 # Only the prompt holds audio placeholders; a generated token of the same id is a token.
                 ids = torch.cat([prompt, torch.tensor(item.generated, dtype=prompt.dtype)])
                 audio = torch.cat([audio, torch.zeros(len(item.generated), dtype=torch.bool)])
+            windows = self._window_tokens(valid_frames)
             self._prompts[item.work.request_id] = _Prompt(
                 ids=ids,
                 audio=audio,
                 audio_before=torch.cat([torch.zeros(1, dtype=torch.long), audio.cumsum(0)]).tolist(),
-                features=features.to(self.device, non_blocking=True).to(self.decoder.dtype),
-                valid_frames=int(mask.sum()),
-                windows=self._window_tokens(int(mask.sum())),
+                features=features,
+                valid_frames=valid_frames,
+                windows=windows,
+                window_starts=[sum(windows[:w]) for w in range(len(windows))],
             )
 
     def _window_tokens(self, valid_frames: int) -> list[int]:
@@ -370,45 +381,48 @@ class ModelRunner:
         return counts
 
     def _encode_chunks(self, inputs: Sequence[PrefillInput], states: Sequence[_Prompt]) -> list[torch.Tensor]:
-        """The audio embeddings of each chunk's audio tokens (in order, chunks without audio give none): the
-        windows they fall in that are not encoded yet run through the encoder, windows of every request in
-        micro-batches of at most `encoder_batch_audio_s`."""
-        todo: list[tuple[_Prompt, int]] = []
+        """The audio embeddings of each chunk's audio tokens (in order; chunks without audio give none): the
+        windows they reach that are not encoded yet run through the encoder, windows of every request together,
+        longest first, in micro-batches of at most `encoder_batch_audio_s` (each padded to its longest window)."""
+        window = self._window_frames
+        chunk = 2 * self._n_window
+        todo: list[tuple[_Prompt, int, int]] = []  # (prompt, window, frames to feed: whole 1 s chunks)
         for item, st in zip(inputs, states, strict=True):
             end = st.audio_before[item.work.start_token + item.work.num_tokens]
             w = len(st.encoded)
-            while w < len(st.windows) and sum(st.windows[:w]) < end:
-                todo.append((st, w))
+            while w < len(st.windows) and st.window_starts[w] < end:
+                valid = min(window, st.valid_frames - w * window)
+                todo.append((st, w, -(-valid // chunk) * chunk))
                 w += 1
-        budget = max(1, int(self._config.encoder_batch_audio_s * 100) // self._window_frames)
-        window = self._window_frames
+        todo.sort(key=lambda t: -t[2])
+        per_batch = max(1, int(self._config.encoder_batch_audio_s * 100) // window)
         model = self._model
-        for group_start in range(0, len(todo), budget):
-            group = todo[group_start : group_start + budget]
-            slices = [st.features[0, :, w * window : (w + 1) * window] for st, w in group]
-            valid = [min(window, st.valid_frames - w * window) for st, w in group]
-            frames = max(int(x.shape[1]) for x in slices)
-            mel = int(slices[0].shape[0])
-            features = torch.zeros((len(group), mel, frames), dtype=self.decoder.dtype, device=self.device)
-            mask = torch.zeros((len(group), frames), dtype=torch.long, device=self.device)
-            for row, (x, v) in enumerate(zip(slices, valid, strict=True)):
-                features[row, :, : x.shape[1]] = x
-                mask[row, :v] = 1
+        for group_start in range(0, len(todo), per_batch):
+            group = todo[group_start : group_start + per_batch]
+            frames = group[0][2]
+            # One stack of views (a single copy kernel), not one copy per window.
+            features = torch.stack([st.features[:, w * window : w * window + frames] for st, w, _ in group])
+            lengths = torch.tensor([min(window, st.valid_frames - w * window) for st, w, _ in group])
+            inside = torch.arange(frames)[None, :] < lengths[:, None]
+            mask = inside.to(torch.long).to(self.device, non_blocking=True)
             hidden = encode(model.model.audio_tower, features, mask)
             projected = model.model.multi_modal_projector(hidden)
-            counts = [st.windows[w] for st, w in group]
+            counts = [st.windows[w] for st, w, _ in group]
             if int(projected.shape[0]) != sum(counts):
                 raise RuntimeError(f"the encoder gave {projected.shape[0]} audio tokens for {sum(counts)}")
-            for (st, w), part in zip(group, projected.split(counts), strict=True):
-                if len(st.encoded) != w:
-                    raise RuntimeError("encoder windows out of order")
-                st.encoded.append(part)
+            for (st, w, _), part in zip(group, projected.split(counts), strict=True):
+                st.encoded[w] = part
         out: list[torch.Tensor] = []
         for item, st in zip(inputs, states, strict=True):
             begin = st.audio_before[item.work.start_token]
             end = st.audio_before[item.work.start_token + item.work.num_tokens]
             if end > begin:
-                out.append(torch.cat(st.encoded)[begin:end])
+                first = next(w for w in range(len(st.windows)) if st.window_starts[w] + st.windows[w] > begin)
+                last = next(w for w in range(len(st.windows)) if st.window_starts[w] + st.windows[w] >= end)
+                offset = st.window_starts[first]
+                parts = [st.encoded[w] for w in range(first, last + 1)]
+                joined = parts[0] if len(parts) == 1 else torch.cat(parts)
+                out.append(joined[begin - offset : end - offset])
         return out
 
     def _insert_rows(
