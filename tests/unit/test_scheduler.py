@@ -481,3 +481,22 @@ def test_chunked_random_traffic_respects_the_budget_starves_no_decode_and_loses_
         assert sorted(owned + free) == list(range(1, 30))
         assert sorted([r.row for r in s.running()] + s.free_rows()) == list(range(rows))
     assert chunked > 50
+
+
+def test_the_smallest_budget_still_completes_a_prompt_beside_a_full_decode_batch() -> None:
+    # rows + 1 tokens a step: a prefilling request holds a row, so at most rows - 1 decode and 2 tokens are left,
+    # enough for the last prompt token and its first decode: no livelock at the prompt's end.
+    s = _chunked(rows=3, budget=4)
+    _add(s, "a", prompt=2, budget=100)
+    _add(s, "b", prompt=2, budget=100)
+    s.schedule(0.0)
+    s.schedule(0.0)
+    _add(s, "late", prompt=10, budget=4)
+    for _ in range(10):
+        plan = s.schedule(0.0)
+        assert plan.num_tokens <= 4 and {"a", "b"} <= {d.request_id for d in plan.decodes}
+        if "late" in {d.request_id for d in plan.decodes}:
+            break
+    else:
+        raise AssertionError("the late prompt never completed")
+    assert s.get("late").num_computed_tokens == 11  # type: ignore[union-attr]

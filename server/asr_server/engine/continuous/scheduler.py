@@ -335,25 +335,32 @@ class Scheduler:
             return None
         return self._waiting.popleft()
 
+    def _prefill_of(self, request: ScheduledRequest, rejected: list[Rejected]) -> int | None:
+        """The tokens a request taken off the queue must prefill (its prompt, waited for if need be, or what a
+        preemption left); None when it is refused (added to `rejected`)."""
+        if request.num_preemptions:
+            return request.prefill_tokens  # known, and checked at its first admission
+        try:
+            prompt = request.source.prompt_tokens()  # waits when nothing else can run meanwhile
+        except Exception as exc:  # noqa: BLE001 - one bad clip fails alone
+            request.status = RequestStatus.FINISHED
+            rejected.append(Rejected(request.request_id, "preprocessing", exc))
+            return None
+        refusal = self._refusal(prompt, request.budget)
+        if refusal is not None:
+            request.status = RequestStatus.FINISHED
+            rejected.append(Rejected(request.request_id, "admission", refusal))
+            return None
+        request.prompt_tokens = prompt
+        request.prefill_tokens = prompt
+        return prompt
+
     def _take(self, request: ScheduledRequest, rejected: list[Rejected]) -> bool | None:
         """Admits `request` (taken off the queue): its prompt length, a row and its pages. True: running;
         None: refused (in `rejected`); False: no pages now (back to the front of the queue)."""
-        if request.num_preemptions:
-            tokens = request.prefill_tokens  # known, and checked at its first admission
-        else:
-            try:
-                prompt = request.source.prompt_tokens()  # waits when nothing else can run meanwhile
-            except Exception as exc:  # noqa: BLE001 - one bad clip fails alone
-                request.status = RequestStatus.FINISHED
-                rejected.append(Rejected(request.request_id, "preprocessing", exc))
-                return None
-            refusal = self._refusal(prompt, request.budget)
-            if refusal is not None:
-                request.status = RequestStatus.FINISHED
-                rejected.append(Rejected(request.request_id, "admission", refusal))
-                return None
-            request.prompt_tokens = prompt
-            tokens = request.prefill_tokens = prompt
+        tokens = self._prefill_of(request, rejected)
+        if tokens is None:
+            return None
         need_pages = self._admission_pages(request, tokens)
         if not self.kv.can_allocate(need_pages):
             self._waiting.appendleft(request)
@@ -432,27 +439,12 @@ class Scheduler:
             return prefills, rejected
         prompt_tokens = 0
         while self._waiting and self._free_rows:
-            request = self._waiting[0]
-            # Features are computed in arrival order; a later one being ready first is rare and cheap to wait for.
-            if not request.source.done() and (prefills or self._running):
+            request = self._next_waiting(wait_for_prompt=not prefills and not self._running)
+            if request is None:
                 break
-            self._waiting.popleft()
-            if request.num_preemptions:
-                tokens = request.prefill_tokens  # known, and checked at its first admission
-            else:
-                try:
-                    prompt = request.source.prompt_tokens()  # waits when nothing else can run meanwhile
-                except Exception as exc:  # noqa: BLE001 - one bad clip fails alone
-                    request.status = RequestStatus.FINISHED
-                    rejected.append(Rejected(request.request_id, "preprocessing", exc))
-                    continue
-                refusal = self._refusal(prompt, request.budget)
-                if refusal is not None:
-                    request.status = RequestStatus.FINISHED
-                    rejected.append(Rejected(request.request_id, "admission", refusal))
-                    continue
-                request.prompt_tokens = prompt
-                tokens = request.prefill_tokens = prompt
+            tokens = self._prefill_of(request, rejected)
+            if tokens is None:
+                continue
             need_pages = self._admission_pages(request, tokens)
             over_prefill = bool(prefills) and prompt_tokens + tokens > self._config.max_prefill_tokens
             if not self.kv.can_allocate(need_pages) or over_prefill:
