@@ -313,34 +313,14 @@ class ModelRunner:
 
     def _start_prompts(self, items: Sequence[PrefillInput]) -> None:
         """The prefill state of requests starting their prefill: ids, audio positions and features (torch
-        features for every clip without any, in one batched call on the device)."""
+        features for every clip without any, batched on the device)."""
         if not items:
             return
-        computed: dict[int, tuple[torch.Tensor, int]] = {}
         need = [i for i, item in enumerate(items) if item.prepared.input_features is None]
+        computed: dict[int, tuple[torch.Tensor, int]] = {}
         if need:
-            if self._features is None:
-                raise RuntimeError("features are missing and the engine computes none (features=reference)")
-            clips = []
-            for i in need:
-                samples = items[i].audio
-                if samples is None:
-                    raise RuntimeError(f"no audio for the features of {items[i].work.request_id}")
-                clips.append(samples)
-            batch = self._features(clips)
-            finite = torch.isfinite(batch.input_features).flatten(1).all(dim=1).tolist()
-            bad = [items[i].work.request_id for i, ok in zip(need, finite, strict=True) if not ok]
-            if bad:
-                # The engine retries the group request by request: only the bad clip fails.
-                raise InvalidInput(
-                    "the audio's log-mel features are not finite (NaN or Inf); send audio with finite samples "
-                    f"in [-1, 1] ({len(bad)} of {len(need)} clips)"
-                )
-            for row, i in enumerate(need):
-                clip = batch.clip(row)
-                if clip.num_audio_tokens != int((items[i].prepared.input_ids == self._audio_token_id).sum()):
-                    raise RuntimeError("torch features and the prompt disagree on the audio token count")
-                computed[i] = (clip.input_features, batch.valid_frames[row])
+            by_need = self._torch_features([items[i] for i in need])
+            computed = {need[j]: value for j, value in by_need.items()}
         window = self._window_frames
         for i, item in enumerate(items):
             if i in computed:
@@ -367,6 +347,42 @@ class ModelRunner:
                 windows=windows,
                 window_starts=[sum(windows[:w]) for w in range(len(windows))],
             )
+
+    def _torch_features(self, items: Sequence[PrefillInput]) -> dict[int, tuple[torch.Tensor, int]]:
+        """Features (1, mel_bins, frames) and valid frames of each item's clip, by index: one batched call on the
+        device per `encoder_batch_audio_s` of padded audio (clips sorted by length, so a batch pads little)."""
+        if self._features is None:
+            raise RuntimeError("features are missing and the engine computes none (features=reference)")
+        clips: list[np.ndarray[Any, Any]] = []
+        for item in items:
+            if item.audio is None:
+                raise RuntimeError(f"no audio for the features of {item.work.request_id}")
+            clips.append(item.audio)
+        order = sorted(range(len(items)), key=lambda i: int(clips[i].shape[-1]))
+        budget = max(1, int(self._config.encoder_batch_audio_s * 16000))
+        groups: list[list[int]] = []
+        for i in order:
+            if groups and (len(groups[-1]) + 1) * int(clips[i].shape[-1]) <= budget:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        out: dict[int, tuple[torch.Tensor, int]] = {}
+        for group in groups:
+            batch = self._features([clips[i] for i in group])
+            finite = torch.isfinite(batch.input_features).flatten(1).all(dim=1).tolist()
+            bad = sum(1 for ok in finite if not ok)
+            if bad:
+                # The engine retries the group request by request: only the bad clip fails.
+                raise InvalidInput(
+                    "the audio's log-mel features are not finite (NaN or Inf); send audio with finite samples "
+                    f"in [-1, 1] ({bad} of {len(group)} clips)"
+                )
+            for row, i in enumerate(group):
+                clip = batch.clip(row)
+                if clip.num_audio_tokens != int((items[i].prepared.input_ids == self._audio_token_id).sum()):
+                    raise RuntimeError("torch features and the prompt disagree on the audio token count")
+                out[i] = (clip.input_features, batch.valid_frames[row])
+        return out
 
     def _window_tokens(self, valid_frames: int) -> list[int]:
         """Audio tokens of each encoder window of a clip with `valid_frames` frames (the encoder's own formula)."""
