@@ -86,6 +86,8 @@ def test_features_equal_the_extractor_alone_and_batched(loaded: LoadedAsrModel) 
         assert not batch.input_features_mask[row, batch.frames[row] :].any()
     print(f"max abs deviation from the extractor: alone {worst_alone:.3g}, batched {worst_batched:.3g}")
     assert worst_alone <= REFERENCE_TOLERANCE and worst_batched <= REFERENCE_TOLERANCE
+    # The figure docs/benchmarks.md states for the CPU: the same torch ops as the extractor's, bit for bit.
+    assert worst_alone == 0.0 and worst_batched == 0.0
 
 
 def test_a_short_clip_batched_with_long_ones_equals_itself_alone(loaded: LoadedAsrModel) -> None:
@@ -212,3 +214,19 @@ def test_non_finite_audio_through_torch_features_fails_that_request_alone(loaded
         assert output.error is None and output.result is not None
         got[request.request_id] = output.result.token_ids
     assert got == expected
+
+
+def test_auto_features_are_torch_on_cuda_and_the_reference_elsewhere(loaded: LoadedAsrModel) -> None:
+    from asr_server.engine.continuous.model_runner import resolve_features
+
+    assert resolve_features("auto", torch.device("cuda", 0)) == "torch"
+    assert resolve_features("auto", torch.device("cpu")) == "reference"
+    assert resolve_features("torch", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="features must be"):
+        resolve_features("gpu", torch.device("cpu"))
+    engine = ContinuousEngine(loaded, ContinuousConfig(max_running=2, page_size=16, kv_cache_tokens=1024))
+    # On the CPU the default keeps the features on the preprocess threads, as the reference computes them.
+    assert not engine._runner.features_on_device and engine._preparer._torch is None
+    prepared = engine._preparer(_request("d", 1.0, 4, seed=9))
+    assert prepared.input_features is not None
+    engine.close()
