@@ -138,9 +138,9 @@ def test_random_arrivals_mixed_lengths_and_row_and_page_limits(loaded: LoadedAsr
     assert len(engine._free_rows) == 3
 
 
-@pytest.mark.parametrize("max_step_tokens", [0, 20])
+@pytest.mark.parametrize(("max_step_tokens", "features"), [(0, "reference"), (20, "torch")])
 def test_lazy_pages_with_preemption_by_recompute_give_the_reference_tokens(
-    loaded: LoadedAsrModel, max_step_tokens: int
+    loaded: LoadedAsrModel, max_step_tokens: int, features: str
 ) -> None:
     # 14 pages of 16 tokens for 4 rows of requests needing up to 6 pages each: pages run out mid-decode, the latest
     # admitted request is preempted and later prefilled again over its prompt and the tokens it had (in chunks of
@@ -156,6 +156,7 @@ def test_lazy_pages_with_preemption_by_recompute_give_the_reference_tokens(
         kv_cache_tokens=14 * 16,
         kv_reservation="lazy",
         max_step_tokens=max_step_tokens,
+        features=features,  # type: ignore[arg-type]
     )
     engine = ContinuousEngine(loaded, config)
     schedule = engine._scheduler.schedule
