@@ -500,3 +500,14 @@ def test_the_smallest_budget_still_completes_a_prompt_beside_a_full_decode_batch
     else:
         raise AssertionError("the late prompt never completed")
     assert s.get("late").num_computed_tokens == 11  # type: ignore[union-attr]
+
+
+def test_a_newcomer_without_room_for_a_token_stops_admission_for_the_step() -> None:
+    s = _chunked(rows=4, budget=6)
+    _add(s, "a", prompt=4, budget=50)  # 4 + 1: 1 token left
+    _add(s, "one", prompt=1, budget=4)  # 1 + its decode needs 2: admitted, nothing this step
+    _add(s, "later", prompt=1, budget=4)
+    plan = s.schedule(0.0)
+    assert _chunks(plan) == [("a", 0, 4, 4)] and s.num_running() == 2 and s.num_waiting() == 1
+    plan = s.schedule(0.0)  # 1 decode, then one's token (+ decode), then later's (+ decode)
+    assert _chunks(plan) == [("one", 0, 1, 1), ("later", 0, 1, 1)] and plan.num_tokens == 5

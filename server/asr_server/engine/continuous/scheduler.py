@@ -308,7 +308,10 @@ class Scheduler:
                 continue
             if not admitted:
                 break
-            left -= self._chunk(newcomer, left, prefills)
+            cost = self._chunk(newcomer, left, prefills)
+            if cost == 0:
+                break  # no room for even its first token: it starts next step; admit nobody else meanwhile
+            left -= cost
         return prefills, rejected
 
     def _chunk(self, request: ScheduledRequest, left: int, prefills: list[PrefillWork]) -> int:
