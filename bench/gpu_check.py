@@ -8,12 +8,22 @@ kernel: the Triton paged decode attention against the torch reference on random 
 parity: bf16 greedy tokens of the continuous engine against `model.generate` run on each request alone; prints
   the share of requests whose tokens match exactly and where the others first differ.
 engine: throughput of the continuous engine alone (all requests submitted at once, forced 4 tokens/s + 6), then
-  the same with per-phase synchronisation for a breakdown (encoder, prefill, decode, host), then one request alone.
+  the same with per-phase synchronisation for a breakdown (encoder, prefill, decode, host), then one request alone;
+  then the arrivals run below. With `--device cpu` (the tiny checkpoint, a few seconds) only the arrivals run.
+
+arrivals (part of engine): requests decoding in the background while others arrive staggered (one every few
+  steps), once with chunked prefill off and once with `--max-step-tokens` (and the same with torch features):
+  median and max step time in steps that carry prefill work ("with arrivals") and in steps that only decode,
+  and time to first token p50/p99 of the arrivals. A step's wall time is the host's time between two step()
+  calls: the host reads the step before's tokens, so in steady state it tracks the device time of a step.
+
+    python bench/gpu_check.py engine --model DIR --device cpu   # e.g. the tiny checkpoint
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -83,8 +93,110 @@ def run_engine(engine: ContinuousEngine, requests: list[DecodeRequest]) -> tuple
                 print("ERROR", o.request_id, o.error, flush=True)
             elif o.result is not None:
                 got[o.request_id] = o.result.token_ids
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return got, time.perf_counter() - start
+
+
+def arrivals_run(
+    loaded: Any,
+    config: ContinuousConfig,
+    *,
+    background: int,
+    background_s: float,
+    arrivals: int,
+    arrival_s: float,
+    every_steps: int,
+) -> dict[str, Any]:
+    """Background decodes, then `arrivals` requests one every `every_steps` steps: step times with and without
+    prefill work in the step, and the arrivals' time to first token."""
+    engine = ContinuousEngine(loaded, config)
+    engine.warmup()
+    schedule = engine._scheduler.schedule
+    prefill_tokens: list[int] = []
+
+    def recording(now_s: float) -> Any:
+        plan = schedule(now_s)
+        prefill_tokens.append(plan.prefill_tokens)
+        return plan
+
+    engine._scheduler.schedule = recording  # type: ignore[method-assign]
+    # Background rows decode longer than the arrivals take (forced lengths ignore EOS).
+    span = (arrivals + 2) * every_steps + 64 * arrivals
+    for r in make_requests(background, 5, [background_s], 8192, forced=False):
+        forced = DecodeRequest(r.request_id, r.audio_16k, r.options, forced_num_tokens=span)
+        engine.add(WorkItem(forced, time.time_ns(), time.monotonic()))
+    while engine.num_waiting() or any(p.prefilling for p in engine._scheduler.running()):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    prefill_tokens.clear()
+    incoming = [
+        DecodeRequest(f"a{r.request_id}", r.audio_16k, r.options, forced_num_tokens=16)
+        for r in make_requests(arrivals, 6, [arrival_s], 8192, forced=False)
+    ]
+    step_s: list[float] = []
+    ttft_ms: list[float] = []
+    step = 0
+    last = time.perf_counter()
+    while incoming or len(ttft_ms) < arrivals:
+        if incoming and step % every_steps == 0:
+            engine.add(WorkItem(incoming.pop(0), time.time_ns(), time.monotonic()))
+        for o in engine.step():
+            if o.result is not None and o.request_id.startswith("a"):
+                ttft_ms.append((o.result.first_token_ns - o.result.enqueued_ns) / 1e6)
+            elif o.error is not None:
+                raise RuntimeError(f"{o.request_id}: {o.error}")
+        now = time.perf_counter()
+        step_s.append(now - last)
+        last = now
+        step += 1
+    for r in engine._scheduler.running():
+        engine.abort(r.request_id)
+    on_device = engine._runner.features_on_device
+    engine.close()
+    with_prefill = [t * 1000 for t, n in zip(step_s, prefill_tokens, strict=False) if n]
+    decode_only = [t * 1000 for t, n in zip(step_s, prefill_tokens, strict=False) if not n]
+
+    def stats(values: list[float]) -> dict[str, float]:
+        if not values:
+            return {"steps": 0}
+        return {"steps": len(values), "median_ms": float(np.median(values)), "max_ms": float(np.max(values))}
+
+    return {
+        "max_step_tokens": config.max_step_tokens,
+        "features": config.features,
+        "features_on_device": on_device,
+        "steps_with_arrivals": stats(with_prefill),
+        "steps_without_arrivals": stats(decode_only),
+        "ttft_ms": {"p50": float(np.percentile(ttft_ms, 50)), "p99": float(np.percentile(ttft_ms, 99))},
+    }
+
+
+def arrivals_bench(loaded: Any, device: str, max_step_tokens: int) -> list[dict[str, Any]]:
+    """Chunked prefill off and on (and on with torch features), at a size that suits the device."""
+    if device == "cpu":
+        base = ContinuousConfig(max_running=8, page_size=16, kv_cache_tokens=16384, cuda_graphs=False)
+        sizes = {"background": 4, "background_s": 2.0, "arrivals": 6, "arrival_s": 9.0, "every_steps": 3}
+    else:
+        base = ContinuousConfig(max_running=128)
+        sizes = {"background": 64, "background_s": 120.0, "arrivals": 32, "arrival_s": 120.0, "every_steps": 8}
+    runs = []
+    other = "torch" if device == "cpu" else "reference"  # the feature path "auto" does not pick on this device
+    for step_tokens, features in ((0, "auto"), (max_step_tokens, "auto"), (max_step_tokens, other)):
+        config = dataclasses.replace(base, max_step_tokens=step_tokens, features=features)  # type: ignore[arg-type]
+        run = arrivals_run(loaded, config, **sizes)  # type: ignore[arg-type]
+        w, wo, ttft = run["steps_with_arrivals"], run["steps_without_arrivals"], run["ttft_ms"]
+        print(
+            f"arrivals, max_step_tokens={step_tokens} features={features} (on device: {run['features_on_device']}): "
+            "steps with arrivals "
+            f"median {w.get('median_ms', 0):.2f} ms max {w.get('max_ms', 0):.2f} ms ({w['steps']}), without "
+            f"median {wo.get('median_ms', 0):.2f} ms ({wo['steps']}); ttft p50 {ttft['p50']:.1f} ms "
+            f"p99 {ttft['p99']:.1f} ms",
+            flush=True,
+        )
+        runs.append(run)
+    return runs
 
 
 def parity(model_dir: str, n: int, max_new: int) -> dict[str, Any]:
@@ -111,8 +223,11 @@ def parity(model_dir: str, n: int, max_new: int) -> dict[str, Any]:
     return {"exact": exact, "total": len(ref), "first_divergence": sorted(diverge)}
 
 
-def engine_bench(model_dir: str, n: int, audio_s: float, out_dir: str) -> dict[str, Any]:
-    loaded = load_asr_model(model_dir, dtype="bfloat16", device="cuda")
+def engine_bench(model_dir: str, n: int, audio_s: float, out_dir: str, device: str, step_tokens: int) -> dict[str, Any]:
+    if device == "cpu":
+        loaded = load_asr_model(model_dir, dtype="float32", device="cpu")
+        return {"arrivals": arrivals_bench(loaded, "cpu", step_tokens or 32)}
+    loaded = load_asr_model(model_dir, dtype="bfloat16", device=device)
     results: dict[str, Any] = {}
     engine = ContinuousEngine(loaded, ContinuousConfig(max_running=max(128, n)))
     t = time.perf_counter()
@@ -175,6 +290,9 @@ def engine_bench(model_dir: str, n: int, audio_s: float, out_dir: str) -> dict[s
         flush=True,
     )
     engine.close()
+    del engine
+    torch.cuda.empty_cache()
+    results["arrivals"] = arrivals_bench(loaded, device, step_tokens or 2048)
     return results
 
 
@@ -187,13 +305,15 @@ def main() -> int:
     parser.add_argument("--audio-s", type=float, default=120.0)
     parser.add_argument("--json", default="")
     parser.add_argument("--out-dir", default="")
+    parser.add_argument("--device", default="cuda", help="engine part: cuda (full run) or cpu (arrivals only)")
+    parser.add_argument("--max-step-tokens", type=int, default=0, help="arrivals: the chunked budget (0: 2048/32)")
     args = parser.parse_args()
     if args.part == "kernel":
         out = kernel_check()
     elif args.part == "parity":
         out = parity(args.model, args.n or 24, args.max_new)
     else:
-        out = engine_bench(args.model, args.n or 128, args.audio_s, args.out_dir)
+        out = engine_bench(args.model, args.n or 128, args.audio_s, args.out_dir, args.device, args.max_step_tokens)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(out, fh, indent=1)

@@ -58,6 +58,12 @@ def main() -> int:
         "full pages, graphs": base,
         "lazy pages, graphs": dataclasses.replace(base, kv_reservation="lazy", kv_cache_tokens=1024),
         "torch features": dataclasses.replace(base, features="torch"),
+        "reference features": dataclasses.replace(base, features="reference"),
+        # Chunked prefill: prompts over several steps beside the decodes (chunks attend through their pages).
+        "chunked prefill, 24-token steps": dataclasses.replace(base, max_step_tokens=24),
+        "chunked prefill, lazy pages": dataclasses.replace(
+            base, max_step_tokens=24, kv_reservation="lazy", kv_cache_tokens=1024
+        ),
         "no graphs": dataclasses.replace(base, cuda_graphs=False),
     }
     failed = False

@@ -62,9 +62,16 @@ class ContinuousConfig:
     # preempted); "lazy" gives pages as the request grows and, when they run out, preempts the most recently
     # admitted request, which is later prefilled again over its prompt and the tokens it had (recompute).
     kv_reservation: Literal["full", "lazy"] = "full"
-    # "reference": log-mel by the processor's feature extractor; "torch": continuous/features.py, batched torch
-    # (on the engine's CUDA device), equal to it within 1e-4 (tests/integration/test_features_torch.py).
-    features: Literal["reference", "torch"] = "reference"
+    # "reference": log-mel by the processor's feature extractor, per request on the preprocess threads; "torch":
+    # continuous/features.py, one batched call per step on the engine's device for every clip whose encoder runs
+    # in it (the engine gets 16 kHz samples); equal to the extractor within REFERENCE_TOLERANCE (0.0 on the CPU,
+    # <= 2.6e-5 on an H200: tests/integration/test_features_torch.py). "auto": torch on CUDA, reference elsewhere
+    # (on the CPU both give the same values; the reference keeps the work off the engine thread there).
+    features: Literal["auto", "reference", "torch"] = "auto"
+    # Chunked prefill: each step's token budget (one per decoding row, the rest prefill chunks of arriving
+    # requests, which may span steps); must exceed max_running. 0: off (whole prompts, max_prefill_tokens per
+    # step, every prefill_interval_ms).
+    max_step_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -281,6 +288,21 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
         "continuous: audio per encoder batch",
     ),
     ("engine.continuous", "kv_cache_dtype", "--kv-cache-dtype", str, "continuous: auto (model dtype) or fp8 (CUDA)"),
+    (
+        "engine.continuous",
+        "features",
+        "--features",
+        str,
+        "continuous: log-mel by the reference extractor on the preprocess threads, or torch (batched, on the "
+        "engine's device); auto: torch on CUDA",
+    ),
+    (
+        "engine.continuous",
+        "max_step_tokens",
+        "--max-step-tokens",
+        int,
+        "continuous: chunked prefill, tokens per engine step (decode rows first, then prefill chunks); 0: off",
+    ),
     ("engine", "devices", "--devices", parse_device_list, "one engine replica per device, e.g. cuda:0,cuda:1"),
     (
         "engine",
@@ -495,6 +517,11 @@ def validate(config: Config) -> None:
     need(0 < c.kv_cache_memory_fraction <= 1, "--kv-cache-memory-fraction must be in (0, 1]")
     need(c.max_context_tokens >= 256, "--max-context-tokens must be >= 256")
     need(c.max_prefill_tokens >= 1, "--max-prefill-tokens must be >= 1")
+    need(c.features in ("auto", "reference", "torch"), "--features must be auto, reference or torch")
+    need(
+        c.max_step_tokens == 0 or c.max_step_tokens > c.max_running,
+        "--max-step-tokens must be 0 (off) or more than --max-running-requests",
+    )
     need(c.encoder_batch_audio_s > 0, "--encoder-batch-audio-s must be > 0")
     need(e.bench_forced_tokens_per_audio_s >= 0, "--bench-forced-tokens-per-audio-s must be >= 0")
     need(e.max_inference_batch_size >= 1, "--max-inference-batch-size must be >= 1")

@@ -138,15 +138,26 @@ def test_random_arrivals_mixed_lengths_and_row_and_page_limits(loaded: LoadedAsr
     assert len(engine._free_rows) == 3
 
 
-def test_lazy_pages_with_preemption_by_recompute_give_the_reference_tokens(loaded: LoadedAsrModel) -> None:
+@pytest.mark.parametrize(("max_step_tokens", "features"), [(0, "reference"), (20, "torch")])
+def test_lazy_pages_with_preemption_by_recompute_give_the_reference_tokens(
+    loaded: LoadedAsrModel, max_step_tokens: int, features: str
+) -> None:
     # 14 pages of 16 tokens for 4 rows of requests needing up to 6 pages each: pages run out mid-decode, the latest
-    # admitted request is preempted and later prefilled again over its prompt and the tokens it had.
+    # admitted request is preempted and later prefilled again over its prompt and the tokens it had (in chunks of
+    # at most 20 tokens a step with chunked prefill, the recomputed generated tokens included).
     requests = [
         _request(f"z{i}", seconds, max_new, seed=400 + i)
         for i, (seconds, max_new) in enumerate([(0.3, 40), (2.5, 60), (0.8, 50), (4.0, 64), (1.2, 30), (3.1, 48)])
     ]
     expected = _reference(loaded, requests)
-    config = ContinuousConfig(max_running=4, page_size=16, kv_cache_tokens=14 * 16, kv_reservation="lazy")
+    config = ContinuousConfig(
+        max_running=4,
+        page_size=16,
+        kv_cache_tokens=14 * 16,
+        kv_reservation="lazy",
+        max_step_tokens=max_step_tokens,
+        features=features,  # type: ignore[arg-type]
+    )
     engine = ContinuousEngine(loaded, config)
     schedule = engine._scheduler.schedule
     preempted: list[str] = []
@@ -163,6 +174,51 @@ def test_lazy_pages_with_preemption_by_recompute_give_the_reference_tokens(loade
     assert preempted, "the cache was meant to run out"
     assert len(engine._free_pages) == engine._cache.num_pages - 1
     assert len(engine._free_rows) == 4
+
+
+@pytest.mark.parametrize("features", ["reference", "torch"])
+def test_chunked_prefill_with_a_small_step_budget_gives_the_reference_tokens(
+    loaded: LoadedAsrModel, features: str
+) -> None:
+    # A 24-token step budget: every prompt here (27-150 tokens; 9.3 s spans two 8 s encoder windows) is prefilled in
+    # chunks over several steps, beside the decodes of the requests already running, arriving at different steps.
+    requests = [
+        _request("c0", 0.3, 30, seed=500),
+        _request("c1", 9.3, 20, seed=501),
+        _request("c2", 2.5, 25, seed=502, language="English"),
+        _request("c3", 0.8, 12, seed=503, prefix="language English<asr_text>he"),
+        _request("c4", 6.2, 18, seed=504),
+        _request("c5", 1.4, 22, seed=505),
+    ]
+    expected = _reference(loaded, requests)
+    config = ContinuousConfig(
+        max_running=4, page_size=16, kv_cache_tokens=4096, max_step_tokens=24, features=features  # type: ignore[arg-type]
+    )
+    engine = ContinuousEngine(loaded, config)
+    assert (engine._preparer._torch is not None) == (features == "torch")
+    schedule = engine._scheduler.schedule
+    plans: list[Any] = []
+
+    def recording(now_s: float) -> Any:
+        plans.append(schedule(now_s))
+        return plans[-1]
+
+    engine._scheduler.schedule = recording  # type: ignore[method-assign]
+    arrivals = {0: ["c0"], 2: ["c1", "c2"], 5: ["c3"], 9: ["c4"], 10: ["c5"]}
+    by_id = {r.request_id: r for r in requests}
+    outputs: list[EngineOutput] = []
+    step = 0
+    while step <= max(arrivals) or engine.num_waiting() or engine.num_running():
+        for rid in arrivals.get(step, []):
+            engine.add(_item(by_id[rid]))
+        outputs.extend(engine.step())
+        step += 1
+    assert _tokens(outputs) == expected
+    assert max(p.num_tokens for p in plans) <= 24
+    # Prompts were split, and partial chunks ran in steps that also decoded other requests.
+    assert any(not w.completes for p in plans for w in p.prefills)
+    assert any(p.decodes and any(not w.completes for w in p.prefills) for p in plans)
+    assert len(engine._free_pages) == engine._cache.num_pages - 1 and len(engine._free_rows) == 4
 
 
 def test_eos_ends_each_request_on_its_own(loaded: LoadedAsrModel) -> None:
@@ -306,6 +362,21 @@ while engine.num_waiting() or engine.num_running():
     for o in engine.step():
         got[o.request_id] = o.result.token_ids
 print("NAN-ISOLATED" if got == reference else f"NAN-LEAK {got} {reference}")
+# Chunked prefill through the fused path (chunks that continue a prompt attend through its pages), the cache still
+# full of NaN from above.
+config = ContinuousConfig(max_running=2, page_size=16, kv_cache_tokens=1024, kernels="triton", max_step_tokens=12)
+engine = ContinuousEngine(loaded, config)
+for layer in range(len(engine._cache.keys)):
+    engine._cache.keys[layer].fill_(float("nan"))
+    engine._cache.values[layer].fill_(float("nan"))
+for r in requests:
+    engine.add(WorkItem(r, time.time_ns(), time.monotonic()))
+got = {}
+while engine.num_waiting() or engine.num_running():
+    for o in engine.step():
+        got[o.request_id] = o.result.token_ids
+chunks = engine.prefill_chunks
+print("CHUNKED-MATCH" if got == reference and chunks > 2 else f"CHUNKED-DIFF {chunks} {got} {reference}")
 """
 
 
@@ -324,3 +395,4 @@ def test_fused_kernels_match_in_the_triton_interpreter(tiny_checkpoints: Any) ->
     )
     assert "MATCH" in done.stdout, done.stdout + done.stderr[-2000:]
     assert "NAN-ISOLATED" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "CHUNKED-MATCH" in done.stdout, done.stdout + done.stderr[-2000:]

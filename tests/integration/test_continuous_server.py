@@ -65,12 +65,21 @@ def _request(audio: np.ndarray) -> pb.TranscribeRequest:
     return pb.TranscribeRequest(config=config, audio=audio.astype("<f4").tobytes())
 
 
+@pytest.mark.parametrize(
+    "continuous",
+    [
+        ContinuousConfig(max_running=4, kv_cache_tokens=8192),
+        # Features computed by the engine (batched torch), prompts prefilled in chunks of a 32-token step budget.
+        ContinuousConfig(max_running=4, kv_cache_tokens=8192, features="torch", max_step_tokens=32),
+    ],
+    ids=["defaults", "torch-features-chunked-prefill"],
+)
 async def test_concurrent_callers_on_two_replicas_get_the_reference_text(
-    tiny_checkpoints: TinyCheckpoints, tiny_asr: LoadedAsrModel
+    tiny_checkpoints: TinyCheckpoints, tiny_asr: LoadedAsrModel, continuous: ContinuousConfig
 ) -> None:
     clips = [_audio(0.6 + 0.4 * i, seed=i) for i in range(8)]
     expected = [_reference_text(tiny_asr, clip) for clip in clips]
-    config = _config(str(tiny_checkpoints.asr_hf), devices=("cpu", "cpu"))
+    config = _config(str(tiny_checkpoints.asr_hf), devices=("cpu", "cpu"), continuous=continuous)
     async with running_server(config) as (server, channel):
         assert isinstance(server.engine, ReplicatedRunner)
         stub = pb_grpc.AsrServiceStub(channel)

@@ -86,6 +86,8 @@ def test_features_equal_the_extractor_alone_and_batched(loaded: LoadedAsrModel) 
         assert not batch.input_features_mask[row, batch.frames[row] :].any()
     print(f"max abs deviation from the extractor: alone {worst_alone:.3g}, batched {worst_batched:.3g}")
     assert worst_alone <= REFERENCE_TOLERANCE and worst_batched <= REFERENCE_TOLERANCE
+    # The figure docs/benchmarks.md states for the CPU: the same torch ops as the extractor's, bit for bit.
+    assert worst_alone == 0.0 and worst_batched == 0.0
 
 
 def test_a_short_clip_batched_with_long_ones_equals_itself_alone(loaded: LoadedAsrModel) -> None:
@@ -164,9 +166,22 @@ def test_continuous_engine_with_torch_features_gives_the_reference_tokens(loaded
     requests.append(_request("s1", 6.5, 15, seed=41, prefix="language English<asr_text>hello wor"))
     expected = _reference(loaded, requests)
     engine = _torch_engine(loaded)
+    extractor = engine._runner._features
+    assert extractor is not None
+    calls: list[int] = []
+
+    def counting(clips: Any) -> Any:
+        calls.append(len(clips))
+        return extractor(clips)
+
+    engine._runner._features = counting  # type: ignore[assignment]
     for request in requests:
         engine.add(_item(request))
+    for pending in engine._requests.values():
+        pending.prepared.future.result()  # every prompt's ids ready: all 8 are admitted in the first step
     outputs = list(_drain(engine))
+    # The preprocess threads made only the ids; the engine computed the features of all 8 clips in one call.
+    assert calls == [8]
     got = {}
     for o in outputs:
         assert o.error is None, o.error
@@ -199,3 +214,19 @@ def test_non_finite_audio_through_torch_features_fails_that_request_alone(loaded
         assert output.error is None and output.result is not None
         got[request.request_id] = output.result.token_ids
     assert got == expected
+
+
+def test_auto_features_are_torch_on_cuda_and_the_reference_elsewhere(loaded: LoadedAsrModel) -> None:
+    from asr_server.engine.continuous.model_runner import resolve_features
+
+    assert resolve_features("auto", torch.device("cuda", 0)) == "torch"
+    assert resolve_features("auto", torch.device("cpu")) == "reference"
+    assert resolve_features("torch", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="features must be"):
+        resolve_features("gpu", torch.device("cpu"))
+    engine = ContinuousEngine(loaded, ContinuousConfig(max_running=2, page_size=16, kv_cache_tokens=1024))
+    # On the CPU the default keeps the features on the preprocess threads, as the reference computes them.
+    assert not engine._runner.features_on_device and engine._preparer._torch is None
+    prepared = engine._preparer(_request("d", 1.0, 4, seed=9))
+    assert prepared.input_features is not None
+    engine.close()

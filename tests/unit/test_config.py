@@ -23,6 +23,16 @@ def test_flags_win_over_environment_which_wins_over_defaults() -> None:
     assert config.engine.warmup is False
 
 
+def test_continuous_feature_and_chunked_prefill_flags() -> None:
+    defaults = parse_serve_config([], {}).engine.continuous
+    assert defaults.features == "auto" and defaults.max_step_tokens == 0  # torch on CUDA; chunking off
+    env = {"ASR_FEATURES": "reference", "ASR_MAX_STEP_TOKENS": "512"}
+    continuous = parse_serve_config([], env).engine.continuous
+    assert continuous.features == "reference" and continuous.max_step_tokens == 512
+    continuous = parse_serve_config(["--features", "torch", "--max-step-tokens", "2048"], env).engine.continuous
+    assert continuous.features == "torch" and continuous.max_step_tokens == 2048
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
@@ -37,6 +47,8 @@ def test_flags_win_over_environment_which_wins_over_defaults() -> None:
         (["--max-connection-age-ms", "-5"], "--max-connection-age-ms"),
         (["--keepalive-time-ms", "10"], "--keepalive-time-ms"),
         (["--max-ping-strikes", "x"], "cannot read 'x'"),
+        (["--features", "gpu"], "--features must be auto, reference or torch"),
+        (["--max-step-tokens", "64", "--max-running-requests", "64"], "--max-step-tokens"),
     ],
 )
 def test_bad_values_are_refused_with_the_flag_named(argv: list[str], needle: str) -> None:

@@ -353,3 +353,161 @@ def test_lazy_random_traffic_keeps_page_accounting_exact() -> None:
         assert sorted(owned + free) == list(range(1, 24))
         assert sorted([r.row for r in s.running()] + s.free_rows()) == list(range(5))
     assert preemptions > 0
+
+
+# ---- chunked prefill (max_step_tokens) ----
+
+
+def _chunked(rows: int = 4, pages: int = 64, budget: int = 24, **config: object) -> Scheduler:
+    return _scheduler(rows=rows, pages=pages, max_step_tokens=budget, **config)  # type: ignore[arg-type]
+
+
+def _chunks(plan: SchedulerOutput) -> list[tuple[str, int, int, int]]:
+    return [(p.request_id, p.start_token, p.num_tokens, p.total_tokens) for p in plan.prefills]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_beside_the_running_decodes() -> None:
+    s = _chunked(budget=24, max_context_tokens=512, prefill_interval_ms=1000.0)
+    _add(s, "a", prompt=10, budget=100)
+    _add(s, "b", prompt=10, budget=100)
+    plan = s.schedule(0.0)  # both fit whole: 10 + 1 (its first decode) each
+    assert _chunks(plan) == [("a", 0, 10, 10), ("b", 0, 10, 10)] and plan.num_tokens == 22
+    assert [d.position for d in plan.decodes] == [10, 10]
+    _add(s, "long", prompt=100, budget=4, t=0.0)
+    # 2 decodes first; the long prompt gets the other 22 tokens of every step, with no prefill interval to wait.
+    seen = 0
+    for step in range(5):
+        plan = s.schedule(0.001)
+        assert plan.num_tokens <= 24
+        assert [d.request_id for d in plan.decodes][:2] == ["a", "b"]  # never starved
+        ((rid, start, size, total),) = _chunks(plan)
+        assert (rid, start, total) == ("long", seen, 100)
+        seen += size
+        if seen < 100:
+            assert size == 22 and "long" not in [d.request_id for d in plan.decodes]
+        else:
+            # The last chunk (12 tokens) completes the prompt; its first decode runs in the same step.
+            assert step == 4 and size == 12 and plan.prefills[0].completes
+            assert [(d.request_id, d.position) for d in plan.decodes][-1] == ("long", 100)
+    assert seen == 100
+    plan = s.schedule(0.002)
+    assert plan.prefills == () and [d.request_id for d in plan.decodes] == ["a", "b", "long"]
+
+
+def test_chunked_admission_needs_no_interval_and_newcomers_get_what_a_partial_prompt_leaves() -> None:
+    s = _chunked(rows=4, budget=20, prefill_interval_ms=1000.0)
+    _add(s, "run", prompt=5, budget=50)
+    s.schedule(0.0)
+    _add(s, "p", prompt=30, budget=4, t=1.0)
+    _add(s, "q", prompt=5, budget=4, t=1.0)
+    plan = s.schedule(1.0)  # 1 decode; p takes 19 and leaves nothing: q waits
+    assert _chunks(plan) == [("p", 0, 19, 30)] and s.num_waiting() == 1
+    plan = s.schedule(1.0)  # p's last 11 (+1 decode), then q whole (5 + 1): 1 + 12 + 6 = 19
+    assert _chunks(plan) == [("p", 19, 11, 30), ("q", 0, 5, 5)]
+    assert [d.request_id for d in plan.decodes] == ["run", "p", "q"] and plan.num_tokens == 19
+
+
+def test_a_chunk_never_completes_a_prompt_without_room_for_its_first_decode() -> None:
+    s = _chunked(rows=4, budget=10)
+    _add(s, "a", prompt=10, budget=4)
+    plan = s.schedule(0.0)  # 10 tokens would complete it, with its decode 11 > 10: 9 now, 1 next step
+    assert _chunks(plan) == [("a", 0, 9, 10)] and plan.decodes == ()
+    plan = s.schedule(0.0)
+    assert _chunks(plan) == [("a", 9, 1, 10)] and [d.position for d in plan.decodes] == [10]
+
+
+def test_a_step_budget_not_above_the_rows_is_refused() -> None:
+    with pytest.raises(ValueError, match="must exceed max_running"):
+        _chunked(rows=4, budget=4)
+
+
+def test_chunked_lazy_preemption_mid_prefill_restarts_that_prefill_from_zero() -> None:
+    s = _scheduler(rows=2, pages=5, max_step_tokens=12, kv_reservation="lazy")  # 4 usable pages
+    _add(s, "old", prompt=15, budget=40)  # 1 page at admission
+    _add(s, "new", prompt=40, budget=4)  # 41 tokens: 3 pages
+    plan = s.schedule(0.0)
+    assert _chunks(plan) == [("old", 0, 12, 15)]  # 12 of 15: nothing left for new
+    plan = s.schedule(0.0)  # old's last 3 (+1 decode), then 8 of new
+    assert _chunks(plan) == [("old", 12, 3, 15), ("new", 0, 8, 40)]
+    assert [d.request_id for d in plan.decodes] == ["old"]
+    assert s.kv.num_free == 0 and s.get("new").prefilling  # type: ignore[union-attr]
+    plan = s.schedule(0.0)  # old's position 16 needs a page: new (latest admitted) gives its 3 back mid-prefill
+    assert [p.request_id for p in plan.preempted] == ["new"] and [g.request_id for g in plan.grown] == ["old"]
+    assert plan.prefills == () and [d.request_id for d in plan.decodes] == ["old"]
+    waiting = s._waiting[0]
+    assert waiting.request_id == "new" and waiting.prefill_tokens == 40 and waiting.num_computed_tokens == 0
+    assert s.kv.num_free == 2
+    s.finish("old")
+    plan = s.schedule(1.0)
+    assert _chunks(plan) == [("new", 0, 12, 40)]  # again from 0, the same 40-token prefill
+    assert s.kv.num_free == 4 - 3
+
+
+@pytest.mark.parametrize("reservation", ["full", "lazy"])
+def test_chunked_random_traffic_respects_the_budget_starves_no_decode_and_loses_no_page(reservation: str) -> None:
+    rng = random.Random(17)
+    rows, budget = 5, 40
+    s = _scheduler(rows=rows, pages=30, max_step_tokens=budget, kv_reservation=reservation)  # type: ignore[arg-type]
+    now = 0.0
+    next_id = 0
+    progress: dict[str, int] = {}
+    chunked = 0
+    for _ in range(4000):
+        now += rng.random() * 0.003
+        if rng.random() < 0.3:
+            _add(s, f"r{next_id}", prompt=rng.randint(1, 120), budget=rng.randint(1, 100), t=now)
+            next_id += 1
+        decoding_before = {r.request_id for r in s.running() if not r.prefilling}
+        plan = s.schedule(now)
+        assert plan.num_tokens <= budget
+        preempted = {p.request_id for p in plan.preempted}
+        decoded = {d.request_id for d in plan.decodes}
+        assert decoding_before - preempted <= decoded  # every decoding row decodes: none starved
+        for p in plan.prefills:
+            if p.request_id in preempted or p.start_token == 0:
+                progress[p.request_id] = 0
+            assert p.start_token == progress.get(p.request_id, 0)  # chunks are contiguous
+            progress[p.request_id] = p.start_token + p.num_tokens
+            chunked += p.num_tokens < p.total_tokens
+            assert p.start_token + p.num_tokens <= p.total_tokens
+            assert p.start_token + p.num_tokens <= len(p.pages) * PAGE  # the chunk's slots are in its pages
+        assert all(d.position < len(s.get(d.request_id).pages) * PAGE for d in plan.decodes)  # type: ignore[union-attr]
+        for r in s.running():
+            if rng.random() < 0.03 or r.num_computed_tokens - r.prompt_tokens > r.budget:
+                s.finish(r.request_id)
+        owned = [p for r in s.running() for p in r.pages]
+        free = s.kv.free_pages()
+        assert 0 not in owned and 0 not in free and len(set(owned)) == len(owned)
+        assert sorted(owned + free) == list(range(1, 30))
+        assert sorted([r.row for r in s.running()] + s.free_rows()) == list(range(rows))
+    assert chunked > 50
+
+
+def test_the_smallest_budget_still_completes_a_prompt_beside_a_full_decode_batch() -> None:
+    # rows + 1 tokens a step: a prefilling request holds a row, so at most rows - 1 decode and 2 tokens are left,
+    # enough for the last prompt token and its first decode: no livelock at the prompt's end.
+    s = _chunked(rows=3, budget=4)
+    _add(s, "a", prompt=2, budget=100)
+    _add(s, "b", prompt=2, budget=100)
+    s.schedule(0.0)
+    s.schedule(0.0)
+    _add(s, "late", prompt=10, budget=4)
+    for _ in range(10):
+        plan = s.schedule(0.0)
+        assert plan.num_tokens <= 4 and {"a", "b"} <= {d.request_id for d in plan.decodes}
+        if "late" in {d.request_id for d in plan.decodes}:
+            break
+    else:
+        raise AssertionError("the late prompt never completed")
+    assert s.get("late").num_computed_tokens == 11  # type: ignore[union-attr]
+
+
+def test_a_newcomer_without_room_for_a_token_stops_admission_for_the_step() -> None:
+    s = _chunked(rows=4, budget=6)
+    _add(s, "a", prompt=4, budget=50)  # 4 + 1: 1 token left
+    _add(s, "one", prompt=1, budget=4)  # 1 + its decode needs 2: admitted, nothing this step
+    _add(s, "later", prompt=1, budget=4)
+    plan = s.schedule(0.0)
+    assert _chunks(plan) == [("a", 0, 4, 4)] and s.num_running() == 2 and s.num_waiting() == 1
+    plan = s.schedule(0.0)  # 1 decode, then one's token (+ decode), then later's (+ decode)
+    assert _chunks(plan) == [("one", 0, 1, 1), ("later", 0, 1, 1)] and plan.num_tokens == 5

@@ -3,16 +3,24 @@
 Composed as vLLM v1's engine core is: a torch-free scheduler (scheduler.py) with its KV page manager
 (kv_manager.py) decides each step what to prefill and which rows decode; the model runner (model_runner.py) runs
 it on the device; the output step (output.py) turns sampled tokens into results. Each `step()`:
-1. asks the scheduler for a plan (admission by rows, pages and the per-step prefill budget; pages for the
-   prompt plus the whole token budget are reserved at admission, so nothing is ever preempted);
-2. encodes and prefills the admitted requests (a failed group is retried request by request, so only the bad
-   one fails);
+1. asks the scheduler for a plan (admission by rows, pages and the per-step prefill budget, or with chunked
+   prefill by the step's token budget; pages for the prompt plus the whole token budget are reserved at
+   admission unless kv_reservation="lazy");
+2. encodes and prefills the admitted requests, or this step's chunks of their prompts (a failed group is retried
+   request by request, so only the bad one fails);
 3. runs one greedy decode step for every running row;
 4. reads the tokens of the step before (copied to pinned memory asynchronously), so the host never waits on the
    step it just launched: a request is seen finished one step late, and the extra token is dropped.
 
-Features are computed per clip, equal to the reference preprocessing (generate_core.prepare_single; see
-prepare.py), on a small thread pool as requests arrive, off the critical path.
+Chunked prefill runs a step's chunks as their own prefill launch just before the step's decode (not one mixed
+batch): the decode stays one CUDA graph replay over its static buffers with the paged decode kernel, and a mixed
+batch would need a varlen paged attention kernel (queries of many lengths) that we do not have; the decodes then
+wait only for one budget-bounded chunk, never for a whole prefill round.
+
+The prompt's ids are made per clip, equal to the reference preprocessing (generate_core.prepare_single; see
+prepare.py), on a small thread pool as requests arrive, off the critical path; so are the features with
+features="reference". With features="torch" the engine keeps the 16 kHz samples and the model runner computes
+the features of every clip whose prefill starts in a step in one batched call on its device.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
 from asr_server.config import ContinuousConfig
 from asr_server.engine.continuous.decoder import KvCache
 from asr_server.engine.continuous.kv_manager import KvPageManager
-from asr_server.engine.continuous.model_runner import HostTokens, ModelRunner, PrefillInput
+from asr_server.engine.continuous.model_runner import HostTokens, ModelRunner, PrefillInput, resolve_features
 from asr_server.engine.continuous.output import OutputStep, RequestOutput
 from asr_server.engine.continuous.prepare import FastPreparer
 from asr_server.engine.continuous.scheduler import DecodeWork, PrefillWork, Rejected, Scheduler, SchedulerOutput
@@ -89,12 +97,17 @@ class ContinuousEngine:
         self._kv = KvPageManager(self._runner.num_pages, cfg.page_size)
         self._scheduler = Scheduler(cfg, self._kv)
         self._output = OutputStep(loaded.processor, self._runner.eos_ids)
-        self._preparer = FastPreparer(loaded, features=cfg.features)
+        on_device = resolve_features(cfg.features, self._runner.device) == "torch"
+        self._preparer = FastPreparer(
+            loaded, features="torch" if on_device else "reference", compute_features=not on_device
+        )
         self._pool = ThreadPoolExecutor(max_workers=cfg.preprocess_threads, thread_name_prefix="asr-prep")
         # Every request added and not yet answered or aborted, waiting or running.
         self._requests: dict[str, _Request] = {}
         self._pending: deque[_Pending] = deque()
         self.steps = 0
+        # Prefill pieces run (whole prompts, or chunks with max_step_tokens), for tests and benchmarks.
+        self.prefill_chunks = 0
         logger.info(
             "continuous engine on %s: %d KV pages of %d tokens (%d tokens, %.1f GiB), %d rows",
             self._runner.device,
@@ -177,6 +190,7 @@ class ContinuousEngine:
             for preempted in plan.preempted:
                 # Its tokens still on their way are kept: the prefill that readmits it starts from them.
                 self._runner.release_row(preempted.row)
+                self._runner.drop_prompt(preempted.request_id)
             for growth in plan.grown:
                 self._runner.extend_pages(growth.row, growth.start, growth.pages)
             outputs.extend(self._rejected(r) for r in plan.rejected)
@@ -202,6 +216,7 @@ class ContinuousEngine:
         running = self._scheduler.get(request_id)
         if running is not None:
             self._runner.release_row(running.row)
+        self._runner.drop_prompt(request_id)
         req = self._requests.pop(request_id, None)
         if req is not None:
             req.output.finished = True
@@ -229,6 +244,7 @@ class ContinuousEngine:
         for work in works:
             output = self._requests[work.request_id].output
             output.start_ns = output.start_ns or now
+        self.prefill_chunks += len(works)
         try:
             self._prefill(works)
             return
@@ -251,18 +267,21 @@ class ContinuousEngine:
         reqs = [self._requests[work.request_id] for work in works]
         inputs = [self._prefill_inputs(work, req) for work, req in zip(works, reqs, strict=True)]
         first = self._runner.prefill(inputs)
-        self._pending.append(_Pending(self._runner.to_host(first), [(i, r.output) for i, r in enumerate(reqs)]))
+        done = [r for work, r in zip(works, reqs, strict=True) if work.completes]
+        if done:
+            self._pending.append(_Pending(self._runner.to_host(first), [(i, r.output) for i, r in enumerate(done)]))
 
     @staticmethod
     def _prefill_inputs(work: PrefillWork, req: _Request) -> PrefillInput:
         """The prepared prompt; after a preemption (lazy pages) with the tokens generated so far after it, so the
         prefill recomputes their KV and yields the next token."""
         prepared = req.prepared.future.result()
-        generated = work.num_tokens - int(prepared.input_ids.shape[1])
+        generated = work.total_tokens - int(prepared.input_ids.shape[1])
         tokens = req.output.tokens
         if generated and generated != len(tokens):
             raise RuntimeError(f"recompute of {generated} generated tokens, the host has {len(tokens)}")
-        return PrefillInput(work, prepared, req.output.suppress_eos, tuple(tokens) if generated else ())
+        audio = req.output.item.request.audio_16k if prepared.input_features is None else None
+        return PrefillInput(work, prepared, req.output.suppress_eos, tuple(tokens) if generated else (), audio)
 
     # ---- decode + outputs ----
 

@@ -214,6 +214,32 @@ class PagedDecoder:
 
     # ---- prefill ----
 
+    def _prefix_attention(
+        self, q: torch.Tensor, index: int, cache: KvCache, pages: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        """A chunk's attention over its request's earlier chunks and itself, read from the request's pages (the
+        chunk's own K/V are written there first): q (n, heads, D) at positions start..start+n-1; (n, heads, D).
+        Every slot read (positions 0..start+n-1) was written by this request, so no other request's leftovers
+        (NaN included) can reach it."""
+        n = q.shape[0]
+        context = start + n
+        page = cache.page_size
+        used = pages[: -(-context // page)]
+        # (P, KVH, page, D) -> (KVH, P * page, D), cut to the context.
+        keys = cache.keys[index][used].permute(1, 0, 2, 3).reshape(self.kv_heads, -1, self.head_dim)[:, :context]
+        values = cache.values[index][used].permute(1, 0, 2, 3).reshape(self.kv_heads, -1, self.head_dim)[:, :context]
+        keys = keys.to(q.dtype)[None]
+        values = values.to(q.dtype)[None]
+        rep = self.heads // self.kv_heads
+        if rep > 1:
+            keys = keys.repeat_interleave(rep, dim=1)
+            values = values.repeat_interleave(rep, dim=1)
+        # Query i (position start + i) sees keys 0..start + i: causal, shifted by the prefix.
+        rows = torch.arange(n, device=q.device)[:, None] + start
+        mask = torch.arange(context, device=q.device)[None, :] <= rows
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask, scale=self.scale)
+        return out[0].transpose(0, 1)
+
     def prefill(
         self,
         inputs_embeds: torch.Tensor,
@@ -222,11 +248,20 @@ class PagedDecoder:
         slots_offset: torch.Tensor,
         cache: KvCache,
         suppress_eos: torch.Tensor,
+        starts: list[int] | None = None,
+        tables: list[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
-        """Runs the prompts of several requests packed end to end ((T, hidden), T = sum(lengths)), writes their
-        K/V at (slots_page[t], slots_offset[t]), and returns each request's first generated token (n,)."""
+        """Runs prompt chunks of several requests packed end to end ((T, hidden), T = sum(lengths)): request i's
+        tokens at positions starts[i]..starts[i] + lengths[i] - 1 (0 when `starts` is None), writes their K/V at
+        (slots_page[t], slots_offset[t]), and returns the token after each chunk (n,) (the first generated token
+        when the chunk ends the prompt). A chunk that starts past 0 attends to its earlier chunks through its pages
+        (`tables[i]`, device page ids)."""
         total = inputs_embeds.shape[0]
-        positions = torch.cat([torch.arange(n, device=inputs_embeds.device) for n in lengths])
+        offsets = starts or [0] * len(lengths)
+        tables = tables or [None] * len(lengths)
+        positions = torch.cat(
+            [torch.arange(s, s + n, device=inputs_embeds.device) for s, n in zip(offsets, lengths, strict=True)]
+        )
         cos, sin = self._rope(positions)
         x = inputs_embeds
         bounds = [0]
@@ -234,15 +269,23 @@ class PagedDecoder:
             bounds.append(bounds[-1] + n)
         rep = self.heads // self.kv_heads
         last = torch.tensor([b - 1 for b in bounds[1:]], device=x.device)
+        # (token range, device pages, start) of the chunks that continue a prompt.
+        continued: list[tuple[int, int, torch.Tensor, int]] = []
+        for i, start in enumerate(offsets):
+            if start > 0:
+                table = tables[i]
+                if table is None:
+                    raise ValueError("a chunk that continues a prompt needs its pages")
+                continued.append((bounds[i], bounds[i + 1], table, start))
         if self._fast:
-
             # Prompts of equal length (the usual case under load: same-length clips give same-length prompts) go
             # through one causal SDPA per layer with no mask, which takes the flash kernel; the rest, padded to
             # their longest, through one masked SDPA. Gathers use precomputed indices: no host syncs.
             device = x.device
             groups: dict[int, list[int]] = {}
             for i, n in enumerate(lengths):
-                groups.setdefault(n, []).append(i)
+                if offsets[i] == 0:
+                    groups.setdefault(n, []).append(i)
             rest = [members[0] for members in groups.values() if len(members) == 1]
             if len(rest) == 1:  # a lone prompt needs no mask either
                 rest = []
@@ -254,16 +297,16 @@ class PagedDecoder:
             for n, members in groups.items():
                 if len(members) == 1 and members[0] in rest:
                     continue
-                starts = torch.tensor([bounds[i] for i in members], device=device)
-                gather = starts[:, None] + torch.arange(n, device=device)[None, :]
+                begins = torch.tensor([bounds[i] for i in members], device=device)
+                gather = begins[:, None] + torch.arange(n, device=device)[None, :]
                 plans.append((gather, None, None, gather.flatten(), None))
             if rest:
                 longest = max(lengths[i] for i in rest)
-                starts = torch.tensor([bounds[i] for i in rest], device=device)
+                begins = torch.tensor([bounds[i] for i in rest], device=device)
                 lens = torch.tensor([lengths[i] for i in rest], device=device)
                 offs = torch.arange(longest, device=device)
                 valid = offs[None, :] < lens[:, None]
-                gather = torch.where(valid, starts[:, None] + offs[None, :], torch.zeros_like(offs[None, :]))
+                gather = torch.where(valid, begins[:, None] + offs[None, :], torch.zeros_like(offs[None, :]))
                 causal = offs[None, :, None] >= offs[None, None, :]
                 mask = (causal & valid[:, None, :])[:, None, :, :]
                 keep = valid.flatten().nonzero().squeeze(-1)
@@ -292,6 +335,8 @@ class PagedDecoder:
                     if keep is not None:
                         flat = flat.index_select(0, keep)
                     out.index_copy_(0, dest, flat)
+                for begin, end, table, start in continued:
+                    out[begin:end] = self._prefix_attention(q[begin:end], index, cache, table, start)
                 return out
 
             hidden = self._forward_fast(x, positions, slots_page, slots_offset, cache, attend)
@@ -304,7 +349,11 @@ class PagedDecoder:
             cache.keys[index][slots_page, :, slots_offset] = k
             cache.values[index][slots_page, :, slots_offset] = v
             outs = []
-            for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+                table = tables[i]
+                if offsets[i] > 0 and table is not None:
+                    outs.append(self._prefix_attention(q[start:end], index, cache, table, offsets[i]))
+                    continue
                 # (1, heads, L, D): causal attention inside this request only.
                 qi = q[start:end].transpose(0, 1)[None]
                 ki = k[start:end].transpose(0, 1)[None]

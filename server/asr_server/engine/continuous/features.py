@@ -45,6 +45,7 @@ class FeatureBatch:
     input_features_mask: torch.Tensor  # int32 (batch, max_frames)
     frames: list[int]  # per row: its own padded frame count (a multiple of 2 * n_window)
     num_audio_tokens: list[int]
+    valid_frames: list[int]  # per row: the frames its mask covers (known on the host: no device sync)
 
     def clip(self, row: int) -> ClipFeatures:
         frames = self.frames[row]
@@ -76,6 +77,11 @@ class TorchFeatureExtractor:
     def device(self) -> torch.device:
         return self._device
 
+    def num_audio_tokens(self, num_samples: int) -> int:
+        """The prompt's audio placeholders for a clip of `num_samples` samples, without computing its features."""
+        frames = max(num_samples, self._min_samples) // self._hop
+        return int(self._processor._get_audio_token_length(torch.tensor([frames]), self._n_window)[0])
+
     def __call__(self, clips: Sequence[np.ndarray[Any, Any]]) -> FeatureBatch:
         if not clips:
             raise ValueError("no clips")
@@ -97,7 +103,7 @@ class TorchFeatureExtractor:
         features = torch.nn.functional.pad(log_spec, (0, extra))
         mask = torch.nn.functional.pad(inside, (0, extra)).to(torch.int32)
         counts = self._processor._get_audio_token_length(torch.tensor(valid), self._n_window)
-        return FeatureBatch(features, mask, frames, [int(c) for c in counts])
+        return FeatureBatch(features, mask, frames, [int(c) for c in counts], valid)
 
     def _log_mel(self, padded: torch.Tensor, valid: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(batch, mel_bins, max(valid)) normalised log-mel, zero past each row's `valid` frames; and the

@@ -13,22 +13,34 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from asr_server.config import ContinuousConfig
 from asr_server.engine.continuous.attention import num_splits_for
 from asr_server.engine.continuous.decoder import DecodeBuffers, KvCache, PagedDecoder
 from asr_server.engine.continuous.encoder import encode
+from asr_server.engine.continuous.features import TorchFeatureExtractor
 from asr_server.engine.continuous.scheduler import PrefillWork
 from asr_server.engine.generate_core import PreparedInputs
+from asr_server.errors import InvalidInput
 from asr_server.models.loading import LoadedAsrModel
 
 logger = logging.getLogger(__name__)
 
 _DEFAULT_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+def resolve_features(mode: str, device: torch.device) -> str:
+    """The feature path a `features` setting means on `device`: auto is torch on CUDA, else the reference."""
+    if mode not in ("auto", "reference", "torch"):
+        raise ValueError(f"features must be auto, reference or torch, not {mode!r}")
+    if mode == "auto":
+        return "torch" if device.type == "cuda" else "reference"
+    return mode
 
 
 @dataclass
@@ -48,17 +60,34 @@ class HostTokens:
 
 @dataclass(frozen=True)
 class PrefillInput:
-    """One request's part of a prefill: what the scheduler planned, its prepared inputs, its EOS rule, and (a
-    recompute after preemption) the tokens it had generated, prefilled after the prompt."""
+    """One request's part of a prefill: what the scheduler planned, its prepared inputs (features None: the
+    runner computes them from `audio`, 16 kHz samples), its EOS rule, and (a recompute after preemption) the
+    tokens it had generated, prefilled after the prompt."""
 
     work: PrefillWork
     prepared: PreparedInputs
     suppress_eos: bool
     generated: tuple[int, ...] = ()
+    audio: np.ndarray[Any, Any] | None = None
 
     @property
     def prompt_tokens(self) -> int:
         return int(self.prepared.input_ids.shape[1])
+
+
+@dataclass
+class _Prompt:
+    """A request's prefill in progress (with chunked prefill it spans steps)."""
+
+    ids: torch.Tensor  # (T,) int64 on the host: the prompt, then any tokens generated before a preemption
+    audio: torch.Tensor  # (T,) bool: which ids are audio placeholders
+    audio_before: list[int]  # audio placeholders before token t (T + 1 entries)
+    # (mel_bins, frames) on the device, in the model's dtype, zero-padded to whole encoder windows.
+    features: torch.Tensor
+    valid_frames: int
+    windows: list[int]  # audio tokens per encoder window
+    window_starts: list[int]  # the audio token each window starts at
+    encoded: dict[int, torch.Tensor] = field(default_factory=dict)  # window -> its projected encoder output
 
 
 class ModelRunner:
@@ -105,6 +134,17 @@ class ModelRunner:
             for b in self.buckets:
                 self.decoder.splits_by_batch[b] = num_splits_for(b, self.decoder.kv_heads, props.multi_processor_count)
         self._graphs: dict[int, Any] = {}
+        tower = model.model.audio_tower
+        self._n_window = int(tower.n_window)
+        # The encoder's attention window in mel frames (8 s): windows are encoded independently.
+        self._window_frames = int(tower.n_window_infer)
+        if self._window_frames % (2 * self._n_window):
+            raise ValueError("the encoder's window is not a whole number of its 1 s chunks")
+        self._prompts: dict[str, _Prompt] = {}
+        self.features_on_device = resolve_features(config.features, self.device) == "torch"
+        self._features: TorchFeatureExtractor | None = None
+        if self.features_on_device:
+            self._features = TorchFeatureExtractor(loaded.processor, n_window=self._n_window, device=self.device)
         self.profile: dict[str, float] = {}
         self.decode_ms_by_bucket: dict[int, list[float]] = {}
 
@@ -175,64 +215,231 @@ class ModelRunner:
 
     # ---- encoder + prefill ----
 
-    def prefill(self, inputs: Sequence[PrefillInput]) -> torch.Tensor:
-        """Encodes the clips and prefills whole prompts into their pages; inserts their rows into the decode
-        buffers; returns each request's first token (on the device).
+    def drop_prompt(self, request_id: str) -> None:
+        """Forgets a request's prefill in progress (it finished, failed, was aborted or preempted)."""
+        self._prompts.pop(request_id, None)
 
-        Changes no state the next call depends on before its last stage (the row inserts), so a failed call
-        leaves nothing to undo: the pages are simply written again.
+    def prefill(self, inputs: Sequence[PrefillInput]) -> torch.Tensor:
+        """Prefills prompt chunks into their pages (whole prompts when the scheduler does not chunk): the first
+        chunk of a request sets up its features (one batched torch call on the device for every clip here that
+        has none from the preprocess threads), the audio encoder runs over the 8 s windows the chunks' audio
+        tokens fall in (windows are independent: encoder attention never crosses them), and the decoder attends
+        each chunk to its own earlier chunks through its pages. Requests whose chunk ends their prompt get their
+        rows in the decode buffers; returns their first tokens (on the device), in input order.
+
+        Changes no state a retry depends on before its last stage (the row inserts): the prompts' state it sets
+        up is rebuilt or still valid, and the pages are simply written again.
         """
-        for item in inputs:
-            if item.work.start_token != 0 or item.work.num_tokens != item.prompt_tokens + len(item.generated):
-                raise ValueError("the model runner prefills whole prompts (and their generated tokens) only")
-        prepared = [item.prepared for item in inputs]
         profiling = self._config.profile
         t0 = time.perf_counter()
         if profiling:
             t0 = self._mark("drain", t0)
-        audio_embeds = self.encode(prepared)
+        for item in inputs:
+            work = item.work
+            if work.total_tokens != item.prompt_tokens + len(item.generated):
+                raise ValueError("a prefill covers the prompt and the tokens generated before a preemption")
+            if work.start_token == 0:
+                self._prompts.pop(work.request_id, None)
+            elif work.request_id not in self._prompts:
+                raise RuntimeError(f"chunk of {work.request_id} at {work.start_token} without its first chunk")
+        self._start_prompts([item for item in inputs if item.work.start_token == 0])
+        states = [self._prompts[item.work.request_id] for item in inputs]
+        if profiling:
+            t0 = self._mark("features", t0)
+        audio_embeds = self._encode_chunks(inputs, states)
         if profiling:
             t0 = self._mark("encoder", t0)
         decoder = self.decoder
         dev = self.device
         page = self._config.page_size
-        pieces: list[torch.Tensor] = []
-        masks: list[torch.Tensor] = []
-        for item in inputs:
-            prompt = item.prepared.input_ids[0]
-            # Only the prompt holds audio placeholders; a generated token of the same id is a token.
-            pieces.append(prompt)
-            masks.append(prompt == self._audio_token_id)
-            if item.generated:
-                pieces.append(torch.tensor(item.generated, dtype=prompt.dtype))
-                masks.append(torch.zeros(len(item.generated), dtype=torch.bool))
-        ids = torch.cat(pieces).to(dev)
+        ids = torch.cat(
+            [
+                st.ids[i.work.start_token : i.work.start_token + i.work.num_tokens]
+                for i, st in zip(inputs, states, strict=True)
+            ]
+        ).to(dev)
         embeds = decoder.embed(ids)
-        audio_mask = torch.cat(masks).to(dev)
-        audio = torch.cat(audio_embeds).to(embeds.dtype)
-        if int(audio.shape[0]) != int(audio_mask.sum().item()):
-            raise RuntimeError(f"audio features ({audio.shape[0]}) and audio tokens do not match")
-        embeds[audio_mask] = audio
+        audio_mask = torch.cat(
+            [
+                st.audio[i.work.start_token : i.work.start_token + i.work.num_tokens]
+                for i, st in zip(inputs, states, strict=True)
+            ]
+        ).to(dev)
+        if audio_embeds:
+            audio = torch.cat(audio_embeds).to(embeds.dtype)
+            if int(audio.shape[0]) != int(audio_mask.sum().item()):
+                raise RuntimeError(f"audio features ({audio.shape[0]}) and audio tokens do not match")
+            embeds[audio_mask] = audio
         lengths = [item.work.num_tokens for item in inputs]
+        starts = [item.work.start_token for item in inputs]
         slot_pages: list[int] = []
         slot_offsets: list[int] = []
         for item in inputs:
-            for t in range(item.work.num_tokens):
+            for t in range(item.work.start_token, item.work.start_token + item.work.num_tokens):
                 slot_pages.append(item.work.pages[t // page])
                 slot_offsets.append(t % page)
+        tables: list[torch.Tensor | None] = [
+            torch.tensor(item.work.pages, dtype=torch.long, device=dev) if item.work.start_token > 0 else None
+            for item in inputs
+        ]
         suppress = torch.tensor([item.suppress_eos for item in inputs], dtype=torch.bool, device=dev)
-        first = decoder.prefill(
+        after = decoder.prefill(
             embeds,
             lengths,
             torch.tensor(slot_pages, dtype=torch.long, device=dev),
             torch.tensor(slot_offsets, dtype=torch.long, device=dev),
             self.cache,
             suppress,
+            starts,
+            tables,
         )
         if profiling:
             self._mark("prefill", t0)
-        self._insert_rows(inputs, first, lengths, suppress)
+        done = [i for i, item in enumerate(inputs) if item.work.completes]
+        if len(done) == len(inputs):
+            first = after
+        else:
+            first = after.index_select(0, torch.tensor(done, dtype=torch.long, device=dev))
+        if done:
+            self._insert_rows(
+                [inputs[i] for i in done],
+                first,
+                [inputs[i].work.total_tokens for i in done],
+                suppress.index_select(0, torch.tensor(done, dtype=torch.long, device=dev)),
+            )
+        for i in done:
+            self._prompts.pop(inputs[i].work.request_id, None)
         return first
+
+    def _start_prompts(self, items: Sequence[PrefillInput]) -> None:
+        """The prefill state of requests starting their prefill: ids, audio positions and features (torch
+        features for every clip without any, batched on the device)."""
+        if not items:
+            return
+        need = [i for i, item in enumerate(items) if item.prepared.input_features is None]
+        computed: dict[int, tuple[torch.Tensor, int]] = {}
+        if need:
+            by_need = self._torch_features([items[i] for i in need])
+            computed = {need[j]: value for j, value in by_need.items()}
+        window = self._window_frames
+        for i, item in enumerate(items):
+            if i in computed:
+                features, valid_frames = computed[i]
+            else:
+                features, valid_frames = item.prepared.input_features, int(item.prepared.input_features_mask.sum())
+            features = features[0].to(self.device, non_blocking=True).to(self.decoder.dtype)
+            frames = int(features.shape[1])
+            features = torch.nn.functional.pad(features, (0, -(-frames // window) * window - frames))
+            prompt = item.prepared.input_ids[0]
+            ids = prompt
+            audio = prompt == self._audio_token_id
+            if item.generated:
+                # Only the prompt holds audio placeholders; a generated token of the same id is a token.
+                ids = torch.cat([prompt, torch.tensor(item.generated, dtype=prompt.dtype)])
+                audio = torch.cat([audio, torch.zeros(len(item.generated), dtype=torch.bool)])
+            windows = self._window_tokens(valid_frames)
+            self._prompts[item.work.request_id] = _Prompt(
+                ids=ids,
+                audio=audio,
+                audio_before=torch.cat([torch.zeros(1, dtype=torch.long), audio.cumsum(0)]).tolist(),
+                features=features,
+                valid_frames=valid_frames,
+                windows=windows,
+                window_starts=[sum(windows[:w]) for w in range(len(windows))],
+            )
+
+    def _torch_features(self, items: Sequence[PrefillInput]) -> dict[int, tuple[torch.Tensor, int]]:
+        """Features (1, mel_bins, frames) and valid frames of each item's clip, by index: one batched call on the
+        device per `encoder_batch_audio_s` of padded audio (clips sorted by length, so a batch pads little)."""
+        if self._features is None:
+            raise RuntimeError("features are missing and the engine computes none (features=reference)")
+        clips: list[np.ndarray[Any, Any]] = []
+        for item in items:
+            if item.audio is None:
+                raise RuntimeError(f"no audio for the features of {item.work.request_id}")
+            clips.append(item.audio)
+        order = sorted(range(len(items)), key=lambda i: int(clips[i].shape[-1]))
+        budget = max(1, int(self._config.encoder_batch_audio_s * 16000))
+        groups: list[list[int]] = []
+        for i in order:
+            if groups and (len(groups[-1]) + 1) * int(clips[i].shape[-1]) <= budget:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        out: dict[int, tuple[torch.Tensor, int]] = {}
+        for group in groups:
+            batch = self._features([clips[i] for i in group])
+            finite = torch.isfinite(batch.input_features).flatten(1).all(dim=1).tolist()
+            bad = sum(1 for ok in finite if not ok)
+            if bad:
+                # The engine retries the group request by request: only the bad clip fails.
+                raise InvalidInput(
+                    "the audio's log-mel features are not finite (NaN or Inf); send audio with finite samples "
+                    f"in [-1, 1] ({bad} of {len(group)} clips)"
+                )
+            for row, i in enumerate(group):
+                clip = batch.clip(row)
+                if clip.num_audio_tokens != int((items[i].prepared.input_ids == self._audio_token_id).sum()):
+                    raise RuntimeError("torch features and the prompt disagree on the audio token count")
+                out[i] = (clip.input_features, batch.valid_frames[row])
+        return out
+
+    def _window_tokens(self, valid_frames: int) -> list[int]:
+        """Audio tokens of each encoder window of a clip with `valid_frames` frames (the encoder's own formula)."""
+        window = self._window_frames
+        counts = []
+        for begin in range(0, max(valid_frames, 1), window):
+            frames = min(window, valid_frames - begin)
+            chunk = 2 * self._n_window
+            leave = frames % chunk
+            feat = (leave - 1) // 2 + 1
+            counts.append(((feat - 1) // 2 + 1 - 1) // 2 + 1 + (frames // chunk) * 13)
+        return counts
+
+    def _encode_chunks(self, inputs: Sequence[PrefillInput], states: Sequence[_Prompt]) -> list[torch.Tensor]:
+        """The audio embeddings of each chunk's audio tokens (in order; chunks without audio give none): the
+        windows they reach that are not encoded yet run through the encoder, windows of every request together,
+        longest first, in micro-batches of at most `encoder_batch_audio_s` (each padded to its longest window)."""
+        window = self._window_frames
+        chunk = 2 * self._n_window
+        todo: list[tuple[_Prompt, int, int]] = []  # (prompt, window, frames to feed: whole 1 s chunks)
+        for item, st in zip(inputs, states, strict=True):
+            end = st.audio_before[item.work.start_token + item.work.num_tokens]
+            w = len(st.encoded)
+            while w < len(st.windows) and st.window_starts[w] < end:
+                valid = min(window, st.valid_frames - w * window)
+                todo.append((st, w, -(-valid // chunk) * chunk))
+                w += 1
+        todo.sort(key=lambda t: -t[2])
+        per_batch = max(1, int(self._config.encoder_batch_audio_s * 100) // window)
+        model = self._model
+        for group_start in range(0, len(todo), per_batch):
+            group = todo[group_start : group_start + per_batch]
+            frames = group[0][2]
+            # One stack of views (a single copy kernel), not one copy per window.
+            features = torch.stack([st.features[:, w * window : w * window + frames] for st, w, _ in group])
+            lengths = torch.tensor([min(window, st.valid_frames - w * window) for st, w, _ in group])
+            inside = torch.arange(frames)[None, :] < lengths[:, None]
+            mask = inside.to(torch.long).to(self.device, non_blocking=True)
+            hidden = encode(model.model.audio_tower, features, mask)
+            projected = model.model.multi_modal_projector(hidden)
+            counts = [st.windows[w] for st, w, _ in group]
+            if int(projected.shape[0]) != sum(counts):
+                raise RuntimeError(f"the encoder gave {projected.shape[0]} audio tokens for {sum(counts)}")
+            for (st, w, _), part in zip(group, projected.split(counts), strict=True):
+                st.encoded[w] = part
+        out: list[torch.Tensor] = []
+        for item, st in zip(inputs, states, strict=True):
+            begin = st.audio_before[item.work.start_token]
+            end = st.audio_before[item.work.start_token + item.work.num_tokens]
+            if end > begin:
+                first = next(w for w in range(len(st.windows)) if st.window_starts[w] + st.windows[w] > begin)
+                last = next(w for w in range(len(st.windows)) if st.window_starts[w] + st.windows[w] >= end)
+                offset = st.window_starts[first]
+                parts = [st.encoded[w] for w in range(first, last + 1)]
+                joined = parts[0] if len(parts) == 1 else torch.cat(parts)
+                out.append(joined[begin - offset : end - offset])
+        return out
 
     def _insert_rows(
         self, inputs: Sequence[PrefillInput], first: torch.Tensor, lengths: list[int], suppress: torch.Tensor
@@ -251,40 +458,6 @@ class ModelRunner:
         b.suppress_eos.index_copy_(0, index, suppress)
         b.active.index_fill_(0, index, True)
         self._live_rows.update(rows)
-
-    def encode(self, prepared: list[PreparedInputs]) -> list[torch.Tensor]:
-        """Audio embeddings per clip, in micro-batches bounded by audio seconds; clips sorted by length so a
-        micro-batch pads little. Features are zero-padded per clip, as a single run's are."""
-        from asr_server.engine.generate_core import collate
-
-        model = self._model
-        order = sorted(range(len(prepared)), key=lambda i: int(prepared[i].input_features.shape[2]))
-        budget_frames = max(1, int(self._config.encoder_batch_audio_s * 100))
-        results: list[torch.Tensor | None] = [None] * len(prepared)
-        group: list[int] = []
-        for i in order + [-1]:
-            if i >= 0:
-                frames = int(prepared[i].input_features.shape[2])
-                if not group or (len(group) + 1) * frames <= budget_frames:
-                    group.append(i)
-                    continue
-            if not group:
-                break
-            batch = collate([prepared[j] for j in group], pad_token_id=0)
-            features = batch["input_features"].to(self.device, non_blocking=True).to(self.decoder.dtype)
-            mask = batch["input_features_mask"].to(self.device, non_blocking=True)
-            hidden = encode(model.model.audio_tower, features, mask)
-            projected = model.model.multi_modal_projector(hidden)
-            counts = [int((prepared[j].input_ids == self._audio_token_id).sum()) for j in group]
-            for j, part in zip(group, projected.split(counts), strict=True):
-                results[j] = part
-            group = [i] if i >= 0 else []
-        out: list[torch.Tensor] = []
-        for r in results:
-            if r is None:
-                raise RuntimeError("the encoder produced no output for a clip")
-            out.append(r)
-        return out
 
     # ---- decode ----
 

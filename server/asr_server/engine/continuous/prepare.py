@@ -10,8 +10,10 @@ its audio-token count (the processor's own formula). The result is checked equal
 and tests compare the two over many lengths.
 
 With features="torch" the features come from features.py instead (the same values, computed in torch on the
-engine's device when it is CUDA, else on the CPU; per request here, on the preparer's thread); the probe's
-self-check then compares them with the reference within features.REFERENCE_TOLERANCE.
+engine's device when it is CUDA, else on the CPU); the probe's self-check then compares them with the reference
+within features.REFERENCE_TOLERANCE. With `compute_features=False` (what the continuous engine uses with torch
+features) a request's features are left out (None): the model runner computes them for every clip of a step in
+one batched call on its device, and only the ids are made here (the audio-token count from the sample count).
 
 The cache is keyed without the prefix because every interim of a stream carries a different one: keyed with it,
 each interim missed (a full reference run per interim) and the dict grew by one entry per interim. Contexts are
@@ -41,9 +43,19 @@ FEATURE_MODES = ("reference", "torch")
 
 
 class FastPreparer:
-    def __init__(self, loaded: LoadedAsrModel, max_templates: int = 1024, features: str = "reference") -> None:
+    def __init__(
+        self,
+        loaded: LoadedAsrModel,
+        max_templates: int = 1024,
+        features: str = "reference",
+        *,
+        compute_features: bool = True,
+    ) -> None:
         if features not in FEATURE_MODES:
             raise ValueError(f"features must be one of {FEATURE_MODES}, not {features!r}")
+        if not compute_features and features != "torch":
+            raise ValueError("features are left to the engine only with features='torch'")
+        self._compute_features = compute_features
         self._loaded = loaded
         processor: Any = loaded.processor
         self._processor = processor
@@ -114,8 +126,13 @@ class FastPreparer:
         mine = mine.cpu()
         return mine.shape == reference.shape and bool((mine - reference).abs().max() <= REFERENCE_TOLERANCE)
 
-    def _build(self, request: DecodeRequest, template: _Template) -> PreparedInputs:
-        features, mask, count = self.features(request.audio_16k)
+    def _build(self, request: DecodeRequest, template: _Template, *, compute_features: bool = True) -> PreparedInputs:
+        features: torch.Tensor | None = None
+        mask: torch.Tensor | None = None
+        if compute_features or self._torch is None:
+            features, mask, count = self.features(request.audio_16k)
+        else:
+            count = self._torch.num_audio_tokens(int(np.asarray(request.audio_16k).shape[-1]))
         head, tail = template
         prefix: list[int] = []
         if request.prefix_text:
@@ -127,4 +144,6 @@ class FastPreparer:
         template = self._template(request)
         if template is None:
             return prepare_single(self._loaded, request)
+        if not self._compute_features:
+            return self._build(request, template, compute_features=False)
         return require_finite_features(self._build(request, template))

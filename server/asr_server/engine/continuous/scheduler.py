@@ -28,6 +28,16 @@ queue; when it is admitted again, its prefill covers the prompt plus every token
 decoding continues where it stopped. A request preempted in a step is not admitted again in that same step: the
 host has not seen its last token yet (tokens reach the host one step late). Requests that could never fit alone
 are refused at admission as under reservation.
+
+Chunked prefill (`max_step_tokens` > 0, off by default): every step has a token budget. The rows already
+decoding come first, one token each (they are never starved: the budget is checked larger than the rows); what
+is left goes to prefill chunks, first of requests whose prompt is partly in their pages (in admission order),
+then of newly admitted ones (no prefill interval: a chunk runs beside the decodes every step, so an arrival never
+stalls them for a whole prefill round). A request whose last chunk runs in a step also decodes in it (its first
+token comes from that chunk), which costs one more token of the budget. A prompt may so span many steps; its pages
+are taken at admission as above and filled chunk by chunk (`start_token` moves on), and it is preempted as any
+running request (a partly prefilled one starts its prefill again from 0). Which waiting request is admitted next
+is `_next_waiting`'s choice (arrival order), the one place an ordering key would go.
 """
 
 from __future__ import annotations
@@ -79,21 +89,32 @@ class ScheduledRequest:
     # Tokens whose K/V the request's pages hold once the steps scheduled so far have run.
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
-    # Lazy policy: tokens the next prefill covers (the prompt, or after a preemption the prompt plus the tokens
-    # generated so far); 0 until the prompt is known.
+    # Tokens the prefill covers (the prompt, or after a preemption the prompt plus the tokens generated so far);
+    # 0 until the prompt is known. The request decodes once num_computed_tokens reaches it.
     prefill_tokens: int = 0
     num_preemptions: int = 0
+
+    @property
+    def prefilling(self) -> bool:
+        """Running, with part of its prefill still to come (chunked prefill)."""
+        return self.status is RequestStatus.RUNNING and self.num_computed_tokens < self.prefill_tokens
 
 
 @dataclass(frozen=True)
 class PrefillWork:
-    """Prefill prompt tokens [start_token, start_token + num_tokens) of a request into its pages, on its row."""
+    """Prefill prompt tokens [start_token, start_token + num_tokens) of a request into its pages, on its row; the
+    whole prefill is `total_tokens` long (the chunk that reaches it yields the first token and starts decoding)."""
 
     request_id: str
     row: int
     pages: tuple[int, ...]
     start_token: int
     num_tokens: int
+    total_tokens: int
+
+    @property
+    def completes(self) -> bool:
+        return self.start_token + self.num_tokens >= self.total_tokens
 
 
 @dataclass(frozen=True)
@@ -147,6 +168,11 @@ class SchedulerOutput:
     def prefill_tokens(self) -> int:
         return sum(p.num_tokens for p in self.prefills)
 
+    @property
+    def num_tokens(self) -> int:
+        """The step's tokens: prefill chunks plus one per decode row (what max_step_tokens bounds)."""
+        return self.prefill_tokens + len(self.decodes)
+
 
 class Scheduler:
     def __init__(self, config: ContinuousConfig, kv: KvPageManager) -> None:
@@ -161,6 +187,12 @@ class Scheduler:
         if config.kv_reservation not in ("full", "lazy"):
             raise ValueError(f"kv_reservation must be full or lazy, not {config.kv_reservation!r}")
         self._lazy = config.kv_reservation == "lazy"
+        self._step_tokens = config.max_step_tokens
+        if self._step_tokens and self._step_tokens <= self.num_rows:
+            raise ValueError(
+                f"max_step_tokens ({self._step_tokens}) must exceed max_running ({self.num_rows}), so that prefill "
+                "chunks always get part of a step beside a full decode batch"
+            )
         self._free_rows: list[int] = list(range(self.num_rows - 1, -1, -1))
         self._waiting: deque[ScheduledRequest] = deque()
         self._running: dict[str, ScheduledRequest] = {}
@@ -244,13 +276,112 @@ class Scheduler:
             preempted, grown = self._grow_running()
         prefills: list[PrefillWork] = []
         rejected: list[Rejected] = []
-        if not preempted:
+        if self._step_tokens:
+            prefills, rejected = self._chunks(bool(preempted))
+        elif not preempted:
             prefills, rejected = self._admit(now_monotonic_s)
         decodes = []
         for request in sorted(self._running.values(), key=lambda r: r.row):
+            if request.prefilling:
+                continue
             decodes.append(DecodeWork(request.request_id, request.row, request.num_computed_tokens))
             request.num_computed_tokens += 1
         return SchedulerOutput(tuple(prefills), tuple(decodes), tuple(rejected), tuple(preempted), tuple(grown))
+
+    def _chunks(self, preempted_now: bool) -> tuple[list[PrefillWork], list[Rejected]]:
+        """Chunked prefill: this step's prefill chunks within what the decoding rows leave of the budget."""
+        left = self._step_tokens - sum(1 for r in self._running.values() if not r.prefilling)
+        prefills: list[PrefillWork] = []
+        rejected: list[Rejected] = []
+        for request in list(self._running.values()):  # admission order: the oldest partial prompt first
+            if left <= 0:
+                break
+            if request.prefilling:
+                left -= self._chunk(request, left, prefills)
+        # Newcomers get what the partial prompts left (none when one is left over); none in a step that preempted.
+        while left > 0 and not preempted_now and self._free_rows and self._waiting:
+            newcomer = self._next_waiting(wait_for_prompt=not prefills and not self._running)
+            if newcomer is None:
+                break
+            admitted = self._take(newcomer, rejected)
+            if admitted is None:
+                continue
+            if not admitted:
+                break
+            cost = self._chunk(newcomer, left, prefills)
+            if cost == 0:
+                break  # no room for even its first token: it starts next step; admit nobody else meanwhile
+            left -= cost
+        return prefills, rejected
+
+    def _chunk(self, request: ScheduledRequest, left: int, prefills: list[PrefillWork]) -> int:
+        """Schedules the next chunk of a running request's prefill within `left` tokens; the tokens it costs (its
+        first decode, in the step its prefill completes, included)."""
+        remaining = request.prefill_tokens - request.num_computed_tokens
+        size = remaining if remaining + 1 <= left else min(remaining - 1, left)
+        if size <= 0:
+            return 0
+        start = request.num_computed_tokens
+        prefills.append(
+            PrefillWork(request.request_id, request.row, tuple(request.pages), start, size, request.prefill_tokens)
+        )
+        request.num_computed_tokens += size
+        return size + (1 if size == remaining else 0)
+
+    def _next_waiting(self, *, wait_for_prompt: bool) -> ScheduledRequest | None:
+        """The waiting request to admit next (arrival order; preempted ones were put in front), taken off the
+        queue; None when it is not ready and `wait_for_prompt` is false (features are computed in arrival order:
+        a later one being ready first is rare and cheap to wait for)."""
+        if not self._waiting:
+            return None
+        if not wait_for_prompt and not self._waiting[0].source.done():
+            return None
+        return self._waiting.popleft()
+
+    def _prefill_of(self, request: ScheduledRequest, rejected: list[Rejected]) -> int | None:
+        """The tokens a request taken off the queue must prefill (its prompt, waited for if need be, or what a
+        preemption left); None when it is refused (added to `rejected`)."""
+        if request.num_preemptions:
+            return request.prefill_tokens  # known, and checked at its first admission
+        try:
+            prompt = request.source.prompt_tokens()  # waits when nothing else can run meanwhile
+        except Exception as exc:  # noqa: BLE001 - one bad clip fails alone
+            request.status = RequestStatus.FINISHED
+            rejected.append(Rejected(request.request_id, "preprocessing", exc))
+            return None
+        refusal = self._refusal(prompt, request.budget)
+        if refusal is not None:
+            request.status = RequestStatus.FINISHED
+            rejected.append(Rejected(request.request_id, "admission", refusal))
+            return None
+        request.prompt_tokens = prompt
+        request.prefill_tokens = prompt
+        return prompt
+
+    def _take(self, request: ScheduledRequest, rejected: list[Rejected]) -> bool | None:
+        """Admits `request` (taken off the queue): its prompt length, a row and its pages. True: running;
+        None: refused (in `rejected`); False: no pages now (back to the front of the queue)."""
+        tokens = self._prefill_of(request, rejected)
+        if tokens is None:
+            return None
+        need_pages = self._admission_pages(request, tokens)
+        if not self.kv.can_allocate(need_pages):
+            self._waiting.appendleft(request)
+            return False
+        self._run(request, need_pages, num_computed_tokens=0)
+        return True
+
+    def _admission_pages(self, request: ScheduledRequest, tokens: int) -> int:
+        # Lazy: the prefill and the first decode; full: the prompt and every token the budget allows (+1: the
+        # step launched before the host sees the end).
+        return self.kv.pages_for(tokens + 1 if self._lazy else tokens + request.budget + 1)
+
+    def _run(self, request: ScheduledRequest, pages: int, *, num_computed_tokens: int) -> None:
+        request.pages = self.kv.allocate(pages)
+        request.row = self._free_rows.pop()
+        request.num_computed_tokens = num_computed_tokens
+        request.status = RequestStatus.RUNNING
+        self._running[request.request_id] = request
 
     def _grow_running(self) -> tuple[list[Preempted], list[PageGrowth]]:
         """Lazy policy: a page more for every running request whose next decode needs one, in admission order;
@@ -281,8 +412,10 @@ class Scheduler:
         self.finish(request.request_id)
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
-        # Its KV (the prompt and the decoded tokens) plus the last token generated, whose KV no step wrote.
-        request.prefill_tokens = request.num_computed_tokens + 1
+        if request.num_computed_tokens >= request.prefill_tokens:
+            # Its KV (the prompt and the decoded tokens) plus the last token generated, whose KV no step wrote.
+            request.prefill_tokens = request.num_computed_tokens + 1
+        # (Preempted mid-prefill, chunked: the same prefill again from its start.)
         request.num_computed_tokens = 0
         # To the front of the queue; victims go latest admitted first, so the earliest admitted ends up in front.
         self._waiting.appendleft(request)
@@ -309,41 +442,20 @@ class Scheduler:
             return prefills, rejected
         prompt_tokens = 0
         while self._waiting and self._free_rows:
-            request = self._waiting[0]
-            # Features are computed in arrival order; a later one being ready first is rare and cheap to wait for.
-            if not request.source.done() and (prefills or self._running):
+            request = self._next_waiting(wait_for_prompt=not prefills and not self._running)
+            if request is None:
                 break
-            self._waiting.popleft()
-            if request.num_preemptions:
-                tokens = request.prefill_tokens  # known, and checked at its first admission
-            else:
-                try:
-                    prompt = request.source.prompt_tokens()  # waits when nothing else can run meanwhile
-                except Exception as exc:  # noqa: BLE001 - one bad clip fails alone
-                    request.status = RequestStatus.FINISHED
-                    rejected.append(Rejected(request.request_id, "preprocessing", exc))
-                    continue
-                refusal = self._refusal(prompt, request.budget)
-                if refusal is not None:
-                    request.status = RequestStatus.FINISHED
-                    rejected.append(Rejected(request.request_id, "admission", refusal))
-                    continue
-                request.prompt_tokens = prompt
-                tokens = request.prefill_tokens = prompt
-            # Lazy: the prefill and the first decode; full: the prompt and every token the budget allows (+1: the
-            # step launched before the host sees the end).
-            need_pages = self.kv.pages_for(tokens + 1 if self._lazy else tokens + request.budget + 1)
+            tokens = self._prefill_of(request, rejected)
+            if tokens is None:
+                continue
+            need_pages = self._admission_pages(request, tokens)
             over_prefill = bool(prefills) and prompt_tokens + tokens > self._config.max_prefill_tokens
             if not self.kv.can_allocate(need_pages) or over_prefill:
                 self._waiting.appendleft(request)
                 break
-            request.pages = self.kv.allocate(need_pages)
-            request.row = self._free_rows.pop()
-            request.num_computed_tokens = tokens
-            request.status = RequestStatus.RUNNING
-            self._running[request.request_id] = request
+            self._run(request, need_pages, num_computed_tokens=tokens)
             prompt_tokens += tokens
-            prefills.append(PrefillWork(request.request_id, request.row, tuple(request.pages), 0, tokens))
+            prefills.append(PrefillWork(request.request_id, request.row, tuple(request.pages), 0, tokens, tokens))
         return prefills, rejected
 
     def _refusal(self, prompt: int, budget: int) -> LimitExceeded | None:
