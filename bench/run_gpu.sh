@@ -56,7 +56,8 @@ row() {  # model, side, label, then loadgen flags: a load whose result is also a
   load "$@" --results-json "$RESULTS" --model-name "$model" --side "$side" --commit "$COMMIT"
 }
 
-GENERATE_FLAGS=(--engine transformers --max-inference-batch-size 64 --max-batch-wait-ms 100)
+# A 2 s batch window: with 128 callers uploading 120 s clips at once, 100 ms formed batches of 16, 64 and 48.
+GENERATE_FLAGS=(--engine transformers --max-inference-batch-size 64 --max-batch-wait-ms 2000)
 
 table() {  # size (1.7b | 0.6b), model name: ours, then plain generate at the same loads
   local size=$1 name=$2 dir=/tmp/rand-$1
