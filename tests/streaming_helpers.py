@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
+import grpc
 import numpy as np
 
 from asr_server.engine.fake import fake_transcript
@@ -15,6 +17,8 @@ from asr_server.engine.types import BatchStats, DecodeRequest, DecodeResult
 from asr_server.transcription import DecodeBackend
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
 
 LINEAR16_16K = pb.AudioFormat(encoding=pb.AUDIO_ENCODING_LINEAR16, sample_rate_hz=16000, channel_count=1)
 
@@ -107,6 +111,44 @@ async def run_stream(
     async for response in stub.StreamingRecognize(requests):
         received.responses.append((time.perf_counter() - started, response))
     return received
+
+
+def _value_now(coroutine: Coroutine[Any, Any, T]) -> T:
+    """The value of a coroutine that completes without suspending (grpc.aio's code()/details() of a finished call)."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coroutine.close()
+    raise RuntimeError("the call has no status yet")
+
+
+class ServerStatus:
+    """The status the server ended a call with, as the client's transport first delivered it.
+
+    grpc.aio's client replaces a status it has already received with INTERNAL "Internal error from Core" when one of
+    its writes was still under way as the server ended the call (the write fails, and `_write` sets that status over
+    the server's: grpc/grpc#36066, open; the sync API and other gRPC implementations report the server's status). A
+    client that keeps sending until the server hangs up, as a live call does, hits it under load. This reads the
+    status at the moment it is first set, in the call's done callback, before a failed write can replace it.
+    """
+
+    _LOST = "Internal error from Core"
+
+    def __init__(self, call: grpc.aio.Call) -> None:
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+        call.add_done_callback(self._on_done)
+
+    def _on_done(self, call: grpc.aio.Call) -> None:
+        if self.code is None:
+            self.code = _value_now(call.code())
+            self.details = _value_now(call.details()) or ""
+
+    @property
+    def replaced_by_grpc(self) -> bool:
+        """Whether this is grpc.aio's own INTERNAL (a failed write processed before the server's status)."""
+        return self.code is grpc.StatusCode.INTERNAL and self.details == self._LOST
 
 
 class CountingEngine:
