@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 
 from asr_server.engine.fake import fake_transcript
-from asr_server.engine.types import BatchStats, DecodeRequest, DecodeResult
+from asr_server.engine.types import BatchStats, DecodePriority, DecodeRequest, DecodeResult
 from asr_server.transcription import DecodeBackend
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
@@ -167,6 +167,7 @@ class CountingEngine:
         self.decodes = 0
         self.samples = 0
         self.max_samples = 0
+        self.by_priority: dict[DecodePriority, int] = {}
         self._pending = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -176,6 +177,7 @@ class CountingEngine:
         self.decodes += 1
         self.samples += size
         self.max_samples = max(self.max_samples, size)
+        self.by_priority[request.priority] = self.by_priority.get(request.priority, 0) + 1
         if self._inner is None:
             return _answer_now(request)
         self._pending += 1
