@@ -289,7 +289,8 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             return None
         limits = self._config.limits
         max_chunk_s = limits.max_chunk_with_timestamps_s if options.return_word_timestamps else limits.max_chunk_s
-        return convert.endpoint_settings_from_pb(msg.endpointing, max_chunk_s)
+        default_trailing_ms = self._config.streaming.trailing_silence_ms
+        return convert.endpoint_settings_from_pb(msg.endpointing, max_chunk_s, default_trailing_ms)
 
     # ---- shared ----
 
