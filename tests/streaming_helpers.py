@@ -138,12 +138,25 @@ class ServerStatus:
     def __init__(self, call: grpc.aio.Call) -> None:
         self.code: grpc.StatusCode | None = None
         self.details = ""
+        self.trailing_metadata: tuple[tuple[str, str | bytes], ...] = ()
         call.add_done_callback(self._on_done)
 
     def _on_done(self, call: grpc.aio.Call) -> None:
         if self.code is None:
             self.code = _value_now(call.code())
             self.details = _value_now(call.details()) or ""
+            self.trailing_metadata = tuple(_value_now(call.trailing_metadata()) or ())
+
+    @property
+    def retry_info(self) -> bool:
+        """Whether the status details carry a google.rpc.RetryInfo (retry advice)."""
+        from google.rpc import status_pb2
+
+        for key, value in self.trailing_metadata:
+            if key == "grpc-status-details-bin" and isinstance(value, bytes):
+                status = status_pb2.Status.FromString(value)
+                return any(d.type_url.endswith("google.rpc.RetryInfo") for d in status.details)
+        return False
 
     @property
     def replaced_by_grpc(self) -> bool:
