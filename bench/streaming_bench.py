@@ -15,7 +15,8 @@ real-time pace in --piece-ms pieces, starting at a different point of the record
   the endpointer's trailing-silence wait, 800 ms by default, which no decode can beat);
 - final decode latency: final received - its SPEECH_ENDED event received (the server's decode + align time);
 - interim latency: interim received - the moment the audio up to that interim's end was sent.
-Prints one line per concurrency level; --json writes every number.
+Prints one line per concurrency level; --json writes every number; --results-json appends one object per level to a
+JSON list in the shape of bench/results/h200-streaming.json (docs/streaming.md).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import datetime
 import json
 import os
 import socket
@@ -138,6 +140,31 @@ async def one_stream(stub: Any, pb: Any, pcm: bytes, offset_ms: int, args: argpa
     return stats
 
 
+def sent_window(pcm: bytes, offset_ms: int, duration_s: int) -> bytes:
+    """The bytes one_stream sends: duration_s of the recording looped, from offset_ms."""
+    start = (offset_ms * 32) % len(pcm)
+    total = duration_s * 1000 * 32
+    return (pcm * (2 + total // len(pcm)))[start : start + total]
+
+
+def expected_utterances(audio_bytes: bytes, trailing_silence_ms: int = 800, min_speech_ms: int = 160) -> int:
+    """How many finals a stream of this LINEAR16 audio should get: runs of speech (32 ms frames above -60 dBFS)
+    that pauses shorter than the trailing silence do not split, at least min_speech_ms long (the last one is
+    flushed by the half-close). Exact for espeak-ng sentences between digital silence; an estimate otherwise."""
+    samples = np.frombuffer(audio_bytes, dtype="<i2").astype(np.float32) / 32768.0
+    frame = 512
+    frames = samples[: samples.shape[0] // frame * frame].reshape(-1, frame)
+    speech = np.sqrt(np.mean(np.square(frames), axis=1)) > 1e-3
+    runs: list[list[int]] = []  # [first, last] speech frame of each utterance
+    gap_frames = trailing_silence_ms * 16 // frame
+    for index in np.flatnonzero(speech):
+        if runs and index - runs[-1][1] - 1 < gap_frames:
+            runs[-1][1] = int(index)
+        else:
+            runs.append([int(index), int(index)])
+    return sum(1 for first, last in runs if (last - first + 1) * frame >= min_speech_ms * 16)
+
+
 def pct(values: list[float], q: float) -> int | None:
     return round(float(np.percentile(values, q)) * 1000) if values else None
 
@@ -149,6 +176,7 @@ async def run_level(stub: Any, pb: Any, pcm: bytes, streams: int, args: argparse
     started = time.perf_counter()
     results = await asyncio.gather(*(one_stream(stub, pb, pcm, off, args) for off in offsets))
     wall = time.perf_counter() - started
+    finals_expected = sum(expected_utterances(sent_window(pcm, off, args.duration_s)) for off in offsets)
     finals = [v for r in results for v in r.final_latency_s]
     decode = [v for r in results for v in r.final_decode_s]
     interim = [v for r in results for v in r.interim_latency_s]
@@ -158,6 +186,7 @@ async def run_level(stub: Any, pb: Any, pcm: bytes, streams: int, args: argparse
         "duration_s": args.duration_s,
         "wall_s": round(wall, 1),
         "finals": sum(r.finals for r in results),
+        "finals_expected": finals_expected,
         "interims": sum(r.interims for r in results),
         "final_ms": {q: pct(finals, q) for q in (50, 90, 99)},
         "final_decode_ms": {q: pct(decode, q) for q in (50, 90, 99)},
@@ -167,7 +196,7 @@ async def run_level(stub: Any, pb: Any, pcm: bytes, streams: int, args: argparse
         "first_error": errors[0] if errors else "",
     }
     print(
-        f"streams={streams:4d}  finals={row['finals']:5d}  "
+        f"streams={streams:4d}  finals={row['finals']:5d}/{finals_expected}  "
         f"final p50/p90/p99 {row['final_ms'][50]}/{row['final_ms'][90]}/{row['final_ms'][99]} ms  "
         f"(decode {row['final_decode_ms'][50]}/{row['final_decode_ms'][90]}/{row['final_decode_ms'][99]})  "
         f"interim p50/p90/p99 {row['interim_ms'][50]}/{row['interim_ms'][90]}/{row['interim_ms'][99]} ms  "
@@ -195,6 +224,12 @@ async def main() -> tuple[argparse.Namespace, list[dict[str, Any]]]:
     parser.add_argument("--language", default="", help="force a language (skips detection)")
     parser.add_argument("--speech", help="16 kHz mono WAV to stream instead of espeak-ng sentences")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument(
+        "--results-json",
+        help="append one object per level to this JSON list (bench/results/h200-streaming.json's shape)",
+    )
+    parser.add_argument("--label", help="--results-json: the model's name (default: the server's model id)")
+    parser.add_argument("--commit", help="--results-json: the commit measured (default: git rev-parse HEAD)")
     parser.add_argument("--write-speech", help="write the espeak-ng recording as a 16 kHz WAV (for --speech) and exit")
     args = parser.parse_args()
 
@@ -221,6 +256,7 @@ async def main() -> tuple[argparse.Namespace, list[dict[str, Any]]]:
         stack.push_async_callback(channel.close)
         stub = pb_grpc.AsrServiceStub(channel)
         info = await stub.GetServerInfo(pb.GetServerInfoRequest())
+        args.model_id = info.model_id
         print(f"server {target}: model {info.model_id}; {len(speech) / 16000:.0f} s of speech looped", flush=True)
         for streams in (int(s) for s in args.streams.split(",")):
             rows.append(await run_level(stub, pb, pcm, streams, args))
@@ -279,7 +315,62 @@ async def in_process_server(args: argparse.Namespace) -> AsyncIterator[str]:
         await server.stop(grace_s=1.0)
 
 
+# A level holds real time when every final arrived and the decode after the endpoint stays within this at p99.
+REAL_TIME_DECODE_P99_MS = 400
+
+
+def result_object(row: dict[str, Any], *, model: str, commit: str, date: str) -> dict[str, Any]:
+    """One level as bench/results/h200-streaming.json records it."""
+    decode, final, interim = row["final_decode_ms"], row["final_ms"], row["interim_ms"]
+    return {
+        "model": model,
+        "streams": row["streams"],
+        "finals_expected": row["finals_expected"],
+        "finals": row["finals"],
+        "decode_ms": {"p50": decode[50], "p90": decode[90], "p99": decode[99]},
+        "final_after_speech_ms": {"p50": final[50], "p99": final[99]},
+        "interim_ms": {"p50": interim[50], "p99": interim[99]},
+        "interims": row["interims"],
+        "real_time_held": bool(
+            row["errors"] == 0
+            and row["finals"] == row["finals_expected"]
+            and decode[99] is not None
+            and decode[99] <= REAL_TIME_DECODE_P99_MS
+        ),
+        "date": date,
+        "commit": commit,
+    }
+
+
+def current_commit() -> str:
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"  # e.g. a copy of the tree without .git (the GPU host): pass --commit
+    return done.stdout.strip()
+
+
+def append_results(path: Path, objects: list[dict[str, Any]]) -> None:
+    existing: list[dict[str, Any]] = []
+    if path.exists() and path.read_text().strip():
+        loaded = json.loads(path.read_text())
+        if not isinstance(loaded, list):
+            raise SystemExit(f"{path}: expected a JSON list, found {type(loaded).__name__}")
+        existing = loaded
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(existing + objects, indent=2) + "\n")
+
+
 if __name__ == "__main__":
     parsed, table = asyncio.run(main())
     if parsed.json:
         Path(parsed.json).write_text(json.dumps({"args": vars(parsed), "rows": table}, indent=2))
+    if parsed.results_json and table:
+        model = parsed.label or getattr(parsed, "model_id", "") or "unknown"
+        commit = parsed.commit or current_commit()
+        date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        objects = [result_object(r, model=model, commit=commit, date=date) for r in table]
+        append_results(Path(parsed.results_json), objects)
+        print(f"appended {len(table)} results to {parsed.results_json}", flush=True)

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
+import grpc
 import numpy as np
 
 from asr_server.engine.fake import fake_transcript
-from asr_server.engine.types import BatchStats, DecodeRequest, DecodeResult
+from asr_server.engine.types import BatchStats, DecodePriority, DecodeRequest, DecodeResult
 from asr_server.transcription import DecodeBackend
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
 
 LINEAR16_16K = pb.AudioFormat(encoding=pb.AUDIO_ENCODING_LINEAR16, sample_rate_hz=16000, channel_count=1)
 
@@ -109,6 +113,57 @@ async def run_stream(
     return received
 
 
+def _value_now(coroutine: Coroutine[Any, Any, T]) -> T:
+    """The value of a coroutine that completes without suspending (grpc.aio's code()/details() of a finished call)."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coroutine.close()
+    raise RuntimeError("the call has no status yet")
+
+
+class ServerStatus:
+    """The status the server ended a call with, as the client's transport first delivered it.
+
+    grpc.aio's client replaces a status it has already received with INTERNAL "Internal error from Core" when one of
+    its writes was still under way as the server ended the call (the write fails, and `_write` sets that status over
+    the server's: grpc/grpc#36066, open; the sync API and other gRPC implementations report the server's status). A
+    client that keeps sending until the server hangs up, as a live call does, hits it under load. This reads the
+    status at the moment it is first set, in the call's done callback, before a failed write can replace it.
+    """
+
+    _LOST = "Internal error from Core"
+
+    def __init__(self, call: grpc.aio.Call) -> None:
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+        self.trailing_metadata: tuple[tuple[str, str | bytes], ...] = ()
+        call.add_done_callback(self._on_done)
+
+    def _on_done(self, call: grpc.aio.Call) -> None:
+        if self.code is None:
+            self.code = _value_now(call.code())
+            self.details = _value_now(call.details()) or ""
+            self.trailing_metadata = tuple(_value_now(call.trailing_metadata()) or ())
+
+    @property
+    def retry_info(self) -> bool:
+        """Whether the status details carry a google.rpc.RetryInfo (retry advice)."""
+        from google.rpc import status_pb2
+
+        for key, value in self.trailing_metadata:
+            if key == "grpc-status-details-bin" and isinstance(value, bytes):
+                status = status_pb2.Status.FromString(value)
+                return any(d.type_url.endswith("google.rpc.RetryInfo") for d in status.details)
+        return False
+
+    @property
+    def replaced_by_grpc(self) -> bool:
+        """Whether this is grpc.aio's own INTERNAL (a failed write processed before the server's status)."""
+        return self.code is grpc.StatusCode.INTERNAL and self.details == self._LOST
+
+
 class CountingEngine:
     """A Transcriber backend that counts the work it is given: decodes, and the 16 kHz samples they cover.
 
@@ -125,6 +180,7 @@ class CountingEngine:
         self.decodes = 0
         self.samples = 0
         self.max_samples = 0
+        self.by_priority: dict[DecodePriority, int] = {}
         self._pending = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -134,6 +190,7 @@ class CountingEngine:
         self.decodes += 1
         self.samples += size
         self.max_samples = max(self.max_samples, size)
+        self.by_priority[request.priority] = self.by_priority.get(request.priority, 0) + 1
         if self._inner is None:
             return _answer_now(request)
         self._pending += 1

@@ -153,6 +153,9 @@ class StreamingConfig:
     max_live_streams_per_replica: int = 256
     # A final later than this after its utterance ended is logged as the stream falling behind real time.
     max_stream_lag_ms: float = 2000.0
+    # Endpointing's trailing silence when a request leaves it 0 (docs/streaming.md says why 800 ms). Voice-bot and
+    # IVR deployments whose callers cannot set it per stream set it here, down to 200 ms.
+    trailing_silence_ms: int = 800
 
 
 # ---- Serving in a mesh: TLS and connection policy (docs/operations.md) ----
@@ -339,6 +342,13 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
         "live streams per engine replica before new ones get RESOURCE_EXHAUSTED; 0: no limit",
     ),
     ("streaming", "max_stream_lag_ms", "--max-stream-lag-ms", float, "log a live stream whose final is this late"),
+    (
+        "streaming",
+        "trailing_silence_ms",
+        "--trailing-silence-ms",
+        int,
+        "endpointing: silence that ends an utterance when the request leaves it 0 (100..10000)",
+    ),
     ("tracing", "exporter", "--tracing", str, "none, console or otlp"),
     ("tracing", "otlp_endpoint", "--otlp-endpoint", str, "OTLP gRPC endpoint"),
     ("tracing", "service_name", "--service-name", str, "service.name of spans"),
@@ -555,6 +565,7 @@ def validate(config: Config) -> None:
     need(config.streaming.idle_timeout_s > 0, "--stream-idle-timeout-s must be > 0")
     need(config.streaming.max_live_streams_per_replica >= 0, "--max-live-streams-per-replica must be >= 0")
     need(config.streaming.max_stream_lag_ms >= 0, "--max-stream-lag-ms must be >= 0")
+    need(100 <= config.streaming.trailing_silence_ms <= 10_000, "--trailing-silence-ms must be 100..10000")
     need(config.aligner.mode in ("spawn", "connect"), "--aligner-mode must be spawn or connect")
     need(config.aligner.max_batch_size >= 1, "--aligner-max-batch-size must be >= 1")
     need(config.aligner.max_batch_wait_ms >= 0, "--aligner-max-batch-wait-ms must be >= 0")

@@ -22,7 +22,7 @@ from opentelemetry import trace
 from asr_server.audio.chunking import ChunkSpan, pad_to_min, plan_chunks
 from asr_server.audio.decode import DecodedAudio
 from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ, samples_to_ms
-from asr_server.engine.types import DecodeOptions, DecodeRequest, DecodeResult
+from asr_server.engine.types import DecodeOptions, DecodePriority, DecodeRequest, DecodeResult
 from asr_server.errors import FailedPrecondition
 from asr_server.languages import aligner_supports
 from asr_server.results import (
@@ -152,7 +152,12 @@ class Transcriber:
         return FixedChunks(limits.max_chunk_with_timestamps_s if options.return_word_timestamps else limits.max_chunk_s)
 
     async def decode_piece(
-        self, audio_16k: npt.NDArray[np.float32], options: TranscribeOptions, *, prefix_text: str = ""
+        self,
+        audio_16k: npt.NDArray[np.float32],
+        options: TranscribeOptions,
+        *,
+        prefix_text: str = "",
+        priority: DecodePriority = DecodePriority.NORMAL,
     ) -> DecodeResult:
         """One piece of audio through the engine, padded to the model's 0.5 s minimum, with its spans."""
         padded = pad_to_min(audio_16k, min_s=_MIN_CHUNK_S)
@@ -161,6 +166,7 @@ class Transcriber:
             audio_16k=padded,
             options=DecodeOptions(options.language, options.context, options.max_new_tokens),
             prefix_text=prefix_text,
+            priority=priority,
         )
         result = await self._engine.decode(request)
         record_engine_spans(result, request.audio_s)

@@ -10,12 +10,13 @@ context of every request in it. The fake engine ignores the context, so tagging 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import numpy as np
 import pytest
 
 from asr_server.engine.fake import FakeEngine, fake_transcript
-from asr_server.engine.types import DecodeOptions, DecodeRequest
+from asr_server.engine.types import DecodeOptions, DecodePriority, DecodeRequest, WorkItem
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 from tests.helpers import fake_config, running_server, tone, wav_bytes
@@ -102,3 +103,58 @@ async def test_stream_decodes_batch_with_other_streams_and_with_unary_calls() ->
     assert max(streams_per_batch) >= 2, batches
     mixed = [batch for batch in batches if set(batch) & stream_tags and set(batch) & unary_tags]
     assert mixed, batches
+
+
+class _AdmissionLog(FakeEngine):
+    """The fake engine, recording for each request its priority and how many batches had run when it arrived."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.arrivals: dict[str, tuple[DecodePriority, int]] = {}
+
+    def add(self, item: WorkItem) -> None:
+        self.arrivals[item.request.request_id] = (item.request.priority, len(self.batches))
+        super().add(item)
+
+
+async def test_under_load_a_final_waits_only_behind_finals_never_behind_interims() -> None:
+    # 24 streams asking for an interim every 200 ms of audio at twice real time: ~240 decodes a second against an
+    # engine that runs 4 per 40 ms batch (~100 a second), so interims queue (one per stream at most).
+    cores: list[_AdmissionLog] = []
+
+    def factory() -> _AdmissionLog:
+        cores.append(_AdmissionLog(max_batch_size=4, batch_delay_ms=40))
+        return cores[-1]
+
+    audio, spans = synthesize_sentences(SENTENCES, silence_s=1.0)
+    streams = 24
+    async with running_server(fake_config(max_inference_batch_size=4), core_factory=factory) as (_, channel):
+        stub = pb_grpc.AsrServiceStub(channel)
+        received = await asyncio.gather(
+            *(
+                run_stream(stub, stream_config(interim=True, interval_ms=200), pcm16(audio[i * 800 :]), realtime=2.0)
+                for i in range(streams)  # each starts 50 ms later into the audio: finals do not all come at once
+            )
+        )
+    for stream in received:
+        assert [f.utterance_index for f in stream.finals] == list(range(len(SENTENCES)))
+    core = cores[0]
+    ran_in = {rid: step for step, batch in enumerate(core.batches) for rid in batch}
+    finals = [rid for rid, (priority, _) in core.arrivals.items() if priority is DecodePriority.FINAL]
+    assert len(finals) == streams * len(SENTENCES)
+    contended = 0
+    for index, rid in enumerate(finals):
+        arrived = core.arrivals[rid][1]
+        # What was queued when this final arrived: came no later, ran no earlier (aborted interims left out).
+        waiting = [o for o, (_, at) in core.arrivals.items() if o != rid and at <= arrived <= ran_in.get(o, -1)]
+        finals_ahead = len(set(waiting) & set(finals[:index]))
+        interims_ahead = sum(1 for o in waiting if core.arrivals[o][0] is DecodePriority.INTERIM)
+        contended += interims_ahead >= 4
+        # It runs once the batch in progress and the finals before it have run: interims never go first.
+        assert ran_in[rid] - arrived <= 1 + finals_ahead // 4, (rid, ran_in[rid] - arrived, finals_ahead)
+    # And no batch took an interim while a final that had arrived before it was left waiting.
+    for step, batch in enumerate(core.batches):
+        if any(core.arrivals[rid][0] is DecodePriority.INTERIM for rid in batch):
+            assert not any(core.arrivals[f][1] <= step < ran_in[f] for f in finals), step
+    # The load was real: finals arrived with a batch or more of interims queued ahead of them.
+    assert contended >= streams // 2, contended

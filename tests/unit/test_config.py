@@ -12,6 +12,12 @@ def test_defaults_match_the_reference_library_and_documented_limits() -> None:
     assert config.limits.max_chunk_s == 1200 and config.limits.max_chunk_with_timestamps_s == 180
     assert config.tracing.exporter == "none"
     assert config.server.gil_switch_interval_ms == 0.5
+    assert config.streaming.trailing_silence_ms == 800
+
+
+def test_the_trailing_silence_default_can_be_set_down_to_200_ms_by_flag_or_environment() -> None:
+    assert parse_serve_config(["--trailing-silence-ms", "200"], {}).streaming.trailing_silence_ms == 200
+    assert parse_serve_config([], {"ASR_TRAILING_SILENCE_MS": "300"}).streaming.trailing_silence_ms == 300
 
 
 def test_flags_win_over_environment_which_wins_over_defaults() -> None:
@@ -49,6 +55,8 @@ def test_continuous_feature_and_chunked_prefill_flags() -> None:
         (["--max-ping-strikes", "x"], "cannot read 'x'"),
         (["--features", "gpu"], "--features must be auto, reference or torch"),
         (["--max-step-tokens", "64", "--max-running-requests", "64"], "--max-step-tokens"),
+        (["--trailing-silence-ms", "50"], "--trailing-silence-ms must be 100..10000"),
+        (["--trailing-silence-ms", "20000"], "--trailing-silence-ms must be 100..10000"),
     ],
 )
 def test_bad_values_are_refused_with_the_flag_named(argv: list[str], needle: str) -> None:

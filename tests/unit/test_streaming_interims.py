@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from asr_server.audio.formats import AudioFormat, AudioLimits, Encoding
+from asr_server.engine.types import DecodePriority
 from asr_server.streaming.endpoint import EndpointSettings
 from asr_server.streaming.session import StreamingOptions, StreamingSession, StreamResult, UtteranceWork
 from asr_server.streaming.vad import CONTEXT_SAMPLES, FRAME_SAMPLES, EnergyVad, VadState
@@ -97,6 +98,11 @@ class Run:
     def check_one_decode_per_interim(self) -> None:
         """Each interim is one decode of its utterance's audio, each final one more, and nothing else is decoded."""
         assert self.engine.decodes == len(self.finals) + sum(w.interim_decodes for w in self.work)
+        # Finals go ahead of interims in the engine's queue.
+        assert self.engine.by_priority == {
+            DecodePriority.FINAL: len(self.finals),
+            DecodePriority.INTERIM: sum(w.interim_decodes for w in self.work),
+        }
         assert self.engine.samples == sum(w.interim_samples + max(w.audio_samples, MIN_FINAL_SAMPLES) for w in self.work)
         # Answered at once, no interim ever waits, so none is skipped: these are the counts without contention.
         assert all(w.skipped_interims == 0 for w in self.work), self.work

@@ -193,14 +193,17 @@ _SPEECH_EVENTS: dict[SpeechEventKind, pb.SpeechEventType.ValueType] = {
 }
 
 
-def endpoint_settings_from_pb(msg: pb.EndpointingConfig, limits_max_chunk_s: int) -> EndpointSettings:
-    """0 means the default for every field; the contract publishes the accepted ranges."""
+def endpoint_settings_from_pb(
+    msg: pb.EndpointingConfig, limits_max_chunk_s: int, default_trailing_silence_ms: int
+) -> EndpointSettings:
+    """0 means the default for every field (trailing silence: the server's --trailing-silence-ms); the contract
+    publishes the accepted ranges."""
     defaults = EndpointSettings()
-    trailing = int(msg.trailing_silence_ms) or defaults.trailing_silence_ms
+    trailing = int(msg.trailing_silence_ms) or default_trailing_silence_ms
     if not 100 <= trailing <= 10_000:
         raise InvalidInput(
             f"endpointing.trailing_silence_ms {msg.trailing_silence_ms} is out of range; accepted: 100 to 10000, "
-            f"or 0 for the default ({defaults.trailing_silence_ms})"
+            f"or 0 for the server's default ({default_trailing_silence_ms})"
         )
     max_utterance = int(msg.max_utterance_ms) or defaults.max_utterance_ms
     if not 1_000 <= max_utterance <= 60_000:
@@ -236,7 +239,7 @@ def streaming_config_from_pb(
     )
     return audio_format, StreamingOptions(
         transcribe=options,
-        endpoint=endpoint_settings_from_pb(msg.config.endpointing, max_chunk_s),
+        endpoint=endpoint_settings_from_pb(msg.config.endpointing, max_chunk_s, config.streaming.trailing_silence_ms),
         interim_results=msg.interim_results,
         interim_interval_ms=interval,
         single_utterance=msg.single_utterance,

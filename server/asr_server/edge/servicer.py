@@ -18,7 +18,7 @@ from asr_server.audio.decode import DecodedAudio, container_formats, decode_audi
 from asr_server.audio.formats import MAX_CHANNEL_COUNT, MAX_RAW_SAMPLE_RATE_HZ, MIN_RAW_SAMPLE_RATE_HZ, AudioLimits
 from asr_server.config import Config
 from asr_server.edge import convert
-from asr_server.errors import AsrError, InvalidInput, LimitExceeded
+from asr_server.errors import AsrError, InvalidInput, LimitExceeded, Unavailable
 from asr_server.results import ChannelMode
 from asr_server.streaming.endpoint import EndpointSettings
 from asr_server.streaming.prefix import FakeTokenDecoder, TokenDecoder, load_hf_token_decoder
@@ -55,6 +55,7 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         self._vad = VadBatcher()
         self._token_decoder: asyncio.Task[TokenDecoder | None] | None = None
         self._sessions: set[StreamingSession] = set()
+        self._draining = False  # shutdown began: live streams are being flushed, no new one opens
         per_replica = config.streaming.max_live_streams_per_replica
         self._max_live_streams = per_replica * len(config.replica_devices)
 
@@ -150,6 +151,9 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
     async def drain_streams(self) -> int:
         """Shutdown: every live stream flushes its open utterances as finals, then ends UNAVAILABLE (retry on
         another replica). Returns how many open utterances were flushed."""
+        # Set before the snapshot, with no await in between: a stream whose config arrives from now on is refused in
+        # _open_stream instead of opening after the snapshot and running on, unflushed, until the grace is over.
+        self._draining = True
         sessions = list(self._sessions)
         flushed = await asyncio.gather(
             *(s.drain("the server is shutting down; open utterances were flushed as finals; reconnect to continue")
@@ -203,7 +207,10 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             )
         audio_format, options = convert.streaming_config_from_pb(first.config, self._config)
         token_decoder = await self._get_token_decoder()
-        # Checked and counted with no await in between, so concurrent opens cannot overshoot the capacity.
+        # Checked and counted with no await in between, so concurrent opens cannot overshoot the capacity (nor open
+        # after drain_streams took its snapshot).
+        if self._draining:
+            raise Unavailable("the server is shutting down; open the stream on another replica")
         if self._max_live_streams and len(self._sessions) >= self._max_live_streams:
             raise LimitExceeded(
                 f"this server holds its capacity of {self._max_live_streams} live streams "
@@ -282,7 +289,8 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             return None
         limits = self._config.limits
         max_chunk_s = limits.max_chunk_with_timestamps_s if options.return_word_timestamps else limits.max_chunk_s
-        return convert.endpoint_settings_from_pb(msg.endpointing, max_chunk_s)
+        default_trailing_ms = self._config.streaming.trailing_silence_ms
+        return convert.endpoint_settings_from_pb(msg.endpointing, max_chunk_s, default_trailing_ms)
 
     # ---- shared ----
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
 from asr_server.engine.core import EngineOutput
-from asr_server.engine.types import BatchStats, DecodeRequest, DecodeResult, WorkItem
+from asr_server.engine.types import BatchStats, DecodeRequest, DecodeResult, WaitingQueue, WorkItem
 
 _WORD_S = 0.5
 
@@ -48,7 +48,8 @@ def fake_transcript(request: DecodeRequest) -> tuple[str, tuple[int, ...]]:
 
 
 class FakeEngine:
-    """EngineCore without a model. Records each batch's request ids for batching tests."""
+    """EngineCore without a model. Records each batch's request ids for batching tests. Admits waiting requests by
+    priority, then arrival (WaitingQueue), as the model cores do."""
 
     def __init__(
         self,
@@ -61,7 +62,7 @@ class FakeEngine:
         self.model_id = model_id
         self._max_batch_size = max_batch_size
         self._batch_delay_s = batch_delay_ms / 1000.0
-        self._waiting: list[WorkItem] = []
+        self._waiting = WaitingQueue()
         self._on_step = on_step
         self._lock = threading.Lock()
         self.batches: list[list[str]] = []
@@ -72,11 +73,11 @@ class FakeEngine:
         return None
 
     def add(self, item: WorkItem) -> None:
-        self._waiting.append(item)
+        self._waiting.add(item)
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
-        self._waiting = [w for w in self._waiting if w.request.request_id != request_id]
+        self._waiting.remove(request_id)
 
     def num_waiting(self) -> int:
         return len(self._waiting)
@@ -85,10 +86,10 @@ class FakeEngine:
         return 0
 
     def oldest_waiting_monotonic_s(self) -> float | None:
-        return self._waiting[0].enqueued_monotonic_s if self._waiting else None
+        return self._waiting.oldest_monotonic_s()
 
     def step(self) -> list[EngineOutput]:
-        batch, self._waiting = self._waiting[: self._max_batch_size], self._waiting[self._max_batch_size :]
+        batch = self._waiting.take(self._max_batch_size)
         start_ns = time.time_ns()
         requests = [w.request for w in batch]
         with self._lock:

@@ -19,7 +19,7 @@ import numpy as np
 
 from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
 from asr_server.engine.core import EngineOutput
-from asr_server.engine.types import BatchStats, DecodeRequest, DecodeResult, WorkItem
+from asr_server.engine.types import BatchStats, DecodeRequest, DecodeResult, WaitingQueue, WorkItem
 from asr_server.errors import AsrError, InvalidInput
 from asr_server.models.loading import LoadedAsrModel
 
@@ -120,7 +120,8 @@ class GenerateEngine:
         self._loaded = loaded
         self.model_id = loaded.model_id
         self._max_batch_size = max_batch_size
-        self._waiting: list[WorkItem] = []
+        # By priority, then arrival: a live stream's final is not batched after the interims queued before it.
+        self._waiting = WaitingQueue()
         tokenizer = loaded.processor.tokenizer
         config = loaded.model.config
         pad = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
@@ -139,10 +140,10 @@ class GenerateEngine:
         self._run_batch([WorkItem(request, time.time_ns(), time.monotonic())])
 
     def add(self, item: WorkItem) -> None:
-        self._waiting.append(item)
+        self._waiting.add(item)
 
     def abort(self, request_id: str) -> None:
-        self._waiting = [w for w in self._waiting if w.request.request_id != request_id]
+        self._waiting.remove(request_id)
 
     def num_waiting(self) -> int:
         return len(self._waiting)
@@ -151,10 +152,10 @@ class GenerateEngine:
         return 0
 
     def oldest_waiting_monotonic_s(self) -> float | None:
-        return self._waiting[0].enqueued_monotonic_s if self._waiting else None
+        return self._waiting.oldest_monotonic_s()
 
     def step(self) -> list[EngineOutput]:
-        batch, self._waiting = self._waiting[: self._max_batch_size], self._waiting[self._max_batch_size :]
+        batch = self._waiting.take(self._max_batch_size)
         if not batch:
             return []
         # One request that cannot be prepared or decoded fails alone; the others of its batch still get results.

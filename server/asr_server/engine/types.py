@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import enum
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +21,17 @@ class DecodeOptions:
     max_new_tokens: int
 
 
+class DecodePriority(enum.IntEnum):
+    """Which waiting request an engine admits first: the lowest value, then the earliest arrival."""
+
+    # A live stream's final: its caller has been waiting since the end of speech.
+    FINAL = 0
+    # Recorded audio (Transcribe, TranscribeStream).
+    NORMAL = 1
+    # A live stream's interim: best effort, superseded by the stream's next one.
+    INTERIM = 2
+
+
 @dataclass(frozen=True, eq=False)
 class DecodeRequest:
     """One piece of audio (a chunk, an utterance) to decode on its own."""
@@ -30,6 +43,7 @@ class DecodeRequest:
     prefix_text: str = ""
     # Benchmarks only: generate exactly this many tokens, ignoring EOS (random weights never stop sensibly).
     forced_num_tokens: int | None = None
+    priority: DecodePriority = DecodePriority.NORMAL
 
     @property
     def audio_s(self) -> float:
@@ -77,3 +91,30 @@ class WorkItem:
     request: DecodeRequest
     enqueued_ns: int
     enqueued_monotonic_s: float
+
+
+class WaitingQueue:
+    """The requests a batching core (fake, generate) holds before it runs them, in admission order: priority,
+    then arrival."""
+
+    def __init__(self) -> None:
+        self._items: list[WorkItem] = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, item: WorkItem) -> None:
+        # After every waiting request of the same or a more urgent priority: arrival order within a priority.
+        bisect.insort_right(self._items, item, key=lambda w: w.request.priority)
+
+    def remove(self, request_id: str) -> None:
+        self._items = [w for w in self._items if w.request.request_id != request_id]
+
+    def take(self, count: int) -> list[WorkItem]:
+        """The next `count` requests to run, out of the queue."""
+        taken, self._items = self._items[:count], self._items[count:]
+        return taken
+
+    def oldest_monotonic_s(self) -> float | None:
+        """When the longest-waiting request arrived (the batch-wait deadline counts from it)."""
+        return min((w.enqueued_monotonic_s for w in self._items), default=None)

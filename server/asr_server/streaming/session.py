@@ -31,6 +31,7 @@ import numpy.typing as npt
 
 from asr_server.audio.assembler import StreamAssembler, StreamResampler
 from asr_server.audio.formats import AudioFormat, AudioLimits, ms_to_samples, samples_to_ms
+from asr_server.engine.types import DecodePriority
 from asr_server.errors import AsrError, InvalidInput, Unavailable
 from asr_server.results import ChannelMode, Word, WordTimestampsStatus
 from asr_server.streaming.endpoint import Endpointer, EndpointEvent, EndpointSettings, SpeechStarted, UtteranceEnded
@@ -395,7 +396,8 @@ class StreamingSession:
         self, channel_index: int, utterance_index: int, start: int, end: int, audio: npt.NDArray[np.float32]
     ) -> StreamResult:
         options = self.options.transcribe
-        result = await self._transcriber.decode_piece(audio, options)
+        # Ahead of every interim and of recorded audio in the engine's queue: its caller waits since speech ended.
+        result = await self._transcriber.decode_piece(audio, options, priority=DecodePriority.FINAL)
         words: tuple[Word, ...] = ()
         status = WordTimestampsStatus.NOT_REQUESTED
         if options.return_word_timestamps:
@@ -503,7 +505,9 @@ class StreamingSession:
         prefix_text: str,
     ) -> None:
         try:
-            result = await self._transcriber.decode_piece(audio, self.options.transcribe, prefix_text=prefix_text)
+            result = await self._transcriber.decode_piece(
+                audio, self.options.transcribe, prefix_text=prefix_text, priority=DecodePriority.INTERIM
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - interims are best effort; the final is what counts

@@ -164,7 +164,9 @@ class ContinuousEngine:
         prepared = _Prepared(self._pool.submit(self._preparer, request))
         self._requests[request.request_id] = _Request(RequestOutput(item, budget, forced is not None), prepared)
         estimate = int(request.audio_s * _AUDIO_TOKENS_PER_S) + _TEMPLATE_TOKENS
-        self._scheduler.add(request.request_id, item.enqueued_monotonic_s, budget, estimate, prepared)
+        self._scheduler.add(
+            request.request_id, item.enqueued_monotonic_s, budget, estimate, prepared, priority=request.priority
+        )
 
     def abort(self, request_id: str) -> None:
         self._release(request_id)

@@ -4,7 +4,8 @@ As vLLM v1's scheduler, it owns the waiting queue, the running set, the decode r
 the KV pages, and hands the model runner a plain plan per step (`SchedulerOutput`); it imports neither torch nor
 numpy, so its tests run in milliseconds.
 
-Admission (`schedule`): waiting requests are taken in arrival order while a row and enough pages are free. Pages
+Admission (`schedule`): waiting requests are taken by priority (a live stream's final first, an interim last), in
+arrival order within a priority, while a row and enough pages are free. Pages
 for the prompt plus the request's whole token budget (+1: the step launched before the host sees the end) are
 reserved at admission, so a running request never runs out and nothing is ever preempted. At most
 `max_prefill_tokens` prompt tokens are admitted per step (a first request is always admitted whatever its
@@ -93,6 +94,9 @@ class ScheduledRequest:
     # 0 until the prompt is known. The request decodes once num_computed_tokens reaches it.
     prefill_tokens: int = 0
     num_preemptions: int = 0
+    # Admission order: the lowest first (engine.types.DecodePriority: a live stream's final before recorded audio
+    # before an interim), arrival order within one.
+    priority: int = 1
 
     @property
     def prefilling(self) -> bool:
@@ -206,9 +210,17 @@ class Scheduler:
         budget: int,
         estimated_prompt_tokens: int,
         source: PromptSource,
+        priority: int = 1,
     ) -> ScheduledRequest:
-        request = ScheduledRequest(request_id, arrival_monotonic_s, max(1, budget), estimated_prompt_tokens, source)
-        self._waiting.append(request)
+        request = ScheduledRequest(
+            request_id, arrival_monotonic_s, max(1, budget), estimated_prompt_tokens, source, priority=priority
+        )
+        # Behind every waiting request of the same or a more urgent priority (preempted ones, back in front, stay
+        # ahead of their own priority and later ones).
+        at = len(self._waiting)
+        while at > 0 and self._waiting[at - 1].priority > priority:
+            at -= 1
+        self._waiting.insert(at, request)
         return request
 
     def num_waiting(self) -> int:
@@ -218,7 +230,8 @@ class Scheduler:
         return len(self._running)
 
     def oldest_waiting_monotonic_s(self) -> float | None:
-        return self._waiting[0].arrival_monotonic_s if self._waiting else None
+        # Not the front's: a final that just arrived goes ahead of interims that have waited longer.
+        return min((r.arrival_monotonic_s for r in self._waiting), default=None)
 
     def free_rows(self) -> list[int]:
         return list(self._free_rows)
@@ -426,7 +439,8 @@ class Scheduler:
             return False
         if not self._running:
             return True
-        oldest_ms = (now_monotonic_s - self._waiting[0].arrival_monotonic_s) * 1000
+        oldest = self.oldest_waiting_monotonic_s()
+        oldest_ms = (now_monotonic_s - (oldest if oldest is not None else now_monotonic_s)) * 1000
         if oldest_ms >= self._config.prefill_interval_ms:
             return True
         # Enough arrived to take every free row (or to make a full prefill anyway): no reason to wait.
