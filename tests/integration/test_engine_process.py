@@ -250,3 +250,67 @@ async def test_the_engine_process_exits_when_its_front_is_killed() -> None:
     finally:
         if front.poll() is None:
             front.kill()
+
+
+@pytest.mark.slow
+async def test_sigterm_drains_the_front_then_stops_the_engine_process() -> None:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    front = subprocess.Popen(
+        [sys.executable, "-m", "asr_server.cli", "serve", "--engine", "fake", "--engine-process", "on",
+         "--host", "127.0.0.1", "--port", "0", "--no-warmup", "--fake-batch-delay-ms", "1500", "--grace-period-s", "10"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    )
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(front.stdout.readline), 60)  # type: ignore[union-attr]
+        match = re.search(r"on port (\d+)", line)
+        assert match, line
+        children = psutil.Process(front.pid).children()
+        assert any("spawn_main" in " ".join(c.cmdline()) for c in children)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{match.group(1)}")
+        in_flight = asyncio.ensure_future(
+            pb_grpc.AsrServiceStub(channel).Transcribe(pb.TranscribeRequest(audio=wav_bytes(tone(1.0, seed=2))))
+        )
+        # The call is in the engine's 1.5 s batch when SIGTERM comes: the front drains it before the core stops.
+        await asyncio.sleep(0.4)  # the call reaches the engine process (nothing to await from outside the server)
+        assert not in_flight.done()
+        front.send_signal(signal.SIGTERM)
+        response = await asyncio.wait_for(in_flight, 10)
+        assert response.transcripts[0].text
+        assert await asyncio.wait_for(asyncio.to_thread(front.wait), 30) == 0
+        await until(lambda: not any(alive(c.pid) for c in children), timeout_s=5.0, what="the engine process to exit")
+        await channel.close()
+    finally:
+        if front.poll() is None:
+            front.kill()
+
+
+async def test_two_engine_processes_balance_and_one_killed_leaves_the_other_serving() -> None:
+    from asr_server.engine.process.client import RestartPolicy
+    from asr_server.engine.replicas import ReplicatedRunner
+
+    config = in_process(fake_config(fake_batch_delay_ms=50.0), "on")
+    policy = RestartPolicy(backoff_initial_s=0.2)
+    replicas = [EngineProcess(config, "cpu", name=f"engine-{i}", policy=policy) for i in range(2)]
+    engine = ReplicatedRunner(replicas)
+    changes: list[bool] = []
+    engine.add_listener(changes.append)
+    await engine.start()
+    try:
+        assert len({r.pid for r in replicas}) == 2
+        audio = tone(1.0, seed=5)
+        results = await asyncio.gather(
+            *(engine.decode(DecodeRequest(f"r{i}", audio, DecodeOptions(None, "", 8))) for i in range(16))
+        )
+        assert all(r.text for r in results)
+        # Least-loaded balancing: both processes got work.
+        finished = [s.finished for s in await asyncio.gather(*(r.stats() for r in replicas))]
+        assert all(n > 0 for n in finished) and sum(finished) == 16, finished
+        os.kill(replicas[0].pid or 0, signal.SIGKILL)
+        await until(lambda: replicas[0].state != "ready", what="replica 0 to be seen dead")
+        assert engine.state == "ready" and changes == [True]  # one replica still serves: no NOT_SERVING
+        result = await engine.decode(DecodeRequest("after", audio, DecodeOptions(None, "", 8)))
+        assert result.text == results[0].text
+        await until(lambda: replicas[0].state == "ready", timeout_s=30.0, what="replica 0 restarted")
+    finally:
+        await engine.stop()
+    assert all(r.state == "stopped" for r in replicas)

@@ -244,7 +244,9 @@ class EngineProcess:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), backoff_s)
             backoff_s = min(backoff_s * 2, self._policy.backoff_max_s)
-        self._resolve_first_start(RuntimeError("engine stopped before it was ready"))
+        # Stopped while the first child was loading: start() returns (as an in-process runner's does); the state
+        # says "stopping", so nothing is sent to it.
+        self._resolve_first_start(None)
 
     async def _run_child(self) -> tuple[bool, str]:
         """Runs one child from spawn to exit. Returns whether it became ready and how it ended."""
