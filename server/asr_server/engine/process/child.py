@@ -6,7 +6,7 @@ back-pressure and aborts exactly as in-process; this loop only carries its calls
 connected to the front. Each Submit becomes a task awaiting `runner.decode`; an Abort cancels that task, which
 withdraws the request from the runner at once. Errors go back as Failure messages (messages.py).
 
-The process stops on a Shutdown message or SIGTERM (the runner answers what is still queued with Unavailable,
+The process stops on SIGTERM (the runner answers what is still queued with Unavailable,
 those answers are sent, then it exits), and also when its parent is gone: it polls its parent pid, because an
 engine process left behind a killed front would hold the device (and its memory) for nobody.
 """
@@ -119,38 +119,49 @@ async def _serve(spec: ChildSpec) -> int:
 async def _loop(socket: zmq.asyncio.Socket, runner: EngineRunner, stop: asyncio.Event) -> None:
     tasks: dict[str, asyncio.Task[None]] = {}
     counters = _Counters()
-    stopped = asyncio.create_task(stop.wait())
+    receiving = asyncio.create_task(_receive(socket, runner, tasks, counters))
+    stopping = asyncio.create_task(stop.wait())
     try:
-        while True:
-            receive = asyncio.ensure_future(socket.recv(copy=False))
-            done, _ = await asyncio.wait({receive, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if receive not in done:
-                receive.cancel()
-                return
-            frame = receive.result()
-            message = m.decode_to_engine(frame.buffer)
-            if isinstance(message, m.Submit):
-                counters.submitted += 1
-                task = asyncio.create_task(_decode(socket, runner, message, counters))
-                tasks[message.request_id] = task
-                task.add_done_callback(_forget(tasks, message.request_id))
-            elif isinstance(message, m.Abort):
-                aborted = tasks.pop(message.request_id, None)
-                if aborted is not None:
-                    counters.aborted += 1
-                    aborted.cancel()
-            elif isinstance(message, m.StatsQuery):
-                stats = m.Stats(message.query_id, len(tasks), counters.submitted, counters.aborted, counters.finished)
-                await socket.send(m.encode(stats))
-            else:  # Shutdown
-                logger.info("told to shut down")
-                return
+        await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if receiving.done():
+            receiving.result()  # only ends by raising: a bug, logged by the caller's traceback
     finally:
-        stopped.cancel()
+        receiving.cancel()
+        stopping.cancel()
         # The runner's stop answers the requests still held (Unavailable); their tasks send those answers.
         await runner.stop()
         if tasks:
             await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+
+async def _receive(
+    socket: zmq.asyncio.Socket, runner: EngineRunner, tasks: dict[str, asyncio.Task[None]], counters: _Counters
+) -> None:
+    while True:
+        frame = await socket.recv(copy=False)
+        message = m.decode_to_engine(frame.buffer)
+        if isinstance(message, m.Submit):
+            counters.submitted += 1
+            task = asyncio.create_task(_decode(socket, runner, message, counters))
+            tasks[message.request_id] = task
+            task.add_done_callback(_forget(tasks, message.request_id))
+        elif isinstance(message, m.Abort):
+            aborted = tasks.pop(message.request_id, None)
+            if aborted is not None:
+                counters.aborted += 1
+                aborted.cancel()
+        else:  # StatsQuery
+            stats = m.Stats(message.query_id, len(tasks), counters.submitted, counters.aborted, counters.finished)
+            _send(socket, stats)
+
+
+def _send(socket: zmq.asyncio.Socket, message: m.FromEngine) -> None:
+    # NOBLOCK through the asyncio socket: sent at once (the queue is unbounded), and pyzmq re-checks for frames that
+    # arrived meanwhile (a send can consume the edge of its file descriptor). It fails only when the front's end is
+    # gone: then nobody waits for this answer.
+    sent = asyncio.ensure_future(socket.send(m.encode(message), zmq.NOBLOCK))  # a Future already: returned as is
+    if sent.done() and sent.exception() is not None:
+        logger.warning("an answer could not be sent to the front: %s", sent.exception())
 
 
 def _forget(tasks: dict[str, asyncio.Task[None]], request_id: str) -> Callable[[asyncio.Task[None]], None]:
@@ -174,7 +185,7 @@ async def _decode(socket: zmq.asyncio.Socket, runner: EngineRunner, message: m.S
     else:
         reply = m.result_message(result)
     counters.finished += 1
-    await socket.send(m.encode(reply))
+    _send(socket, reply)
 
 
 async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:

@@ -215,12 +215,14 @@ class EngineProcess:
 
     def _send(self, socket: zmq.asyncio.Socket, message: m.ToEngine) -> None:
         frame = m.encode(message)
-        try:
-            # Never blocks: the queues are unbounded (the child applies --max-queued-requests); NOBLOCK only fails
-            # when the child's connection is already gone, before its exit was seen.
-            socket.send(frame, flags=zmq.NOBLOCK, copy=len(frame) < _ZERO_COPY_BYTES)
-        except zmq.ZMQError as exc:
-            raise Unavailable(LOST) from exc
+        # Never blocks: the queues are unbounded (the child applies --max-queued-requests). NOBLOCK through the
+        # asyncio socket, whose bookkeeping then re-checks for frames that arrived meanwhile. It fails only when
+        # the child's connection is already gone, before its exit was seen.
+        # (pyzmq types it as an Awaitable; it is a Future already, which ensure_future returns as is.)
+        sent = asyncio.ensure_future(socket.send(frame, flags=zmq.NOBLOCK, copy=len(frame) < _ZERO_COPY_BYTES))
+        error = sent.exception() if sent.done() else None
+        if error is not None:
+            raise Unavailable(LOST) from error
 
     # ---- the supervisor ----
 
@@ -315,29 +317,31 @@ class EngineProcess:
 
     async def _receive(self, socket: zmq.asyncio.Socket, ready: asyncio.Event, failure: list[str]) -> None:
         while True:
-            frame = await socket.recv(copy=False)
-            try:
-                message = m.decode_from_engine(frame.buffer)
-            except Exception:  # noqa: BLE001 - a frame we cannot read is a bug, logged; the others go on
-                logger.exception("%s: unreadable frame from the engine process", self._name)
-                continue
-            if isinstance(message, m.Result):
-                result_future = self._pending.pop(message.request_id, None)
-                if result_future is not None and not result_future.done():
-                    result_future.set_result(m.result_from_message(message))
-            elif isinstance(message, m.Failure):
-                result_future = self._pending.pop(message.request_id, None)
-                if result_future is not None and not result_future.done():
-                    result_future.set_exception(m.error_from_failure(message))
-            elif isinstance(message, m.Stats):
-                stats_future = self._stats_waiters.pop(message.query_id, None)
-                if stats_future is not None and not stats_future.done():
-                    stats_future.set_result(message)
-            elif isinstance(message, m.Ready):
-                self._model_id = message.model_id
-                ready.set()
-            else:  # StartFailed
-                failure.append(message.message)
+            self._dispatch(await socket.recv(copy=False), ready, failure)
+
+    def _dispatch(self, frame: zmq.Frame, ready: asyncio.Event, failure: list[str]) -> None:
+        try:
+            message = m.decode_from_engine(frame.buffer)
+        except Exception:  # noqa: BLE001 - a frame we cannot read is a bug, logged; the others go on
+            logger.exception("%s: unreadable frame from the engine process", self._name)
+            return
+        if isinstance(message, m.Result):
+            result_future = self._pending.pop(message.request_id, None)
+            if result_future is not None and not result_future.done():
+                result_future.set_result(m.result_from_message(message))
+        elif isinstance(message, m.Failure):
+            result_future = self._pending.pop(message.request_id, None)
+            if result_future is not None and not result_future.done():
+                result_future.set_exception(m.error_from_failure(message))
+        elif isinstance(message, m.Stats):
+            stats_future = self._stats_waiters.pop(message.query_id, None)
+            if stats_future is not None and not stats_future.done():
+                stats_future.set_result(message)
+        elif isinstance(message, m.Ready):
+            self._model_id = message.model_id
+            ready.set()
+        else:  # StartFailed
+            failure.append(message.message)
 
     def _fail_pending(self, error: Unavailable) -> None:
         pending, self._pending = self._pending, {}

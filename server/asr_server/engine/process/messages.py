@@ -42,10 +42,6 @@ class StatsQuery(msgspec.Struct, tag="stats?", frozen=True):
     query_id: int
 
 
-class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
-    """front -> engine: stop (what is still queued is answered Unavailable), then exit."""
-
-
 class Ready(msgspec.Struct, tag="ready", frozen=True):
     """engine -> front: the model is loaded and warmed up."""
 
@@ -95,7 +91,7 @@ class Stats(msgspec.Struct, tag="stats", frozen=True):
     finished: int
 
 
-ToEngine = Submit | Abort | StatsQuery | Shutdown
+ToEngine = Submit | Abort | StatsQuery
 FromEngine = Ready | StartFailed | Result | Failure | Stats
 
 _to_engine = msgspec.msgpack.Decoder(ToEngine)
