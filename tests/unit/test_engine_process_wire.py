@@ -19,24 +19,37 @@ def test_a_submit_carries_the_request_and_its_exact_samples() -> None:
     request = DecodeRequest(
         "req-1", audio, DecodeOptions("English", "hotwords: Qwen", 77), prefix_text="hello", forced_num_tokens=12
     )
-    frame = m.encode(m.submit_from_request(request))
-    message = m.decode_to_engine(frame)
+    header, audio_frame = m.submit_frames(request)
+    message = m.decode_to_engine(header)
     assert isinstance(message, m.Submit)
-    back = m.request_from_submit(message)
+    back = m.request_from_submit(message, bytes(audio_frame))
     assert back.request_id == "req-1"
     assert back.options == request.options
     assert (back.prefix_text, back.forced_num_tokens) == ("hello", 12)
     assert back.audio_16k.dtype == np.float32
     assert np.array_equal(back.audio_16k, audio)
-    # The samples travel raw (4 bytes each), not as a list of floats.
-    assert len(frame) < audio.nbytes + 200
+    # The samples travel raw (4 bytes each) in their own frame, sent from the array's memory; the header is small.
+    assert isinstance(audio_frame, memoryview) and audio_frame.nbytes == audio.nbytes
+    assert np.shares_memory(np.frombuffer(audio_frame, dtype=np.float32), audio)
+    assert len(header) < 200
 
 
 def test_a_non_contiguous_float64_array_is_sent_as_float32() -> None:
     audio = np.linspace(-1, 1, 4000, dtype=np.float64)[::2]
     request = DecodeRequest("r", audio.astype(np.float64), DecodeOptions(None, "", 5))  # type: ignore[arg-type]
-    back = m.request_from_submit(m.decode_to_engine(m.encode(m.submit_from_request(request))))  # type: ignore[arg-type]
+    header, audio_frame = m.submit_frames(request)
+    message = m.decode_to_engine(header)
+    assert isinstance(message, m.Submit)
+    back = m.request_from_submit(message, bytes(audio_frame))
     assert np.array_equal(back.audio_16k, audio.astype(np.float32))
+
+
+def test_an_audio_frame_of_the_wrong_length_is_refused() -> None:
+    header, audio_frame = m.submit_frames(DecodeRequest("r", np.zeros(100, np.float32), DecodeOptions(None, "", 5)))
+    message = m.decode_to_engine(header)
+    assert isinstance(message, m.Submit)
+    with pytest.raises(ValueError, match="100 samples came with 396 audio bytes"):
+        m.request_from_submit(message, bytes(audio_frame)[:-4])
 
 
 def test_a_result_round_trips_field_for_field() -> None:
@@ -73,7 +86,9 @@ def _through_the_wire(error: BaseException) -> Exception:
 
 
 def test_a_full_queue_comes_back_retryable_with_its_advice() -> None:
-    error = _through_the_wire(LimitExceeded("the engine queue is full (5 waiting, limit 5)", retryable=True, retry_after_s=2.5))
+    error = _through_the_wire(
+        LimitExceeded("the engine queue is full (5 waiting, limit 5)", retryable=True, retry_after_s=2.5)
+    )
     assert type(error) is LimitExceeded
     assert str(error) == "the engine queue is full (5 waiting, limit 5)"
     assert error.retryable and error.retry_after_s == 2.5

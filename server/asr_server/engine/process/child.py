@@ -28,6 +28,7 @@ from asr_server.config import Config
 from asr_server.engine.cores import batching_policy, make_core_factory
 from asr_server.engine.process import messages as m
 from asr_server.engine.runner import EngineRunner
+from asr_server.engine.types import DecodeRequest
 from asr_server.errors import AsrError
 
 logger = logging.getLogger(__name__)
@@ -138,11 +139,14 @@ async def _receive(
     socket: zmq.asyncio.Socket, runner: EngineRunner, tasks: dict[str, asyncio.Task[None]], counters: _Counters
 ) -> None:
     while True:
-        frame = await socket.recv(copy=False)
-        message = m.decode_to_engine(frame.buffer)
+        frames = await socket.recv_multipart(copy=False)
+        message = m.decode_to_engine(frames[0].buffer)
         if isinstance(message, m.Submit):
             counters.submitted += 1
-            task = asyncio.create_task(_decode(socket, runner, message, counters))
+            if len(frames) != 2:
+                raise ValueError(f"a Submit came in {len(frames)} frames, not 2")
+            request = m.request_from_submit(message, frames[1].buffer)
+            task = asyncio.create_task(_decode(socket, runner, request, counters))
             tasks[message.request_id] = task
             task.add_done_callback(_forget(tasks, message.request_id))
         elif isinstance(message, m.Abort):
@@ -172,16 +176,18 @@ def _forget(tasks: dict[str, asyncio.Task[None]], request_id: str) -> Callable[[
     return forget
 
 
-async def _decode(socket: zmq.asyncio.Socket, runner: EngineRunner, message: m.Submit, counters: _Counters) -> None:
+async def _decode(
+    socket: zmq.asyncio.Socket, runner: EngineRunner, request: DecodeRequest, counters: _Counters
+) -> None:
     reply: m.Result | m.Failure
     try:
-        result = await runner.decode(m.request_from_submit(message))
+        result = await runner.decode(request)
     except asyncio.CancelledError:
         return  # aborted: the front has already answered its caller
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the front, which raises it for the caller
         if not isinstance(exc, AsrError):
-            logger.exception("request %s failed in the engine", message.request_id)
-        reply = m.failure_message(message.request_id, exc)
+            logger.exception("request %s failed in the engine", request.request_id)
+        reply = m.failure_message(request.request_id, exc)
     else:
         reply = m.result_message(result)
     counters.finished += 1

@@ -47,8 +47,6 @@ logger = logging.getLogger(__name__)
 NOT_READY = "the engine is {state}; retry on another replica or later"
 SHUTTING_DOWN = "the server is shutting down; retry on another replica"
 LOST = "the engine process went down while decoding this request (it is being restarted); retry"
-# Frames below this are copied into ZeroMQ's buffer (cheaper than tracking them); larger audio is sent zero-copy.
-_ZERO_COPY_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -185,7 +183,7 @@ class EngineProcess:
         self._in_flight += 1
         enqueued_ns = time.time_ns()
         try:
-            self._send(socket, m.submit_from_request(request))
+            self._send_frames(socket, m.submit_frames(request))
             result = await future
         except asyncio.CancelledError:
             # Only to the child that has it: a successor never heard of this request.
@@ -214,12 +212,15 @@ class EngineProcess:
             self._stats_waiters.pop(query_id, None)
 
     def _send(self, socket: zmq.asyncio.Socket, message: m.ToEngine) -> None:
-        frame = m.encode(message)
+        self._send_frames(socket, [m.encode(message)])
+
+    def _send_frames(self, socket: zmq.asyncio.Socket, frames: list[bytes | memoryview]) -> None:
         # Never blocks: the queues are unbounded (the child applies --max-queued-requests). NOBLOCK through the
-        # asyncio socket, whose bookkeeping then re-checks for frames that arrived meanwhile. It fails only when
-        # the child's connection is already gone, before its exit was seen.
-        # (pyzmq types it as an Awaitable; it is a Future already, which ensure_future returns as is.)
-        sent = asyncio.ensure_future(socket.send(frame, flags=zmq.NOBLOCK, copy=len(frame) < _ZERO_COPY_BYTES))
+        # asyncio socket, whose bookkeeping then re-checks for frames that arrived meanwhile. copy=False: ZeroMQ
+        # sends the audio from the array's memory (it holds a reference until sent; smaller frames it copies).
+        # It fails only when the child's connection is already gone, before its exit was seen. (pyzmq types the
+        # result as an Awaitable; it is a Future already, which ensure_future returns as is.)
+        sent = asyncio.ensure_future(socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False))
         error = sent.exception() if sent.done() else None
         if error is not None:
             raise Unavailable(LOST) from error

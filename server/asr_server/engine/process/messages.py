@@ -1,10 +1,12 @@
 """What travels between the front (the gRPC server process) and an engine process: msgspec Structs in msgpack.
 
-One frame per message, a tagged union, so either side decodes any frame with one typed decoder and never unpickles
-anything. Audio travels as the raw little-endian float32 bytes of the 16 kHz samples (msgpack bin), read back with
-numpy.frombuffer: one copy into the frame, none out of it. Errors travel as their AsrError class name, message and
-retry advice, and are raised in the front as the same class with the same text, so the gRPC status a caller sees
-is the one an in-process engine would give.
+One msgpack frame per message, a tagged union, so either side decodes any frame with one typed decoder and never
+unpickles anything. A Submit's audio follows its header as a second frame of the same ZeroMQ message (as vLLM
+sends large tensors beside its msgpack): the raw little-endian float32 bytes of the 16 kHz samples, sent from the
+array's own memory and read back with numpy.frombuffer over the received frame, so no copy is made in Python on
+either side (a msgpack bin field would cost three: tobytes, the encoder's buffer, the decoder's bytes). Errors
+travel as their AsrError class name, message and retry advice, and are raised in the front as the same class with
+the same text, so the gRPC status a caller sees is the one an in-process engine would give.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ class Submit(msgspec.Struct, tag="submit", frozen=True):
     """front -> engine: decode one piece of audio."""
 
     request_id: str
-    audio_f32le: bytes
+    audio_samples: int  # the second frame holds this many float32 samples
     language: str | None
     context: str
     max_new_tokens: int
@@ -114,23 +116,27 @@ def decode_from_engine(frame: bytes | memoryview) -> FromEngine:
 # ---- domain values <-> messages ----
 
 
-def submit_from_request(request: DecodeRequest) -> Submit:
+def submit_frames(request: DecodeRequest) -> list[bytes | memoryview]:
+    """The ZeroMQ message that submits `request`: the Submit header, then the samples' bytes (not copied)."""
     audio = np.ascontiguousarray(request.audio_16k, dtype=_AUDIO_DTYPE)
     options = request.options
-    return Submit(
+    header = Submit(
         request_id=request.request_id,
-        audio_f32le=audio.tobytes(),
+        audio_samples=int(audio.shape[0]),
         language=options.language,
         context=options.context,
         max_new_tokens=options.max_new_tokens,
         prefix_text=request.prefix_text,
         forced_num_tokens=request.forced_num_tokens,
     )
+    return [encode(header), memoryview(audio.data).cast("B")]
 
 
-def request_from_submit(message: Submit) -> DecodeRequest:
-    # Read-only view of the frame's bytes: the engine reads audio and never writes it.
-    audio = np.frombuffer(message.audio_f32le, dtype=_AUDIO_DTYPE).astype(np.float32, copy=False)
+def request_from_submit(message: Submit, audio_frame: bytes | memoryview) -> DecodeRequest:
+    """The request a Submit and its audio frame carry; the samples are a read-only view of the frame."""
+    if len(audio_frame) != message.audio_samples * _AUDIO_DTYPE.itemsize:
+        raise ValueError(f"a Submit of {message.audio_samples} samples came with {len(audio_frame)} audio bytes")
+    audio = np.frombuffer(audio_frame, dtype=_AUDIO_DTYPE).astype(np.float32, copy=False)
     return DecodeRequest(
         request_id=message.request_id,
         audio_16k=audio,
