@@ -314,3 +314,35 @@ async def test_two_engine_processes_balance_and_one_killed_leaves_the_other_serv
     finally:
         await engine.stop()
     assert all(r.state == "stopped" for r in replicas)
+
+
+@pytest.mark.parametrize("mode", ["off", "on"])
+async def test_a_full_engine_queue_is_the_same_status_and_message_in_both_modes(mode: str) -> None:
+    config = in_process(fake_config(fake_batch_delay_ms=1500.0, max_inference_batch_size=1, max_queued_requests=2), mode)
+    async with running_server(config) as (server, channel):
+        assert isinstance(server.engine, EngineProcess) == (mode == "on")
+        stub = pb_grpc.AsrServiceStub(channel)
+        outcomes = await asyncio.gather(
+            *(stub.Transcribe(pb.TranscribeRequest(audio=wav_bytes(tone(1.0, seed=i)))) for i in range(3)),
+            return_exceptions=True,
+        )
+    refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(refused) == 1, outcomes
+    assert refused[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused[0].details() == (
+        "the engine queue is full (2 pieces of audio waiting, limit 2); retry with exponential backoff"
+    )
+    info = retry_info(refused[0])
+    assert info is not None and info.retry_delay.ToTimedelta().total_seconds() == 1.0
+
+
+async def test_a_first_start_that_fails_fails_the_server_start_and_leaves_no_process(tmp_path: Any) -> None:
+    config = dataclasses.replace(
+        fake_config(),
+        model=ModelConfig(model=str(tmp_path / "no-such-model"), device="cpu", dtype="float32"),
+        engine=EngineConfig(kind="transformers", warmup=False, process="on"),
+    )
+    with pytest.raises(RuntimeError, match="engine failed to start: .*no-such-model"):
+        async with running_server(config):
+            pass
+    assert multiprocessing.active_children() == []
