@@ -346,3 +346,29 @@ async def test_a_first_start_that_fails_fails_the_server_start_and_leaves_no_pro
         async with running_server(config):
             pass
     assert multiprocessing.active_children() == []
+
+
+async def test_stop_while_the_engine_process_starts_or_waits_to_restart_returns_promptly() -> None:
+    from asr_server.engine.process.client import RestartPolicy
+
+    config = in_process(fake_config(), "on")
+    loading = EngineProcess(config, "cpu", name="loading")
+    starting = asyncio.ensure_future(loading.start())
+    await until(lambda: loading.pid is not None, what="the child to be spawned")
+    pid = loading.pid
+    assert pid is not None
+    await asyncio.wait_for(loading.stop(), 15.0)
+    await asyncio.wait_for(starting, 1.0)  # start() returns, as an in-process runner's does when stopped
+    assert loading.state == "stopped" and not alive(pid)
+
+    waiting = EngineProcess(config, "cpu", name="waiting", policy=RestartPolicy(backoff_initial_s=60.0))
+    await waiting.start()
+    pid = waiting.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    await until(lambda: waiting.state == "failed", what="the kill to be seen")
+    stopped_s = time.monotonic()
+    await asyncio.wait_for(waiting.stop(), 5.0)
+    assert time.monotonic() - stopped_s < 2.0  # not the 60 s backoff
+    assert waiting.starts == 1 and waiting.state == "stopped"
+    assert multiprocessing.active_children() == []

@@ -108,7 +108,9 @@ async def _serve(spec: ChildSpec) -> int:
         await socket.send(m.encode(m.Ready(model_id=runner.model_id, pid=os.getpid())))
         logger.info("engine process ready (%s on %s)", runner.model_id, spec.device)
         await _loop(socket, runner, stop)
-        return 0
+        # An engine thread that died leaves the process too: the front sees the exit and starts a fresh one, where
+        # a process that stayed would answer every request "failed" for ever.
+        return 1 if runner.state == "failed" else 0
     finally:
         watchdog.cancel()
         # Stops the engine thread: requests still queued or decoding are answered Unavailable by their tasks.
@@ -120,7 +122,7 @@ async def _serve(spec: ChildSpec) -> int:
 async def _loop(socket: zmq.asyncio.Socket, runner: EngineRunner, stop: asyncio.Event) -> None:
     tasks: dict[str, asyncio.Task[None]] = {}
     counters = _Counters()
-    receiving = asyncio.create_task(_receive(socket, runner, tasks, counters))
+    receiving = asyncio.create_task(_receive(socket, runner, tasks, counters, stop))
     stopping = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -136,7 +138,11 @@ async def _loop(socket: zmq.asyncio.Socket, runner: EngineRunner, stop: asyncio.
 
 
 async def _receive(
-    socket: zmq.asyncio.Socket, runner: EngineRunner, tasks: dict[str, asyncio.Task[None]], counters: _Counters
+    socket: zmq.asyncio.Socket,
+    runner: EngineRunner,
+    tasks: dict[str, asyncio.Task[None]],
+    counters: _Counters,
+    stop: asyncio.Event,
 ) -> None:
     while True:
         frames = await socket.recv_multipart(copy=False)
@@ -146,7 +152,7 @@ async def _receive(
             if len(frames) != 2:
                 raise ValueError(f"a Submit came in {len(frames)} frames, not 2")
             request = m.request_from_submit(message, frames[1].buffer)
-            task = asyncio.create_task(_decode(socket, runner, request, counters))
+            task = asyncio.create_task(_decode(socket, runner, request, counters, stop))
             tasks[message.request_id] = task
             task.add_done_callback(_forget(tasks, message.request_id))
         elif isinstance(message, m.Abort):
@@ -177,7 +183,7 @@ def _forget(tasks: dict[str, asyncio.Task[None]], request_id: str) -> Callable[[
 
 
 async def _decode(
-    socket: zmq.asyncio.Socket, runner: EngineRunner, request: DecodeRequest, counters: _Counters
+    socket: zmq.asyncio.Socket, runner: EngineRunner, request: DecodeRequest, counters: _Counters, stop: asyncio.Event
 ) -> None:
     reply: m.Result | m.Failure
     try:
@@ -188,6 +194,9 @@ async def _decode(
         if not isinstance(exc, AsrError):
             logger.exception("request %s failed in the engine", request.request_id)
         reply = m.failure_message(request.request_id, exc)
+        if runner.state == "failed":
+            logger.error("the engine thread is gone; the engine process exits to be restarted")
+            stop.set()
     else:
         reply = m.result_message(result)
     counters.finished += 1

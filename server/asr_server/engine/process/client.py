@@ -96,7 +96,6 @@ class EngineProcess:
         self._listeners: list[Callable[[bool], None]] = []
         self._socket: zmq.asyncio.Socket | None = None  # of the child that is ready; None while there is none
         self._process: BaseProcess | None = None
-        self._exited: asyncio.Future[object] | None = None
         self._context: zmq.asyncio.Context | None = None
         self._directory = ""
         self._supervisor: asyncio.Task[None] | None = None
@@ -152,16 +151,7 @@ class EngineProcess:
             return
         self._stopping.set()
         self._set_state("stopping")
-        process, exited = self._process, self._exited
-        if process is not None and exited is not None and not exited.done():
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
-            try:
-                await asyncio.wait_for(asyncio.shield(exited), self._policy.stop_grace_s)
-            except TimeoutError:
-                logger.warning("%s process (pid %s) ignored SIGTERM; killing it", self._name, process.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
+        # The supervisor stops the child it runs, whatever step it is at (spawning, loading, serving, backing off).
         if self._supervisor is not None:
             await self._supervisor
         self._fail_pending(Unavailable(SHUTTING_DOWN))
@@ -284,12 +274,15 @@ class EngineProcess:
                 await asyncio.to_thread(process.start)
             except OSError as exc:
                 return False, f"could not start: {exc}"
-            self._process, self._exited = process, exited
+            self._process = process
             loop.add_reader(process.sentinel, _resolver(exited))
             logger.info("%s process started (pid %d) on %s", self._name, process.pid, self._device)
             became_ready: asyncio.Future[object] = asyncio.ensure_future(ready.wait())
+            stopping: asyncio.Future[object] = asyncio.ensure_future(self._stopping.wait())
             done, _ = await asyncio.wait(
-                {exited, became_ready}, timeout=self._policy.start_timeout_s, return_when=asyncio.FIRST_COMPLETED
+                {exited, became_ready, stopping},
+                timeout=self._policy.start_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
             )
             became_ready.cancel()
             was_ready = ready.is_set() and not exited.done()
@@ -300,7 +293,10 @@ class EngineProcess:
             elif not done:
                 logger.error("%s process not ready after %.0f s; killing it", self._name, self._policy.start_timeout_s)
                 process.kill()
-            await exited
+            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not exited.done():
+                await self._terminate(process, exited)
             loop.remove_reader(process.sentinel)
             process.join(0)  # reaps it (it has exited: no wait)
             self.last_exit = describe_exit(process.exitcode)
@@ -315,6 +311,18 @@ class EngineProcess:
             receiver.cancel()
             await asyncio.gather(receiver, return_exceptions=True)
             socket.close(linger=0)
+
+    async def _terminate(self, process: BaseProcess, exited: asyncio.Future[object]) -> None:
+        """SIGTERM (the child answers what it holds and exits), SIGKILL after the grace."""
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), self._policy.stop_grace_s)
+        except TimeoutError:
+            logger.warning("%s process (pid %s) ignored SIGTERM; killing it", self._name, process.pid)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await exited
 
     async def _receive(self, socket: zmq.asyncio.Socket, ready: asyncio.Event, failure: list[str]) -> None:
         while True:
