@@ -230,8 +230,9 @@ async def test_stop_leaves_no_engine_process() -> None:
 
 
 @pytest.mark.slow
-async def test_the_engine_process_exits_when_its_front_is_killed() -> None:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+async def test_the_engine_process_exits_when_its_front_is_killed(tmp_path: Any) -> None:
+    # The front's socket directory goes under TMPDIR: the orphan removes it, since its killed front cannot.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp_path))
     front = subprocess.Popen(
         [sys.executable, "-m", "asr_server.cli", "serve", "--engine", "fake", "--engine-process", "on",
          "--host", "127.0.0.1", "--port", "0", "--no-warmup"],
@@ -246,7 +247,9 @@ async def test_the_engine_process_exits_when_its_front_is_killed() -> None:
         front.kill()
         front.wait()
         # The engine process (and multiprocessing's resource tracker beside it) leave without their parent.
+        assert len(list(tmp_path.glob("asr-engine-*"))) == 1
         await until(lambda: not any(alive(c.pid) for c in children), timeout_s=10.0, what="the orphans to exit")
+        assert list(tmp_path.glob("asr-engine-*")) == []
     finally:
         if front.poll() is None:
             front.kill()

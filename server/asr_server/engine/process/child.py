@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -71,11 +73,15 @@ def main(spec: ChildSpec) -> None:
     interval_ms = spec.config.server.gil_switch_interval_ms
     if interval_ms > 0:
         sys.setswitchinterval(interval_ms / 1000)
-    code = asyncio.run(_serve(spec))
+    orphaned = threading.Event()
+    code = asyncio.run(_serve(spec, orphaned))
+    if orphaned.is_set() and spec.address.startswith("ipc://"):
+        # The front that made the socket's directory was killed and cannot remove it; nobody else will.
+        shutil.rmtree(os.path.dirname(spec.address.removeprefix("ipc://")), ignore_errors=True)
     sys.exit(code)
 
 
-async def _serve(spec: ChildSpec) -> int:
+async def _serve(spec: ChildSpec, orphaned: threading.Event) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -86,7 +92,7 @@ async def _serve(spec: ChildSpec) -> int:
     socket.rcvhwm = 0
     socket.linger = _LINGER_MS
     socket.connect(spec.address)
-    watchdog = asyncio.create_task(_watch_parent(spec.parent_pid, stop))
+    watchdog = asyncio.create_task(_watch_parent(spec.parent_pid, stop, orphaned))
     engine = spec.config.engine
     runner = EngineRunner(
         make_core_factory(spec.config, spec.device), batching_policy(engine), name=spec.name, warmup=engine.warmup
@@ -203,11 +209,12 @@ async def _decode(
     _send(socket, reply)
 
 
-async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
+async def _watch_parent(parent_pid: int, stop: asyncio.Event, orphaned: threading.Event) -> None:
     # Polled: no event tells a child that its parent died (the pid turns into a reaper's once it has).
     while os.getppid() == parent_pid:  # noqa: ASYNC110
         await asyncio.sleep(PARENT_POLL_S)
     logger.warning("the front process (pid %d) is gone; stopping the engine", parent_pid)
+    orphaned.set()
     stop.set()
     # A hung engine thread must not keep the device: if stopping takes too long, leave hard.
     await asyncio.sleep(30.0)
