@@ -19,6 +19,7 @@ from asr_server.models.devices import parse_device_list
 
 TracingExporter = Literal["none", "console", "otlp"]
 EngineKind = Literal["continuous", "transformers", "fake"]
+EngineProcessMode = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,9 @@ class EngineConfig:
     # Benchmarks only: every request generates exactly this many tokens per audio second (+6 for the language
     # prefix), ignoring EOS, so random-weight models produce realistic lengths. 0: off.
     bench_forced_tokens_per_audio_s: float = 0.0
+    # The engine core in its own process per replica (engine/process): "on", "off", or "auto": on for a model on
+    # CUDA, off for the fake engine and CPU (in-process there: tests and `make demo` start no extra processes).
+    process: EngineProcessMode = "auto"
 
 
 @dataclass(frozen=True)
@@ -309,6 +313,13 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("engine", "devices", "--devices", parse_device_list, "one engine replica per device, e.g. cuda:0,cuda:1"),
     (
         "engine",
+        "process",
+        "--engine-process",
+        str,
+        "engine core in its own process per replica: auto (on for CUDA models), on or off",
+    ),
+    (
+        "engine",
         "bench_forced_tokens_per_audio_s",
         "--bench-forced-tokens-per-audio-s",
         float,
@@ -520,6 +531,7 @@ def validate(config: Config) -> None:
         e.kind in ("continuous", "transformers", "fake"),
         f"--engine must be continuous, transformers or fake, not {excerpt(e.kind)}",
     )
+    need(e.process in ("auto", "on", "off"), f"--engine-process must be auto, on or off, not {excerpt(e.process)}")
     c = e.continuous
     need(c.max_running >= 1, "--max-running-requests must be >= 1")
     need(c.kv_cache_dtype in ("auto", "fp8"), "--kv-cache-dtype must be auto or fp8")

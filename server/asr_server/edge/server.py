@@ -236,6 +236,8 @@ class AsrServer:
             self.aligner.add_listener(self._on_aligner_change)
             await self._set_word_timestamps_health()
             await self.aligner.start()
+        # An engine process that dies takes "" and the AsrService to NOT_SERVING until its restart is ready.
+        self.engine.add_listener(self._on_engine_change)
         await self.engine.start()
         if not self._stopping:
             self._serving = True
@@ -263,6 +265,17 @@ class AsrServer:
         if isinstance(self.aligner, ManagedAligner):
             return self.aligner.ready
         return self.aligner is not None
+
+    def _on_engine_change(self, ready: bool) -> None:
+        task = asyncio.ensure_future(self._set_engine_health())
+        self._health_updates.add(task)  # a task nobody references may be garbage-collected before it runs
+        task.add_done_callback(self._health_updates.discard)
+
+    async def _set_engine_health(self) -> None:
+        # Read when the task runs, not when the change was seen: of two quick changes, the later state wins.
+        up = self._serving and not self._stopping and self.engine.state == "ready"
+        serving = health_pb2.HealthCheckResponse.SERVING
+        await self._set_health(serving if up else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _on_aligner_change(self, ready: bool) -> None:
         task = asyncio.ensure_future(self._set_word_timestamps_health())

@@ -152,6 +152,10 @@ class EngineRunner:
     def in_flight(self) -> int:
         return self._worker.in_flight
 
+    def add_listener(self, listener: Callable[[bool], None]) -> None:
+        """The replica interface (replicas.py). In-process, readiness changes only at start and stop, which the
+        server drives itself: there is nothing to report, and `listener` is never called."""
+
     async def start(self) -> None:
         """Starts the thread, which loads the model and warms it up; returns when it is ready."""
         await self._worker.start()

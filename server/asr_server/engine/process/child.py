@@ -1,0 +1,222 @@
+"""The engine process: the main loop of one replica's engine core, started by the front with multiprocessing's
+"spawn" context (a fresh interpreter: nothing of the front's torch, CUDA or gRPC state is inherited).
+
+Inside, an ordinary EngineRunner (engine/runner.py) loads the core on its own thread and does the batching,
+back-pressure and aborts exactly as in-process; this loop only carries its calls over one ZeroMQ DEALER socket
+connected to the front. Each Submit becomes a task awaiting `runner.decode`; an Abort cancels that task, which
+withdraws the request from the runner at once. Errors go back as Failure messages (messages.py).
+
+The process stops on SIGTERM (the runner answers what is still queued with Unavailable,
+those answers are sent, then it exits), and also when its parent is gone: it polls its parent pid, because an
+engine process left behind a killed front would hold the device (and its memory) for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+
+from asr_server.config import Config
+from asr_server.engine.cores import batching_policy, make_core_factory
+from asr_server.engine.process import messages as m
+from asr_server.engine.runner import EngineRunner
+from asr_server.engine.types import DecodeRequest
+from asr_server.errors import AsrError
+
+logger = logging.getLogger(__name__)
+
+# How often the process checks that its parent still lives: a front killed with SIGKILL costs the device at most this.
+PARENT_POLL_S = 0.5
+# On the way out, the answers still in the socket get this long to reach the front.
+_LINGER_MS = 2000
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """What the engine process is started with (pickled once by multiprocessing at spawn; frozen values only)."""
+
+    config: Config
+    device: str
+    address: str  # the front's bound socket: ipc:///path
+    parent_pid: int
+    name: str
+    log_level: int = logging.INFO
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self.submitted = 0
+        self.aborted = 0
+        self.finished = 0
+
+
+def main(spec: ChildSpec) -> None:
+    """The process's entry point (the multiprocessing target)."""
+    logging.basicConfig(
+        level=spec.log_level,
+        format=f"%(asctime)s %(levelname)s %(name)s [{spec.name} pid {os.getpid()}]: %(message)s",
+        stream=sys.stderr,
+    )
+    # Ctrl-C in a terminal reaches the whole process group: the front handles it and stops this process in order
+    # (after draining its calls), so the engine must not die first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    interval_ms = spec.config.server.gil_switch_interval_ms
+    if interval_ms > 0:
+        sys.setswitchinterval(interval_ms / 1000)
+    orphaned = threading.Event()
+    code = asyncio.run(_serve(spec, orphaned))
+    if orphaned.is_set() and spec.address.startswith("ipc://"):
+        # The front that made the socket's directory was killed and cannot remove it; nobody else will.
+        shutil.rmtree(os.path.dirname(spec.address.removeprefix("ipc://")), ignore_errors=True)
+    sys.exit(code)
+
+
+async def _serve(spec: ChildSpec, orphaned: threading.Event) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    context = zmq.asyncio.Context()
+    socket = context.socket(zmq.DEALER)
+    # Unbounded queues: back-pressure is the runner's (--max-queued-requests), never a socket that blocks.
+    socket.sndhwm = 0
+    socket.rcvhwm = 0
+    socket.linger = _LINGER_MS
+    socket.connect(spec.address)
+    watchdog = asyncio.create_task(_watch_parent(spec.parent_pid, stop, orphaned))
+    engine = spec.config.engine
+    runner = EngineRunner(
+        make_core_factory(spec.config, spec.device), batching_policy(engine), name=spec.name, warmup=engine.warmup
+    )
+    try:
+        start = asyncio.create_task(runner.start())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not start.done():
+            # Stopped while loading (the front is going away): nobody waits for this engine any more.
+            logger.info("stopped while loading")
+            return 0
+        stopped.cancel()
+        try:
+            start.result()
+        except Exception as exc:  # noqa: BLE001 - reported to the front, which fails its start with it
+            await socket.send(m.encode(m.StartFailed(str(exc))))
+            return 1
+        await socket.send(m.encode(m.Ready(model_id=runner.model_id, pid=os.getpid())))
+        logger.info("engine process ready (%s on %s)", runner.model_id, spec.device)
+        await _loop(socket, runner, stop)
+        # An engine thread that died leaves the process too: the front sees the exit and starts a fresh one, where
+        # a process that stayed would answer every request "failed" for ever.
+        return 1 if runner.state == "failed" else 0
+    finally:
+        watchdog.cancel()
+        # Stops the engine thread: requests still queued or decoding are answered Unavailable by their tasks.
+        await runner.stop()
+        socket.close()
+        context.term()
+
+
+async def _loop(socket: zmq.asyncio.Socket, runner: EngineRunner, stop: asyncio.Event) -> None:
+    tasks: dict[str, asyncio.Task[None]] = {}
+    counters = _Counters()
+    receiving = asyncio.create_task(_receive(socket, runner, tasks, counters, stop))
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if receiving.done():
+            receiving.result()  # only ends by raising: a bug, logged by the caller's traceback
+    finally:
+        receiving.cancel()
+        stopping.cancel()
+        # The runner's stop answers the requests still held (Unavailable); their tasks send those answers.
+        await runner.stop()
+        if tasks:
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+
+async def _receive(
+    socket: zmq.asyncio.Socket,
+    runner: EngineRunner,
+    tasks: dict[str, asyncio.Task[None]],
+    counters: _Counters,
+    stop: asyncio.Event,
+) -> None:
+    while True:
+        frames = await socket.recv_multipart(copy=False)
+        message = m.decode_to_engine(frames[0].buffer)
+        if isinstance(message, m.Submit):
+            counters.submitted += 1
+            if len(frames) != 2:
+                raise ValueError(f"a Submit came in {len(frames)} frames, not 2")
+            request = m.request_from_submit(message, frames[1].buffer)
+            task = asyncio.create_task(_decode(socket, runner, request, counters, stop))
+            tasks[message.request_id] = task
+            task.add_done_callback(_forget(tasks, message.request_id))
+        elif isinstance(message, m.Abort):
+            aborted = tasks.pop(message.request_id, None)
+            if aborted is not None:
+                counters.aborted += 1
+                aborted.cancel()
+        else:  # StatsQuery
+            stats = m.Stats(message.query_id, len(tasks), counters.submitted, counters.aborted, counters.finished)
+            _send(socket, stats)
+
+
+def _send(socket: zmq.asyncio.Socket, message: m.FromEngine) -> None:
+    # NOBLOCK through the asyncio socket: sent at once (the queue is unbounded), and pyzmq re-checks for frames that
+    # arrived meanwhile (a send can consume the edge of its file descriptor). It fails only when the front's end is
+    # gone: then nobody waits for this answer.
+    sent = asyncio.ensure_future(socket.send(m.encode(message), zmq.NOBLOCK))  # a Future already: returned as is
+    if sent.done() and sent.exception() is not None:
+        logger.warning("an answer could not be sent to the front: %s", sent.exception())
+
+
+def _forget(tasks: dict[str, asyncio.Task[None]], request_id: str) -> Callable[[asyncio.Task[None]], None]:
+    def forget(task: asyncio.Task[None]) -> None:
+        if tasks.get(request_id) is task:
+            del tasks[request_id]
+
+    return forget
+
+
+async def _decode(
+    socket: zmq.asyncio.Socket, runner: EngineRunner, request: DecodeRequest, counters: _Counters, stop: asyncio.Event
+) -> None:
+    reply: m.Result | m.Failure
+    try:
+        result = await runner.decode(request)
+    except asyncio.CancelledError:
+        return  # aborted: the front has already answered its caller
+    except Exception as exc:  # noqa: BLE001 - every failure goes back to the front, which raises it for the caller
+        if not isinstance(exc, AsrError):
+            logger.exception("request %s failed in the engine", request.request_id)
+        reply = m.failure_message(request.request_id, exc)
+        if runner.state == "failed":
+            logger.error("the engine thread is gone; the engine process exits to be restarted")
+            stop.set()
+    else:
+        reply = m.result_message(result)
+    counters.finished += 1
+    _send(socket, reply)
+
+
+async def _watch_parent(parent_pid: int, stop: asyncio.Event, orphaned: threading.Event) -> None:
+    # Polled: no event tells a child that its parent died (the pid turns into a reaper's once it has).
+    while os.getppid() == parent_pid:  # noqa: ASYNC110
+        await asyncio.sleep(PARENT_POLL_S)
+    logger.warning("the front process (pid %d) is gone; stopping the engine", parent_pid)
+    orphaned.set()
+    stop.set()
+    # A hung engine thread must not keep the device: if stopping takes too long, leave hard.
+    await asyncio.sleep(30.0)
+    logger.error("the engine did not stop within 30 s of its parent's death; exiting")
+    os._exit(1)
