@@ -12,6 +12,10 @@
 #                                    # issue 11's table: ours and plain model.generate (--engine transformers,
 #                                    # padded batches of 64) at the same loads, one after the other in this run;
 #                                    # each row appended to $RESULTS (bench/results/h200-engine.json's shape)
+#   bash bench/run_gpu.sh ours17 chunk17  # ours only (the generate rows change with no commit of ours); chunk17:
+#                                    # the same server with --max-step-tokens $STEP_TOKENS (chunked prefill)
+#   bash bench/run_gpu.sh stream17   # live streams (bench/streaming_bench.py, $SPEECH WAV, 1/64/128/256 streams),
+#                                    # rows appended to $STREAM_RESULTS (bench/results/h200-streaming.json's shape)
 # Results go to $OUT (or bench/out) as JSON and logs; each load line is printed as it finishes.
 set -uo pipefail
 OUT=${OUT:-bench/out}
@@ -22,6 +26,9 @@ PY=${PY:-python3}
 PORT=${PORT:-50551}
 RESULTS=${RESULTS:-$OUT/h200-engine.json}
 COMMIT=${COMMIT:-unknown}
+STREAM_RESULTS=${STREAM_RESULTS:-$OUT/h200-streaming.json}
+STEP_TOKENS=${STEP_TOKENS:-2048}
+SPEECH=${SPEECH:-.benchdata/speech.wav}
 SERVER_PID=""
 
 start_server() {  # $1 model dir, $2 log name, rest: extra flags
@@ -58,6 +65,14 @@ row() {  # model, side, label, then loadgen flags: a load whose result is also a
 
 # A 2 s batch window: with 128 callers uploading 120 s clips at once, 100 ms formed batches of 16, 64 and 48.
 GENERATE_FLAGS=(--engine transformers --max-inference-batch-size 64 --max-batch-wait-ms 2000)
+
+ours_rows() {  # size, model name, label suffix
+  local size=$1 name=$2 tag=$3
+  row "$name" ours "$size-$tag-alone-120s" --concurrency 1 --audio-s 120 --requests 3
+  row "$name" ours "$size-$tag-alone-5s" --concurrency 1 --audio-s 5 --requests 20
+  row "$name" ours "$size-$tag-c64-5s" --concurrency 64 --audio-s 5 --requests 640
+  row "$name" ours "$size-$tag-c128-120s" --concurrency 128 --audio-s 120 --requests 256
+}
 
 table() {  # size (1.7b | 0.6b), model name: ours, then plain generate at the same loads
   local size=$1 name=$2 dir=/tmp/rand-$1
@@ -149,6 +164,26 @@ for section in "$@"; do
       stop_server
       ;;
     table17) table 1.7b 1.7B ;;
+    ours17|chunk17)
+      [ -d /tmp/rand-1.7b ] || $PY bench/build_random_checkpoint.py --size 1.7b --out /tmp/rand-1.7b --device cuda
+      if [ "$section" = ours17 ]; then
+        start_server /tmp/rand-1.7b server-ours17.log || continue
+        ours_rows 1.7b 1.7B ours
+      else
+        start_server /tmp/rand-1.7b server-chunk17.log --max-step-tokens "$STEP_TOKENS" || continue
+        ours_rows 1.7b "1.7B chunked-prefill-$STEP_TOKENS" chunk
+      fi
+      grep -E "engine process|ERROR|Traceback" "$OUT/server-$section.log" | head -10
+      stop_server
+      ;;
+    stream17)
+      [ -d /tmp/rand-1.7b ] || $PY bench/build_random_checkpoint.py --size 1.7b --out /tmp/rand-1.7b --device cuda
+      $PY bench/streaming_bench.py --serve "--model /tmp/rand-1.7b --engine continuous --bench-forced-tokens-per-audio-s 4 \
+        --max-batch-wait-ms 0 --max-inference-batch-size 128 --max-running-requests 256 --max-live-streams-per-replica 1024 \
+        --no-reflection" --switch-interval-ms 0.5 --streams "${STREAMS:-1,64,128,256}" --duration-s "${STREAM_S:-25}" \
+        --speech "$SPEECH" --label Qwen3-ASR-1.7B --commit "$COMMIT" --results-json "$STREAM_RESULTS" \
+        --json "$OUT/stream17.json" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/table.txt"
+      ;;
     table06) table 0.6b 0.6B ;;
     ratio)
       $PY - "$RESULTS" <<'PYEOF'
@@ -176,4 +211,4 @@ echo "==== table"
 cat "$OUT/table.txt" 2>/dev/null
 # The device tool brings back at most 8 files: pack the details into one archive.
 ( cd "$OUT" && files=$(ls | grep -v -e '^results.tgz$' -e '^table.txt$') && [ -n "$files" ] \
-  && tar czf results.tgz --remove-files $(echo "$files" | grep -v -e '^h200-engine.json$') )
+  && tar czf results.tgz --remove-files $(echo "$files" | grep -v -e '^h200-engine.json$' -e '^h200-streaming.json$') )
