@@ -97,8 +97,10 @@ def tolerant(deserialize: Callable[[bytes], Any], message_type: str) -> Callable
 class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Puts every AsrService method on the one path (see the module doc); other services pass untouched."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, refusal: Callable[[], AsrError | None] | None = None) -> None:
         self._prefix = f"/{SERVICE.full_name}/"
+        # Asked before each call: an error to refuse it with (shutting down), or None to run it.
+        self._refusal = refusal or _admit_all
 
     async def intercept_service(
         self,
@@ -113,10 +115,16 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         described = SERVICE.methods_by_name.get(name)
         if described is None:
             return handler
-        return guarded(handler, name, described.input_type.full_name)
+        return guarded(handler, name, described.input_type.full_name, refusal=self._refusal)
 
 
-def guarded(handler: Any, method: str, message_type: str) -> Any:
+def _admit_all() -> AsrError | None:
+    return None
+
+
+def guarded(
+    handler: Any, method: str, message_type: str, *, refusal: Callable[[], AsrError | None] = _admit_all
+) -> Any:
     """`handler` with a tolerant request deserializer, inside the method's span and error path."""
     streaming_in: bool = handler.request_streaming
     if handler.response_streaming:
@@ -125,6 +133,7 @@ def guarded(handler: Any, method: str, message_type: str) -> Any:
         async def stream_behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             with rpc_span(method, context.invocation_metadata()) as span:
                 try:
+                    _admit(refusal)
                     async with aclosing(inner_stream(_parsed(request, streaming_in), context)) as responses:
                         async for response in responses:
                             yield response
@@ -140,6 +149,7 @@ def guarded(handler: Any, method: str, message_type: str) -> Any:
         async def unary_behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             with rpc_span(method, context.invocation_metadata()) as span:
                 try:
+                    _admit(refusal)
                     return await inner_unary(_parsed(request, streaming_in), context)
                 except (asyncio.CancelledError, grpc.aio.AbortError):
                     raise
@@ -151,6 +161,12 @@ def guarded(handler: Any, method: str, message_type: str) -> Any:
     return with_behaviour(
         handler, behaviour, request_deserializer=None if deserialize is None else tolerant(deserialize, message_type)
     )
+
+
+def _admit(refusal: Callable[[], AsrError | None]) -> None:
+    refused = refusal()
+    if refused is not None:
+        raise refused
 
 
 def with_behaviour(handler: Any, behaviour: Any, *, request_deserializer: Any = None) -> Any:

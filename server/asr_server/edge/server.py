@@ -1,7 +1,8 @@
 """The grpc.aio server: services, health, reflection, auth, and the start/stop lifecycle.
 
 Health is NOT_SERVING from the moment the port opens until the model is loaded and warmed up, SERVING
-after, and NOT_SERVING again as soon as shutdown begins; in-flight calls then get the grace period to finish.
+after, and NOT_SERVING again as soon as shutdown begins; in-flight calls then get the grace period to finish
+while health keeps answering NOT_SERVING and new calls are refused UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from asr_server.edge.servicer import AsrServicer
 from asr_server.edge.tls import ReloadingCertificates, server_credentials
 from asr_server.engine.core import EngineCore
 from asr_server.engine.factory import Engine, build_engine
+from asr_server.errors import AsrError, Unavailable
 from asr_server.tracing import SERVICE, setup_tracing
 from asr_server.transcription import AlignBackend, Transcriber, TranscriberLimits
 from qwenasr.v1 import asr_pb2, asr_pb2_grpc
@@ -201,7 +203,7 @@ class AsrServer:
         if self.config.server.auth_token:
             interceptors.append(_AuthInterceptor(self.config.server.auth_token))
         interceptors.append(_InFlightInterceptor(self._in_flight))
-        interceptors.append(RpcInterceptor())
+        interceptors.append(RpcInterceptor(refusal=self._refusal))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -280,17 +282,19 @@ class AsrServer:
             await self.health.set(name, status)
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """NOT_SERVING at once, then in-flight calls get `grace_s` to finish, then the engine stops."""
+        """NOT_SERVING at once, then in-flight calls get `grace_s` to finish, then the engine stops.
+
+        The port stays open through the grace: health `Check` and `Watch` keep answering NOT_SERVING (probes and
+        balancers see a draining replica, not a dead one), and new AsrService calls are refused UNAVAILABLE with
+        retry advice (`_refusal`). grpc's `server.stop(grace)` would refuse every new call at once, health
+        checks included, which probes read as UNAVAILABLE instead of NOT_SERVING.
+        """
         if self._stopping:
             return
         self._stopping = True
         await self.health.enter_graceful_shutdown()
         grace = self.config.server.grace_period_s if grace_s is None else grace_s
         if self._server is not None:
-            # stop(grace) refuses new calls at once but would wait out the whole grace for long-lived health Watch
-            # streams (load balancers, sidecars keep one open); once our own calls are done, a second stop(None)
-            # ends those at once, as grpc documents for a later call with a shorter grace.
-            stopping = asyncio.create_task(self._server.stop(grace))
             # Live streams never end by themselves: their open utterances are flushed as finals within the grace,
             # then they end UNAVAILABLE, so a caller loses no speech and reconnects elsewhere.
             draining = asyncio.create_task(self._servicer.drain_streams()) if self._servicer is not None else None
@@ -300,11 +304,17 @@ class AsrServer:
                 logger.warning("grace period over with %d calls in flight; cancelling them", self._in_flight.count)
             if draining is not None and not draining.done():
                 draining.cancel()
+            # Our calls are done (or out of time): this ends the rest, health Watch streams included, at once.
             await self._server.stop(None)
-            await stopping
         await self.engine.stop()
         if isinstance(self.aligner, ManagedAligner):
             await self.aligner.stop()
+
+    def _refusal(self) -> AsrError | None:
+        """Why a new AsrService call is refused now (RpcInterceptor asks before each call), or None."""
+        if self._stopping:
+            return Unavailable("the server is shutting down; retry, on another replica")
+        return None
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
