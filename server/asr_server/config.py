@@ -137,8 +137,8 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class StreamingConfig:
-    # A live stream that sends no message for this long ends with DEADLINE_EXCEEDED (its open utterance is
-    # flushed as a final first).
+    # A live stream that sends no message for this long ends with OUT_OF_RANGE (its open utterance is flushed as a
+    # final first); GetServerInfo reports it as ServerLimits.stream_idle_timeout_ms.
     idle_timeout_s: float = 30.0
     # Live streams each engine replica takes; past (this x replicas), a new stream is refused RESOURCE_EXHAUSTED
     # with retry advice. 256 is the per-GPU target of the streaming work, not yet measured on a GPU (see

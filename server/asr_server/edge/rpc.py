@@ -43,7 +43,9 @@ _CODES: tuple[tuple[type[AsrError], grpc.StatusCode], ...] = (
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (IdleTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    # A live stream idle past --stream-idle-timeout-s: the contract's OUT_OF_RANGE (asr.proto), as Google's speech
+    # APIs answer audio timeouts; DEADLINE_EXCEEDED is the caller's own deadline.
+    (IdleTimeout, grpc.StatusCode.OUT_OF_RANGE),
 )
 
 

@@ -163,7 +163,7 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         request: pb.GetServerInfoRequest,
         context: grpc.aio.ServicerContext[pb.GetServerInfoRequest, pb.GetServerInfoResponse],
     ) -> pb.GetServerInfoResponse:
-        return convert.server_info_to_pb(
+        info = convert.server_info_to_pb(
             self._config,
             model_id=self._model_id() or self._config.model.model,
             aligner_model_id=self._config.aligner.model,
@@ -175,6 +175,8 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             max_sample_rate_hz=MAX_RAW_SAMPLE_RATE_HZ,
             max_channel_count=MAX_CHANNEL_COUNT,
         )
+        info.limits.stream_idle_timeout_ms = round(self._config.streaming.idle_timeout_s * 1000)
+        return info
 
     # ---- live streams ----
 
@@ -186,10 +188,7 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             async with asyncio.timeout(idle_s):
                 return await anext(request_iterator, None)
         except TimeoutError:
-            raise IdleTimeout(
-                f"no message for {idle_s:g} s (the server's --stream-idle-timeout-s); send audio continuously "
-                "(silence included) or half-close the stream when done"
-            ) from None
+            raise _idle_timeout(idle_s, before_config=True) from None
 
     async def _open_stream(self, request_iterator: AsyncIterator[pb.StreamingRecognizeRequest]) -> StreamingSession:
         first = await self._next_request(request_iterator)
@@ -341,16 +340,22 @@ class _IdleWatchdog:
             if not self._fired or task is None:
                 raise
             task.uncancel()
-            raise IdleTimeout(
-                f"no message for {self._idle_s:g} s (the server's --stream-idle-timeout-s); send audio "
-                "continuously (silence included) or half-close the stream when done"
-            ) from None
+            raise _idle_timeout(self._idle_s) from None
         finally:
             self._waiting = None
         return message
 
     def stop(self) -> None:
         self._handle.cancel()
+
+
+def _idle_timeout(idle_s: float, *, before_config: bool = False) -> IdleTimeout:
+    # The edge answers OUT_OF_RANGE (the contract keeps DEADLINE_EXCEEDED for the caller's own deadline).
+    flushed = "" if before_config else "; the open utterance was flushed as a final"
+    return IdleTimeout(
+        f"no audio for {idle_s:g} s: no message for the server's --stream-idle-timeout-s={idle_s:g}{flushed}; "
+        "send audio continuously (silence included) or half-close the stream when done"
+    )
 
 
 def _second_config_message(msg: pb.StreamingRecognitionConfig, session: StreamingSession, received: int) -> str:
