@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from asr_server.config import (
     sidecar_config_from_args,
     version_text,
 )
+from asr_server.logs import setup_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,9 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_sidecar_arguments(aligner)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    setup_logging(args.log_level, args.log_format)
     if args.command == "build-tiny-checkpoint":
         from asr_server.models.tiny_checkpoint import build_all
 

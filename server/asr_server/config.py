@@ -133,6 +133,9 @@ class ServerConfig:
     # one GIL; at CPython's 5 ms default a thread waiting for it stalls whole decode steps. 0.5 ms took the p50
     # decode latency of 16 live streams on an H100 from 4.8 s to 1.7 s (docs/streaming.md). 0 leaves it alone.
     gil_switch_interval_ms: float = 0.5
+    # Prometheus /metrics on its own plain-HTTP port (prometheus_client's server), apart from the gRPC port so
+    # scrapers need no gRPC and TLS; 0: not served (docs/operations.md lists the series).
+    metrics_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,7 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
         float,
         "sys.setswitchinterval for the process in ms; 0 keeps Python's default",
     ),
+    ("server", "metrics_port", "--metrics-port", int, "Prometheus /metrics on this HTTP port; 0: off"),
     ("model", "model", "--model", str, "hub id or local directory (-hf or original layout)"),
     ("model", "dtype", "--dtype", str, "auto, bfloat16, float16 or float32"),
     ("model", "device", "--device", str, "auto, cpu, cuda, cuda:N"),
@@ -506,6 +510,11 @@ def validate(config: Config) -> None:
     )
     need(0 <= config.server.port <= 65535, "--port must be 0..65535")
     need(config.server.grace_period_s >= 0, "--grace-period-s must be >= 0")
+    need(0 <= config.server.metrics_port <= 65535, "--metrics-port must be 0..65535 (0: off)")
+    need(
+        config.server.metrics_port == 0 or config.server.metrics_port != config.server.port,
+        "--metrics-port must differ from --port",
+    )
     need(
         not (config.model.device_map and len(e.devices) > 1),
         "--devices (one replica per device) and --device-map (one model split over devices) exclude each other",
@@ -605,6 +614,13 @@ def add_log_level_argument(parser: argparse.ArgumentParser, environ: Mapping[str
         "--log-level",
         default=environ.get("ASR_LOG_LEVEL", "INFO"),
         help="DEBUG, INFO, WARNING or ERROR [ASR_LOG_LEVEL; 'INFO']",
+    )
+    # Read before any config (logging comes first); a spawned aligner sidecar inherits ASR_LOG_FORMAT.
+    parser.add_argument(
+        "--log-format",
+        default=environ.get("ASR_LOG_FORMAT", "text"),
+        choices=("text", "json"),
+        help="text, or json: one JSON object per line, tracebacks inside it [ASR_LOG_FORMAT; 'text']",
     )
 
 

@@ -21,12 +21,15 @@ from grpc_reflection.v1alpha import reflection
 
 from asr_server.aligner.managed import WORD_TIMESTAMPS_HEALTH_SERVICE, ManagedAligner
 from asr_server.config import Config, ConnectionConfig
-from asr_server.edge.rpc import RpcInterceptor, with_behaviour
+from asr_server.edge.rpc import ObservingInterceptor, RpcInterceptor, with_behaviour
 from asr_server.edge.servicer import AsrServicer
 from asr_server.edge.tls import ReloadingCertificates, server_credentials
 from asr_server.engine.core import EngineCore
 from asr_server.engine.factory import Engine, build_engine
+from asr_server.engine.replicas import ReplicatedRunner
 from asr_server.errors import AsrError, Unavailable
+from asr_server.logs import AccessLog
+from asr_server.metrics import MetricsEndpoint, ReplicaLoad, ServerMetrics
 from asr_server.tracing import SERVICE, setup_tracing
 from asr_server.transcription import AlignBackend, Transcriber, TranscriberLimits
 from qwenasr.v1 import asr_pb2, asr_pb2_grpc
@@ -35,6 +38,10 @@ logger = logging.getLogger(__name__)
 
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 _OVERHEAD_BYTES = 1024 * 1024  # room for the config beside max_message_bytes of audio
+
+
+class StartupError(RuntimeError):
+    """The server cannot start for a reason the operator can fix; the CLI prints its message as one line."""
 
 
 class _AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -193,13 +200,19 @@ class AsrServer:
         self._stopping = False
         # With TLS: the reloading certificate files (their reload count is what tests and operators can read).
         self.certificates: ReloadingCertificates | None = None
+        # Recorded always (cheap); served only with --metrics-port.
+        self.metrics = ServerMetrics(live_streams=self._live_streams, engine_load=self._engine_load)
+        self._metrics_endpoint: MetricsEndpoint | None = None
 
     async def start(self) -> int:
         """Opens the port (health NOT_SERVING), loads and warms the engine, then reports SERVING."""
         max_bytes = self.config.limits.max_message_bytes + _OVERHEAD_BYTES
         # Auth first: a refused call is never counted as in flight and is refused whatever its bytes. The error
         # path innermost, so that the in-flight count also covers a call's status being sent.
-        interceptors: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]
+        # Observing outermost: the access log and the metrics see every call's final status, auth refusals too.
+        interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
+            ObservingInterceptor([self.metrics, AccessLog()])
+        ]
         if self.config.server.auth_token:
             interceptors.append(_AuthInterceptor(self.config.server.auth_token))
         interceptors.append(_InFlightInterceptor(self._in_flight))
@@ -214,7 +227,11 @@ class AsrServer:
             ],
         )
         servicer = AsrServicer(
-            self.config, self.transcriber, model_id=lambda: self.engine.model_id, aligner_ready=self._aligner_ready
+            self.config,
+            self.transcriber,
+            model_id=lambda: self.engine.model_id,
+            aligner_ready=self._aligner_ready,
+            stream_observer=self.metrics,
         )
         self._servicer = servicer
         asr_pb2_grpc.add_AsrServiceServicer_to_server(servicer, server)
@@ -232,6 +249,8 @@ class AsrServer:
             raise RuntimeError(f"cannot listen on {self.config.server.host}:{self.config.server.port}")
         await server.start()
         self._server = server
+        if self.config.server.metrics_port:
+            self._metrics_endpoint = self._serve_metrics()
         logger.info("listening on port %d; loading the engine", self.port)
         if isinstance(self.aligner, ManagedAligner):
             # The sidecar loads in its own process while the engine loads here.
@@ -255,6 +274,40 @@ class AsrServer:
         mode = "mTLS (client certificates required)" if self.config.tls.require_client_cert else "TLS"
         logger.info("%s on %s with %s", mode, address, self.config.tls.cert_file)
         return server.add_secure_port(address, credentials)
+
+    def _serve_metrics(self) -> MetricsEndpoint:
+        port = self.config.server.metrics_port
+        try:
+            endpoint = self.metrics.serve(port, self.config.server.host)
+        except OSError as exc:
+            raise StartupError(f"metrics port {port} cannot be opened ({exc.strerror or exc}); --metrics-port") from exc
+        logger.info("Prometheus metrics on http://%s:%d/metrics", self.config.server.host, endpoint.port)
+        return endpoint
+
+    @property
+    def metrics_port(self) -> int:
+        """The port /metrics is served on; 0 when it is not."""
+        return self._metrics_endpoint.port if self._metrics_endpoint is not None else 0
+
+    def _live_streams(self) -> int:
+        return self._servicer.live_streams if self._servicer is not None else 0
+
+    def _engine_load(self) -> list[ReplicaLoad]:
+        # Called on the scrape thread: each figure is one len() of the engine's own queues, a read the GIL keeps
+        # whole, so the engine thread is neither locked nor polled.
+        runners = self.engine.runners if isinstance(self.engine, ReplicatedRunner) else [self.engine]
+        loads = []
+        for index, runner in enumerate(runners):
+            core = runner.core
+            loads.append(
+                ReplicaLoad(
+                    replica=str(index),
+                    waiting=core.num_waiting() if core is not None else 0,
+                    running=core.num_running() if core is not None else 0,
+                    in_flight=runner.in_flight,
+                )
+            )
+        return loads
 
     @property
     def in_flight_calls(self) -> int:
@@ -309,6 +362,10 @@ class AsrServer:
         await self.engine.stop()
         if isinstance(self.aligner, ManagedAligner):
             await self.aligner.stop()
+        if self._metrics_endpoint is not None:
+            # Last, so a scrape during the drain still answers.
+            await asyncio.to_thread(self._metrics_endpoint.close)
+            self._metrics_endpoint = None
 
     def _refusal(self) -> AsrError | None:
         """Why a new AsrService call is refused now (RpcInterceptor asks before each call), or None."""

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 import grpc
 from opentelemetry import trace
@@ -18,6 +19,7 @@ from asr_server.audio.decode import DecodedAudio, container_formats, decode_audi
 from asr_server.audio.formats import MAX_CHANNEL_COUNT, MAX_RAW_SAMPLE_RATE_HZ, MIN_RAW_SAMPLE_RATE_HZ, AudioLimits
 from asr_server.config import Config
 from asr_server.edge import convert
+from asr_server.edge.rpc import note_audio_ms
 from asr_server.errors import AsrError, InvalidInput, LimitExceeded
 from asr_server.results import ChannelMode
 from asr_server.streaming.endpoint import EndpointSettings
@@ -32,6 +34,14 @@ from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 
+class StreamObserver(Protocol):
+    """Told how live streams fare (the metrics)."""
+
+    def stream_ended(self, max_final_delay_s: float) -> None: ...
+
+    def final_lagged(self) -> None: ...
+
+
 class AsrServicer(pb_grpc.AsrServiceServicer):
     def __init__(
         self,
@@ -40,8 +50,10 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         *,
         model_id: Callable[[], str],
         aligner_ready: Callable[[], bool],
+        stream_observer: StreamObserver | None = None,
     ) -> None:
         self._config = config
+        self._stream_observer = stream_observer
         self._transcriber = transcriber
         self._model_id = model_id
         self._aligner_ready = aligner_ready
@@ -146,6 +158,9 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             if session is not None:
                 session.cancel()
                 self._sessions.discard(session)
+                note_audio_ms(session.processed_ms)
+                if self._stream_observer is not None:
+                    self._stream_observer.stream_ended(session.max_final_delay_ms / 1000)
 
     async def drain_streams(self) -> int:
         """Shutdown: every live stream flushes its open utterances as finals, then ends UNAVAILABLE (retry on
@@ -157,6 +172,11 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         )
         logger.info("shutdown: %d open utterances of %d live streams flushed", sum(flushed), len(sessions))
         return sum(flushed)
+
+    @property
+    def live_streams(self) -> int:
+        """StreamingRecognize calls open now."""
+        return len(self._sessions)
 
     async def GetServerInfo(  # noqa: N802 - gRPC method name
         self,
@@ -218,16 +238,21 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             limits=self._audio_limits,
             token_decoder=token_decoder,
             max_lag_ms=max_lag_ms,
-            on_lag=lambda delay_ms: logger.warning(
-                "a live stream fell behind real time: a final came %.0f ms after its utterance ended "
-                "(--max-stream-lag-ms %.0f); %d live streams",
-                delay_ms,
-                max_lag_ms,
-                len(self._sessions),
-            ),
+            on_lag=self._on_lag,
         )
         self._sessions.add(session)
         return session
+
+    def _on_lag(self, delay_ms: float) -> None:
+        logger.warning(
+            "a live stream fell behind real time: a final came %.0f ms after its utterance ended "
+            "(--max-stream-lag-ms %.0f); %d live streams",
+            delay_ms,
+            self._config.streaming.max_stream_lag_ms,
+            len(self._sessions),
+        )
+        if self._stream_observer is not None:
+            self._stream_observer.final_lagged()
 
     async def _read_stream(
         self, request_iterator: AsyncIterator[pb.StreamingRecognizeRequest], session: StreamingSession
@@ -296,6 +321,7 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
     ) -> pb.TranscribeResponse:
         span = trace.get_current_span()
         span.set_attribute("asr.audio_s", audio.duration_ms / 1000)
+        note_audio_ms(audio.duration_ms)
         span.set_attribute("asr.channels", len(audio.channels))
         planner = UtterancePlanner(self._vad, endpointing) if endpointing is not None else None
         result = await self._transcriber.transcribe(audio, options, planner)
