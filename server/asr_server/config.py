@@ -643,6 +643,8 @@ class SidecarConfig:
     # sidecar).
     batch_delay_ms: float = 0.0
     load_delay_s: float = 0.0
+    # Set by a supervising server: where to write, in one line, why the model could not be loaded.
+    failure_file: str = ""
 
 
 # (field, flag, type, help). The environment variable is ASR_ALIGNER_ + the flag, upper-case: the same names the
@@ -675,6 +677,7 @@ def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-delay-ms", dest="sidecar.batch_delay_ms", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--load-delay-s", dest="sidecar.load_delay_s", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--failure-file", dest="sidecar.failure_file", type=str, help=argparse.SUPPRESS)
 
 
 def sidecar_config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> SidecarConfig:
@@ -683,7 +686,7 @@ def sidecar_config_from_args(args: argparse.Namespace, environ: Mapping[str, str
         raw = _raw_value(args, f"sidecar.{name}", environ, _sidecar_env_name(flag))
         if raw is not None and raw != "":
             values[name] = _parse_value(raw, kind, flag)
-    for name in ("batch_delay_ms", "load_delay_s"):
+    for name in ("batch_delay_ms", "load_delay_s", "failure_file"):
         if getattr(args, f"sidecar.{name}", None) is not None:
             values[name] = getattr(args, f"sidecar.{name}")
     values["exit_with_parent"] = bool(getattr(args, "sidecar.exit_with_parent", False))

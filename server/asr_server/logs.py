@@ -92,6 +92,6 @@ class AccessLog:
 def _text_value(value: object) -> str:
     # Quoted only where needed, so the line stays key=value parseable: a message with spaces or quotes is JSON-quoted.
     text = str(value)
-    if text and not any(c.isspace() or c in "\"=" for c in text):
+    if text and not any(c.isspace() or c in '"=' for c in text):
         return text
     return json.dumps(text, ensure_ascii=False)

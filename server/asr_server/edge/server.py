@@ -8,9 +8,11 @@ while health keeps answering NOT_SERVING and new calls are refused UNAVAILABLE.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -40,8 +42,43 @@ HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 _OVERHEAD_BYTES = 1024 * 1024  # room for the config beside max_message_bytes of audio
 
 
+# Exit codes of `asr-server serve` (argparse's 2 is a bad flag).
+EXIT_STARTUP = 1
+EXIT_PORT = 3
+EXIT_MODEL = 4
+
+
 class StartupError(RuntimeError):
-    """The server cannot start for a reason the operator can fix; the CLI prints its message as one line."""
+    """The server cannot start for a reason the operator can fix; the CLI prints its message as one line and
+    exits with `exit_code`."""
+
+    def __init__(self, message: str, *, exit_code: int = EXIT_STARTUP) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _bind_problem(host: str, port: int) -> str:
+    """Why host:port cannot be listened on, found by binding it ourselves (gRPC's error does not say), or ""."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As gRPC binds: a port of a server that just exited (TIME_WAIT) is free to use.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} is in use; stop the process holding it or pick another --port"
+            if exc.errno == errno.EACCES:
+                return f"port {port} needs privileges to listen on; pick a --port above 1023"
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return f"--host {host} is not an address of this machine"
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return ""
 
 
 class _AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -244,9 +281,17 @@ class AsrServer:
             )
             reflection.enable_server_reflection(names, server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._add_port(server)
+        host, port = self.config.server.host, self.config.server.port
+        # Probed first, so that a port in use is one line of ours, not gRPC's error log and a traceback.
+        problem = _bind_problem(host, port) if port else ""
+        if not problem:
+            try:
+                self.port = self._add_port(server)
+            except RuntimeError:  # grpc's "Failed to bind to address"
+                self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"cannot listen on {self.config.server.host}:{self.config.server.port}")
+            problem = problem or _bind_problem(host, port) or f"cannot listen on {host}:{port}"
+            raise StartupError(problem, exit_code=EXIT_PORT)
         await server.start()
         self._server = server
         if self.config.server.metrics_port:
@@ -257,7 +302,17 @@ class AsrServer:
             self.aligner.add_listener(self._on_aligner_change)
             await self._set_word_timestamps_health()
             await self.aligner.start()
-        await self.engine.start()
+        try:
+            await self.engine.start()
+        except RuntimeError as exc:
+            # The worker raises RuntimeError from the loader's failure; a loader's AsrError (FailedPrecondition:
+            # no such directory or hub id, not a Qwen3-ASR checkpoint, no CUDA) is the operator's to fix.
+            cause = exc.__cause__
+            if isinstance(cause, AsrError):
+                raise StartupError(
+                    f"cannot load --model {self.config.model.model!r}: {_first_line(cause)}", exit_code=EXIT_MODEL
+                ) from exc
+            raise
         if not self._stopping:
             self._serving = True
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -401,14 +456,17 @@ async def _serve_until_signalled(config: Config) -> None:
     start = asyncio.create_task(server.start())
     stop_wait = asyncio.create_task(stop_requested.wait())
     done, _ = await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    started = False
     try:
         if start in done:
             start.result()
+            started = True
             print(f"asr-server: serving {server.engine.model_id} on port {server.port}", flush=True)
             await stop_wait
     finally:
         # Also after a failed start: the port, the engine thread and a spawned aligner sidecar are released.
-        logger.info("shutting down: NOT_SERVING, %.1f s grace for in-flight calls", config.server.grace_period_s)
+        if started:
+            logger.info("shutting down: NOT_SERVING, %.1f s grace for in-flight calls", config.server.grace_period_s)
         await server.stop()
         for task in (start, stop_wait):
             task.cancel()
