@@ -96,6 +96,9 @@ class LimitsConfig:
     max_stream_bytes: int = 2 * 1024 * 1024 * 1024
     max_chunk_s: int = 1200
     max_chunk_with_timestamps_s: int = 180
+    # Decoded 16 kHz audio all requests in flight may hold, in MiB (a 4 h mono file is 879 MiB): reserved from
+    # the header before decoding, refused RESOURCE_EXHAUSTED past it (audio/budget.py). 0: no bound.
+    max_decoded_audio_mb: int = 2048
 
 
 @dataclass(frozen=True)
@@ -296,6 +299,13 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("limits", "max_audio_duration_s", "--max-audio-duration-s", int, "longest audio per request"),
     ("limits", "max_message_bytes", "--max-message-bytes", int, "largest request message"),
     ("limits", "max_stream_bytes", "--max-stream-bytes", int, "most audio bytes per client stream"),
+    (
+        "limits",
+        "max_decoded_audio_mb",
+        "--max-decoded-audio-mb",
+        int,
+        "MiB of decoded audio all requests in flight may hold; 0: no bound",
+    ),
     ("limits", "max_chunk_s", "--max-chunk-s", int, "longest chunk decoded in one piece"),
     (
         "limits",
@@ -526,6 +536,7 @@ def validate(config: Config) -> None:
     need(lim.max_audio_duration_s >= 1, "--max-audio-duration-s must be >= 1")
     need(lim.max_message_bytes >= 1024, "--max-message-bytes must be >= 1024")
     need(lim.max_stream_bytes >= lim.max_message_bytes, "--max-stream-bytes must be >= --max-message-bytes")
+    need(lim.max_decoded_audio_mb >= 0, "--max-decoded-audio-mb must be >= 0 (0: no bound)")
     need(30 <= lim.max_chunk_s <= 1200, "--max-chunk-s must be 30..1200 (the model's trained range)")
     need(
         30 <= lim.max_chunk_with_timestamps_s <= 300,

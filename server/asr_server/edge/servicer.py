@@ -6,15 +6,17 @@ Its methods raise domain errors; edge.rpc answers them as precise gRPC statuses 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Protocol
 
 import grpc
 from opentelemetry import trace
 
 from asr_server.audio.assembler import StreamAssembler
+from asr_server.audio.budget import BYTES_PER_MIB, DecodedAudioBudget
 from asr_server.audio.decode import DecodedAudio, container_formats, decode_audio
 from asr_server.audio.formats import MAX_CHANNEL_COUNT, MAX_RAW_SAMPLE_RATE_HZ, MIN_RAW_SAMPLE_RATE_HZ, AudioLimits
 from asr_server.config import Config
@@ -63,6 +65,9 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             max_message_bytes=limits.max_message_bytes,
             max_stream_bytes=limits.max_stream_bytes,
         )
+        # Decoded audio held by the Transcribe and TranscribeStream calls in flight, bounded (audio/budget.py).
+        budget_mib = limits.max_decoded_audio_mb
+        self._decoded_budget = DecodedAudioBudget(budget_mib * BYTES_PER_MIB) if budget_mib else None
         # Shared by every stream (and by endpointed unary calls), so VAD batches across them.
         self._vad = VadBatcher()
         self._token_decoder: asyncio.Task[TokenDecoder | None] | None = None
@@ -82,16 +87,18 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         options = convert.options_from_pb(request.config, self._config)
         endpointing = self._endpointing(request.config, options)
         decode_started = time.perf_counter()
-        # Mixing before resampling costs a fraction of resampling every channel.
-        audio = await asyncio.to_thread(
-            decode_audio,
-            request.audio,
-            audio_format,
-            limits=self._audio_limits,
-            downmix=options.channel_mode is ChannelMode.DOWNMIX,
-        )
-        decode_s = time.perf_counter() - decode_started
-        return await self._finish(audio, options, started, decode_s, endpointing=endpointing)
+        with self._budget_hold() as hold:
+            # Mixing before resampling costs a fraction of resampling every channel.
+            audio = await asyncio.to_thread(
+                decode_audio,
+                request.audio,
+                audio_format,
+                limits=self._audio_limits,
+                downmix=options.channel_mode is ChannelMode.DOWNMIX,
+                reserve=hold,
+            )
+            decode_s = time.perf_counter() - decode_started
+            return await self._finish(audio, options, started, decode_s, endpointing=endpointing)
 
     async def TranscribeStream(  # noqa: N802 - gRPC method name
         self,
@@ -127,9 +134,12 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             raise InvalidInput("the stream was empty: send a config message, then the audio")
         trace.get_current_span().set_attribute("asr.stream.bytes", received_bytes)
         decode_started = time.perf_counter()
-        audio = await asyncio.to_thread(assembler.finish, downmix=options.channel_mode is ChannelMode.DOWNMIX)
-        decode_s = time.perf_counter() - decode_started
-        return await self._finish(audio, options, started, decode_s, endpointing=endpointing)
+        with self._budget_hold() as hold:
+            audio = await asyncio.to_thread(
+                assembler.finish, downmix=options.channel_mode is ChannelMode.DOWNMIX, reserve=hold
+            )
+            decode_s = time.perf_counter() - decode_started
+            return await self._finish(audio, options, started, decode_s, endpointing=endpointing)
 
     async def StreamingRecognize(  # noqa: N802 - gRPC method name
         self,
@@ -309,6 +319,19 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         return convert.endpoint_settings_from_pb(msg.endpointing, max_chunk_s)
 
     # ---- shared ----
+
+    @contextlib.contextmanager
+    def _budget_hold(self) -> Iterator[Callable[[int], None] | None]:
+        """The reserve callback for one call's decoding; what it reserved is released when the call is done with
+        its audio (the transcript sent, or the call failed or was cancelled)."""
+        if self._decoded_budget is None:
+            yield None
+            return
+        hold = self._decoded_budget.hold()
+        try:
+            yield hold.reserve
+        finally:
+            hold.release()
 
     async def _finish(
         self,
