@@ -93,6 +93,7 @@ async def test_server_info_lists_languages_limits_and_features() -> None:
     assert info.limits.max_audio_duration_s == 600
     assert info.limits.max_new_tokens == 8192
     assert info.limits.stream_idle_timeout_ms == 12500
+    assert info.limits.max_decoded_audio_bytes == 2048 * 1024 * 1024
     assert info.features.word_timestamps is False
     assert info.api_version == "qwenasr.v1"
     assert "WAV" in info.container_formats

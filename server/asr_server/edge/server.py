@@ -287,7 +287,9 @@ class AsrServer:
         if not problem:
             try:
                 self.port = self._add_port(server)
-            except RuntimeError:  # grpc's "Failed to bind to address"
+            except RuntimeError as exc:
+                if "bind" not in str(exc).lower():  # only grpc's "Failed to bind to address" is ours to explain
+                    raise
                 self.port = 0
         if self.port == 0:
             problem = problem or _bind_problem(host, port) or f"cannot listen on {host}:{port}"

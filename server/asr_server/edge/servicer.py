@@ -206,6 +206,8 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             max_channel_count=MAX_CHANNEL_COUNT,
         )
         info.limits.stream_idle_timeout_ms = round(self._config.streaming.idle_timeout_s * 1000)
+        if self._decoded_budget is not None:
+            info.limits.max_decoded_audio_bytes = self._decoded_budget.max_bytes
         return info
 
     # ---- live streams ----
