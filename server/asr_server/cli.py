@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from asr_server.aligner.supervisor import EXIT_ALIGNER_MODEL
 from asr_server.config import (
     ConfigError,
     add_log_level_argument,
@@ -19,6 +20,10 @@ from asr_server.config import (
     sidecar_config_from_args,
     version_text,
 )
+from asr_server.errors import AsrError
+from asr_server.logs import setup_logging
+
+logger = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,9 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_sidecar_arguments(aligner)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    setup_logging(args.log_level, args.log_format)
     if args.command == "build-tiny-checkpoint":
         from asr_server.models.tiny_checkpoint import build_all
 
@@ -58,15 +61,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             sidecar_config = sidecar_config_from_args(args, os.environ)
         except ConfigError as exc:
             aligner.error(str(exc))
-        asyncio.run(serve_sidecar(sidecar_config))
+        try:
+            asyncio.run(serve_sidecar(sidecar_config))
+        except RuntimeError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, AsrError):
+                raise  # a crash: the supervisor restarts the sidecar
+            # A model that cannot load (bad path, not an aligner checkpoint) stays so: one line, and an exit code
+            # that tells a supervising server not to restart it (aligner/supervisor.py).
+            logger.debug("the aligner could not start", exc_info=exc)
+            reason = f"cannot load --model {sidecar_config.model!r}: {cause}"
+            print(f"asr-server aligner: error: {reason}", file=sys.stderr, flush=True)
+            if sidecar_config.failure_file:
+                Path(sidecar_config.failure_file).write_text(reason + "\n")
+            return EXIT_ALIGNER_MODEL
         return 0
     try:
         config = config_from_args(args, os.environ)
     except ConfigError as exc:
         parser.error(str(exc))
+    from asr_server.edge.server import StartupError
     from asr_server.edge.server import serve as run_server
 
-    asyncio.run(run_server(config))
+    try:
+        asyncio.run(run_server(config))
+    except StartupError as exc:
+        # The operator's to fix, said in one line; the traceback only for --log-level debug.
+        logger.debug("start-up failed", exc_info=exc)
+        print(f"asr-server: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     return 0
 
 

@@ -107,6 +107,9 @@ class LimitsConfig:
     max_stream_bytes: int = 2 * 1024 * 1024 * 1024
     max_chunk_s: int = 1200
     max_chunk_with_timestamps_s: int = 180
+    # Decoded 16 kHz audio all requests in flight may hold, in MiB (a 4 h mono file is 879 MiB): reserved from
+    # the header before decoding, refused RESOURCE_EXHAUSTED past it (audio/budget.py). 0: no bound.
+    max_decoded_audio_mb: int = 2048
 
 
 @dataclass(frozen=True)
@@ -144,12 +147,15 @@ class ServerConfig:
     # one GIL; at CPython's 5 ms default a thread waiting for it stalls whole decode steps. 0.5 ms took the p50
     # decode latency of 16 live streams on an H100 from 4.8 s to 1.7 s (docs/streaming.md). 0 leaves it alone.
     gil_switch_interval_ms: float = 0.5
+    # Prometheus /metrics on its own plain-HTTP port (prometheus_client's server), apart from the gRPC port so
+    # scrapers need no gRPC and TLS; 0: not served (docs/operations.md lists the series).
+    metrics_port: int = 0
 
 
 @dataclass(frozen=True)
 class StreamingConfig:
-    # A live stream that sends no message for this long ends with DEADLINE_EXCEEDED (its open utterance is
-    # flushed as a final first).
+    # A live stream that sends no message for this long ends with OUT_OF_RANGE (its open utterance is flushed as a
+    # final first); GetServerInfo reports it as ServerLimits.stream_idle_timeout_ms.
     idle_timeout_s: float = 30.0
     # Live streams each engine replica takes; past (this x replicas), a new stream is refused RESOURCE_EXHAUSTED
     # with retry advice. 256 is the per-GPU target of the streaming work, not yet measured on a GPU (see
@@ -246,6 +252,7 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
         float,
         "sys.setswitchinterval for the process in ms; 0 keeps Python's default",
     ),
+    ("server", "metrics_port", "--metrics-port", int, "Prometheus /metrics on this HTTP port; 0: off"),
     ("model", "model", "--model", str, "hub id or local directory (-hf or original layout)"),
     ("model", "dtype", "--dtype", str, "auto, bfloat16, float16 or float32"),
     ("model", "device", "--device", str, "auto, cpu, cuda, cuda:N"),
@@ -328,6 +335,13 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("limits", "max_audio_duration_s", "--max-audio-duration-s", int, "longest audio per request"),
     ("limits", "max_message_bytes", "--max-message-bytes", int, "largest request message"),
     ("limits", "max_stream_bytes", "--max-stream-bytes", int, "most audio bytes per client stream"),
+    (
+        "limits",
+        "max_decoded_audio_mb",
+        "--max-decoded-audio-mb",
+        int,
+        "MiB of decoded audio all requests in flight may hold; 0: no bound",
+    ),
     ("limits", "max_chunk_s", "--max-chunk-s", int, "longest chunk decoded in one piece"),
     (
         "limits",
@@ -555,6 +569,11 @@ def validate(config: Config) -> None:
     )
     need(0 <= config.server.port <= 65535, "--port must be 0..65535")
     need(config.server.grace_period_s >= 0, "--grace-period-s must be >= 0")
+    need(0 <= config.server.metrics_port <= 65535, "--metrics-port must be 0..65535 (0: off)")
+    need(
+        config.server.metrics_port == 0 or config.server.metrics_port != config.server.port,
+        "--metrics-port must differ from --port",
+    )
     need(
         not (config.model.device_map and len(e.devices) > 1),
         "--devices (one replica per device) and --device-map (one model split over devices) exclude each other",
@@ -566,6 +585,7 @@ def validate(config: Config) -> None:
     need(lim.max_audio_duration_s >= 1, "--max-audio-duration-s must be >= 1")
     need(lim.max_message_bytes >= 1024, "--max-message-bytes must be >= 1024")
     need(lim.max_stream_bytes >= lim.max_message_bytes, "--max-stream-bytes must be >= --max-message-bytes")
+    need(lim.max_decoded_audio_mb >= 0, "--max-decoded-audio-mb must be >= 0 (0: no bound)")
     need(30 <= lim.max_chunk_s <= 1200, "--max-chunk-s must be 30..1200 (the model's trained range)")
     need(
         30 <= lim.max_chunk_with_timestamps_s <= 300,
@@ -656,6 +676,13 @@ def add_log_level_argument(parser: argparse.ArgumentParser, environ: Mapping[str
         default=environ.get("ASR_LOG_LEVEL", "INFO"),
         help="DEBUG, INFO, WARNING or ERROR [ASR_LOG_LEVEL; 'INFO']",
     )
+    # Read before any config (logging comes first); a spawned aligner sidecar inherits ASR_LOG_FORMAT.
+    parser.add_argument(
+        "--log-format",
+        default=environ.get("ASR_LOG_FORMAT", "text"),
+        choices=("text", "json"),
+        help="text, or json: one JSON object per line, tracebacks inside it [ASR_LOG_FORMAT; 'text']",
+    )
 
 
 # ---- `asr-server aligner`: the forced-aligner sidecar's own config ----
@@ -677,6 +704,8 @@ class SidecarConfig:
     # sidecar).
     batch_delay_ms: float = 0.0
     load_delay_s: float = 0.0
+    # Set by a supervising server: where to write, in one line, why the model could not be loaded.
+    failure_file: str = ""
 
 
 # (field, flag, type, help). The environment variable is ASR_ALIGNER_ + the flag, upper-case: the same names the
@@ -709,6 +738,7 @@ def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-delay-ms", dest="sidecar.batch_delay_ms", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--load-delay-s", dest="sidecar.load_delay_s", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--failure-file", dest="sidecar.failure_file", type=str, help=argparse.SUPPRESS)
 
 
 def sidecar_config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> SidecarConfig:
@@ -717,7 +747,7 @@ def sidecar_config_from_args(args: argparse.Namespace, environ: Mapping[str, str
         raw = _raw_value(args, f"sidecar.{name}", environ, _sidecar_env_name(flag))
         if raw is not None and raw != "":
             values[name] = _parse_value(raw, kind, flag)
-    for name in ("batch_delay_ms", "load_delay_s"):
+    for name in ("batch_delay_ms", "load_delay_s", "failure_file"):
         if getattr(args, f"sidecar.{name}", None) is not None:
             values[name] = getattr(args, f"sidecar.{name}")
     values["exit_with_parent"] = bool(getattr(args, "sidecar.exit_with_parent", False))

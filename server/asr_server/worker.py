@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, Literal, Protocol, TypeAlias, TypeVar
 
-from asr_server.errors import LimitExceeded, Unavailable
+from asr_server.errors import AsrError, LimitExceeded, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +245,12 @@ class ThreadWorker(Generic[CoreT, JobT, ResultT]):
                 core.warmup()
             self._core = core
         except BaseException as exc:  # noqa: BLE001 - reported to start() and re-raised there
-            logger.exception("%s failed to start", self._texts.noun)
+            if isinstance(exc, AsrError):
+                # A configuration problem (no such model, not a checkpoint, no CUDA): its message says it all and
+                # start() raises it for the CLI to print as one line; the traceback only at debug level.
+                logger.debug("%s failed to start", self._texts.noun, exc_info=exc)
+            else:
+                logger.exception("%s failed to start", self._texts.noun)
             self._failure = exc
             self._ready.set()
             return

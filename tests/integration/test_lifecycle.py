@@ -13,13 +13,15 @@ import time
 from collections.abc import Callable
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from asr_server.edge.server import AsrServer
 from asr_server.engine.fake import FakeEngine
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
-from tests.helpers import fake_config, tone, wav_bytes
+from tests.helpers import fake_config, running_server, tone, wav_bytes
 
 Status = health_pb2.HealthCheckResponse
 
@@ -112,3 +114,37 @@ async def test_sigterm_lets_the_call_in_flight_finish_and_exits_cleanly() -> Non
     finally:
         if process.poll() is None:
             process.kill()
+
+
+async def test_health_check_answers_not_serving_through_the_whole_drain_while_a_call_runs() -> None:
+    # One batch takes 2 s: the call is still running while the drain is checked.
+    async with running_server(fake_config(fake_batch_delay_ms=2000)) as (server, channel):
+        stub = pb_grpc.AsrServiceStub(channel)
+        health_stub = health_pb2_grpc.HealthStub(channel)
+        in_flight = asyncio.ensure_future(stub.Transcribe(pb.TranscribeRequest(audio=wav_bytes(tone(1.0, seed=3)))))
+        await wait_until(lambda: server.in_flight_calls == 1)
+        stopping = asyncio.create_task(server.stop(grace_s=10.0))
+        await wait_until(lambda: server._stopping)
+        # A call arriving in the drain is refused with retry advice, not left to queue.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Transcribe(pb.TranscribeRequest(audio=wav_bytes(tone(0.5))))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (refused.value.details() or "")
+        assert rpc_status.from_call(refused.value) is not None  # RetryInfo in the details
+        assert not in_flight.done()
+        checks = 0
+        while server.in_flight_calls:
+            for service in ("", "qwenasr.v1.AsrService"):
+                try:
+                    answer = await health_stub.Check(health_pb2.HealthCheckRequest(service=service))
+                except grpc.aio.AioRpcError:
+                    # Only once the call is done does the server close: a Check racing that moment may be cut.
+                    assert server.in_flight_calls == 0
+                    break
+                assert answer.status == Status.NOT_SERVING, (service, answer)
+                checks += 1
+            await asyncio.sleep(0.05)
+        assert checks >= 10, checks  # the drain was checked over most of the call's 2 s
+        response = await in_flight
+        assert response.transcripts[0].text
+        await stopping

@@ -311,7 +311,7 @@ async def test_bad_input_gets_a_precise_status(
     assert needle in details, (name, details)
 
 
-async def test_an_idle_stream_flushes_its_utterance_then_ends_with_deadline_exceeded() -> None:
+async def test_an_idle_stream_flushes_its_utterance_then_ends_out_of_range_naming_the_flag() -> None:
     audio, _ = synthesize_sentences([SENTENCES[0]], silence_s=0.3)
     speech = pcm16(audio[: int(audio.shape[0] * 0.8)])  # the stream goes quiet mid-sentence
     config = dataclasses.replace(fake_config(), streaming=StreamingConfig(idle_timeout_s=0.5))
@@ -323,10 +323,20 @@ async def test_an_idle_stream_flushes_its_utterance_then_ends_with_deadline_exce
         started = loop.time()
         code, details, received = await call_status(pb_grpc.AsrServiceStub(channel), messages, hang=True)
         elapsed = loop.time() - started
-    assert code == grpc.StatusCode.DEADLINE_EXCEEDED, details
-    assert "--stream-idle-timeout-s" in details
+    # Not DEADLINE_EXCEEDED: the contract keeps that for the caller's own deadline.
+    assert code == grpc.StatusCode.OUT_OF_RANGE, details
+    assert "--stream-idle-timeout-s=0.5" in details
     assert len(received.finals) == 1  # the open utterance was not lost
     assert elapsed < 5
+
+
+async def test_a_stream_that_never_sends_its_config_ends_out_of_range_too() -> None:
+    config = dataclasses.replace(fake_config(), streaming=StreamingConfig(idle_timeout_s=0.3))
+    async with running_server(config) as (_, channel):
+        code, details, received = await call_status(pb_grpc.AsrServiceStub(channel), [], hang=True)
+    assert code == grpc.StatusCode.OUT_OF_RANGE, details
+    assert "--stream-idle-timeout-s=0.3" in details
+    assert not received.responses
 
 
 async def test_client_cancellation_frees_queued_decodes_at_once() -> None:

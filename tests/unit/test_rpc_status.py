@@ -41,7 +41,7 @@ def retry_delay_s(status: grpc.Status) -> float | None:
         (LimitExceeded("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (FailedPrecondition("x"), grpc.StatusCode.FAILED_PRECONDITION),
         (Unavailable("x"), grpc.StatusCode.UNAVAILABLE),
-        (IdleTimeout("x"), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (IdleTimeout("x"), grpc.StatusCode.OUT_OF_RANGE),
         (AsrError("x"), grpc.StatusCode.INTERNAL),
     ],
 )

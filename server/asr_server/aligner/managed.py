@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import sys
@@ -16,6 +17,7 @@ import numpy.typing as npt
 from asr_server.aligner.client import SidecarClient
 from asr_server.aligner.supervisor import SidecarSupervisor
 from asr_server.config import AlignerConfig
+from asr_server.errors import FailedPrecondition
 from asr_server.transcription import AlignmentResult
 
 logger = logging.getLogger(__name__)
@@ -30,7 +32,9 @@ DEFAULT_READY_WAIT_S = 30.0
 _MAX_SOCKET_PATH = 100
 
 
-def sidecar_command(config: AlignerConfig, address: str, extra_args: Sequence[str] = ()) -> list[str]:
+def sidecar_command(
+    config: AlignerConfig, address: str, extra_args: Sequence[str] = (), *, failure_file: Path | None = None
+) -> list[str]:
     """The command line of a spawned sidecar: this interpreter, so the child runs the same installation."""
     command = [
         sys.executable,
@@ -51,6 +55,8 @@ def sidecar_command(config: AlignerConfig, address: str, extra_args: Sequence[st
         str(config.max_batch_wait_ms),
         "--exit-with-parent",
     ]
+    if failure_file is not None:
+        command += ["--failure-file", str(failure_file)]
     return command + list(extra_args)
 
 
@@ -103,11 +109,15 @@ class SidecarAligner:
             describe_down=self._describe_down,
         )
         if config.mode == "spawn":
+            if self._socket_dir is None:
+                self._socket_dir = Path(tempfile.mkdtemp(prefix="asr-aligner-"))
+            failure_file = self._socket_dir / "failure.txt"
             self.supervisor = SidecarSupervisor(
-                sidecar_command(config, address, extra_sidecar_args),
+                sidecar_command(config, address, extra_sidecar_args, failure_file=failure_file),
                 is_ready=lambda: self.client.ready,
                 on_exit=lambda _code: self.client.sidecar_down(),
                 start_timeout_s=start_timeout_s,
+                failure_file=failure_file,
             )
 
     @property
@@ -132,7 +142,31 @@ class SidecarAligner:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     async def align(self, audio_16k: npt.NDArray[np.float32], text: str, language: str) -> AlignmentResult:
-        return await self.client.align(audio_16k, text, language)
+        supervisor = self.supervisor
+        if supervisor is None:
+            return await self.client.align(audio_16k, text, language)
+        self._raise_if_failed(supervisor)
+        # A request waiting for a sidecar that then fails for good is answered at once, not at the ready wait's end.
+        aligning = asyncio.ensure_future(self.client.align(audio_16k, text, language))
+        failing = asyncio.ensure_future(supervisor.failed.wait())
+        try:
+            await asyncio.wait({aligning, failing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            failing.cancel()
+            if not aligning.done():
+                aligning.cancel()
+        if aligning.done() and not aligning.cancelled():
+            return aligning.result()
+        self._raise_if_failed(supervisor)
+        return await aligning  # pragma: no cover - cancelled only with the call itself
+
+    def _raise_if_failed(self, supervisor: SidecarSupervisor) -> None:
+        if supervisor.failed.is_set():
+            raise FailedPrecondition(
+                f"word timestamps are unavailable: the forced aligner could not load its model "
+                f"(--aligner-model {self.config.model!r}: {supervisor.failure}); restarting will not help until "
+                "the server is restarted with a working --aligner-model; request without return_word_timestamps"
+            )
 
     def _describe_down(self) -> str:
         if self.supervisor is not None:

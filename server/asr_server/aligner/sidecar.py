@@ -220,13 +220,16 @@ async def serve_sidecar(config: SidecarConfig) -> None:
     load = asyncio.create_task(sidecar.load())
     stop_wait = asyncio.create_task(stop_requested.wait())
     done, _ = await asyncio.wait({load, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-    if load in done:
-        load.result()
-        print(f"asr-server aligner: serving {config.model} on {config.listen}", flush=True)
-        await stop_wait
-    await sidecar.stop()
-    for task in (load, *watchers):
-        task.cancel()
+    try:
+        if load in done:
+            load.result()
+            print(f"asr-server aligner: serving {config.model} on {config.listen}", flush=True)
+            await stop_wait
+    finally:
+        # Also when the model failed to load: the gRPC server is stopped on this loop, not left to its finalizer.
+        await sidecar.stop()
+        for task in (load, stop_wait, *watchers):
+            task.cancel()
 
 
 async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:

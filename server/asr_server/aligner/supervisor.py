@@ -4,6 +4,11 @@ A child that exits (crash, OOM kill, SIGKILL) is started again after a backoff t
 and falls back to 0.5 s once a child has stayed up for a minute. A child that does not report SERVING within
 start_timeout_s is killed and restarted. On stop the child gets SIGTERM, then SIGKILL after a grace period; and
 since a supervisor killed with SIGKILL cannot stop it, the child is started with --exit-with-parent.
+
+A child that exits with EXIT_ALIGNER_MODEL before it was ever ready could not load its model (a bad path, not an
+aligner checkpoint): restarting cannot help, so it is not restarted. The supervisor is then `failed`, with the line
+the child wrote to its --failure-file as `failure`, logged once; the aligner answers timestamp requests
+FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
@@ -13,8 +18,14 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+# `asr-server aligner` exits with this when its model cannot be loaded (cli.py): a permanent failure.
+EXIT_ALIGNER_MODEL = 4
+# Most of a failure file read (one line is written).
+_MAX_FAILURE_CHARS = 2000
 
 
 def describe_exit(returncode: int) -> str:
@@ -38,8 +49,11 @@ class SidecarSupervisor:
         backoff_max_s: float = 30.0,
         stable_after_s: float = 60.0,
         stop_grace_s: float = 10.0,
+        failure_file: Path | None = None,
     ) -> None:
         self._command = list(command)
+        # Where the child writes why it could not load its model (its --failure-file).
+        self._failure_file = failure_file
         self._is_ready = is_ready
         self._on_exit = on_exit
         self._start_timeout_s = start_timeout_s
@@ -53,6 +67,9 @@ class SidecarSupervisor:
         self.starts = 0
         self.last_exit = ""
         self.state = "new"
+        # Set when the child cannot ever start (its model does not load); `failure` says why.
+        self.failed = asyncio.Event()
+        self.failure = ""
 
     @property
     def pid(self) -> int | None:
@@ -92,6 +109,7 @@ class SidecarSupervisor:
             started = time.monotonic()
             self.starts += 1
             self.state = "starting"
+            ever_ready = False
             try:
                 process = await asyncio.create_subprocess_exec(*self._command, stdin=asyncio.subprocess.DEVNULL)
             except OSError as exc:
@@ -101,10 +119,20 @@ class SidecarSupervisor:
             else:
                 self._process = process
                 logger.info("aligner sidecar started (pid %d)", process.pid)
-                returncode = await self._watch(process, started)
+                returncode, ever_ready = await self._watch(process, started)
                 self.last_exit = describe_exit(returncode)
                 self._on_exit(returncode)
             if self._stopping.is_set():
+                return
+            if returncode == EXIT_ALIGNER_MODEL and not ever_ready:
+                self.state = "failed"
+                self.failure = await asyncio.to_thread(self._read_failure) or self.last_exit
+                logger.error(
+                    "aligner sidecar cannot load its model, not restarting it: %s; word timestamps answer "
+                    "FAILED_PRECONDITION until the server is restarted with a working --aligner-model",
+                    self.failure,
+                )
+                self.failed.set()
                 return
             if time.monotonic() - started >= self._stable_after_s:
                 backoff = self._backoff_initial_s
@@ -117,11 +145,21 @@ class SidecarSupervisor:
                 pass
             backoff = min(backoff * 2, self._backoff_max_s)
 
-    async def _watch(self, process: asyncio.subprocess.Process, started: float) -> int:
+    def _read_failure(self) -> str:
+        if self._failure_file is None:
+            return ""
+        try:
+            return self._failure_file.read_text(errors="replace")[:_MAX_FAILURE_CHARS].strip()
+        except OSError as exc:
+            logger.warning("cannot read the aligner sidecar's failure file %s: %s", self._failure_file, exc)
+            return ""
+
+    async def _watch(self, process: asyncio.subprocess.Process, started: float) -> tuple[int, bool]:
+        """The child's exit status, once it exits, and whether it was ever ready."""
         ever_ready = False
         while True:
             try:
-                return await asyncio.wait_for(process.wait(), timeout=0.5)
+                return await asyncio.wait_for(process.wait(), timeout=0.5), ever_ready
             except TimeoutError:
                 pass
             if self._is_ready():

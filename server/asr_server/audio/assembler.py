@@ -7,6 +7,8 @@ over-long stream fails at the piece that crosses the limit rather than after the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import numpy.typing as npt
 
@@ -101,7 +103,7 @@ class StreamAssembler:
         self._pending_bytes = len(rest)
         return decode_raw_channels(memoryview(joined)[:whole_bytes], self.format)
 
-    def finish(self, *, downmix: bool = False) -> DecodedAudio:
+    def finish(self, *, downmix: bool = False, reserve: Callable[[int], None] | None = None) -> DecodedAudio:
         """Decode the whole stream once. Raises InvalidInput (malformed, partial last frame, empty) or
         LimitExceeded (an encoded file longer than max_audio_duration_s)."""
         if not self._keep_for_finish:
@@ -112,4 +114,6 @@ class StreamAssembler:
         data = b"".join(self._pieces)
         self._pieces = []
         self._pending = []
-        return decode_payload(data, self.format, max_audio_duration_s=self.limits.max_audio_duration_s, downmix=downmix)
+        return decode_payload(
+            data, self.format, max_audio_duration_s=self.limits.max_audio_duration_s, downmix=downmix, reserve=reserve
+        )

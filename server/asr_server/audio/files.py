@@ -1,17 +1,21 @@
 """Encoded files (WAV, FLAC, OGG/Vorbis/Opus, MP3, ...) decoded with libsndfile from memory.
 
-The file is decoded and resampled block by block, so peak memory is the 16 kHz result plus one block, however
-well the file compresses (a small FLAC of silence can expand to gigabytes at its own rate).
+The file is decoded and resampled block by block into one buffer sized from the header, so peak memory is the
+16 kHz result plus one block, however well the file compresses (a small FLAC of silence can expand to gigabytes at
+its own rate). With a `reserve` callback (audio/budget.py) those bytes are reserved before the buffer is made, so an
+over-budget file is refused before any decoding.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import soundfile
 
+from asr_server.audio.budget import decoded_bytes
 from asr_server.audio.decoded import DecodedAudio, empty_audio_error
 from asr_server.audio.file_headers import check_declared_length
 from asr_server.audio.formats import AudioFormat
@@ -22,6 +26,9 @@ from asr_server.audio.resample import StreamResampler
 from asr_server.errors import InvalidInput
 
 _BLOCK_FRAMES = 1 << 16
+# Room past the header's length in the output buffer: the resampler's rounding, an MP3 a little longer than its
+# estimate. Longer audio grows the buffer (and its reservation) by a quarter at a time.
+_SLACK_SAMPLES = 4096
 
 # A header-less RAW "file" cannot be detected from its bytes; callers use the raw encodings for that.
 _UNDETECTABLE_FORMATS = frozenset({"RAW"})
@@ -72,8 +79,38 @@ def _open(data: bytes) -> Any:
         ) from error
 
 
-def decode_file(data: bytes, fmt: AudioFormat, *, max_audio_duration_s: int, downmix: bool) -> DecodedAudio:
-    """Decode an encoded file to 16 kHz float32. Raises InvalidInput or LimitExceeded."""
+class _Output:
+    """The growing (channels, n) 16 kHz result; every byte it allocates is reserved first."""
+
+    def __init__(self, channels: int, expected_samples: int, reserve: Callable[[int], None] | None) -> None:
+        self._reserve = reserve
+        self._channels = channels
+        self.filled = 0
+        self.buffer = self._allocate(expected_samples + _SLACK_SAMPLES)
+
+    def _allocate(self, samples: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+        if self._reserve is not None:
+            self._reserve(samples * self._channels * 4)
+        return np.empty((self._channels, samples), dtype=np.float32)
+
+    def put(self, piece: np.ndarray[Any, np.dtype[np.float32]]) -> None:
+        count = piece.shape[1]
+        if self.filled + count > self.buffer.shape[1]:
+            grown = self._allocate(max(count, self.buffer.shape[1] // 4, _SLACK_SAMPLES))
+            self.buffer = np.concatenate([self.buffer[:, : self.filled], grown], axis=1)
+        self.buffer[:, self.filled : self.filled + count] = piece
+        self.filled += count
+
+
+def decode_file(
+    data: bytes,
+    fmt: AudioFormat,
+    *,
+    max_audio_duration_s: int,
+    downmix: bool,
+    reserve: Callable[[int], None] | None = None,
+) -> DecodedAudio:
+    """Decode an encoded file to 16 kHz float32. Raises InvalidInput or LimitExceeded (also from `reserve`)."""
     if not data:
         raise empty_audio_error(0, 0)
     check_declared_length(data)
@@ -86,9 +123,11 @@ def decode_file(data: bytes, fmt: AudioFormat, *, max_audio_duration_s: int, dow
         # Cheap rejection from the header before any decoding work.
         check_duration(header_frames, sample_rate_hz, max_audio_duration_s)
         out_channels = 1 if downmix else channel_count
+        # Sized (and reserved) from the header before decoding anything.
+        expected = decoded_bytes(max(header_frames, 0), sample_rate_hz, 1) // 4
+        output = _Output(out_channels, expected, reserve)
         resampler = StreamResampler(sample_rate_hz, out_channels)
         block = np.empty((_BLOCK_FRAMES, channel_count), dtype=np.float32)
-        pieces = []
         frames_read = 0
         while True:
             try:
@@ -107,14 +146,15 @@ def decode_file(data: bytes, fmt: AudioFormat, *, max_audio_duration_s: int, dow
             frames_read += got.shape[0]
             if downmix and channel_count > 1:
                 by_channel = average_rows(by_channel).reshape(1, -1)
-            pieces.append(resampler.process(by_channel))
-        pieces.append(resampler.flush())
+            output.put(resampler.process(by_channel))
+        output.put(resampler.flush())
     if frames_read < header_frames and kind not in _FORMATS_WITHOUT_EXACT_LENGTH:
         raise InvalidInput(
             f"the {kind} file is truncated: its header declares {header_frames} frames but only {frames_read} "
             f"could be decoded; send the complete file"
         )
-    resampled = np.concatenate(pieces, axis=1)
+    # Views into the one buffer: no second copy of hours of audio (its few slack samples stay allocated).
+    resampled = output.buffer[:, : output.filled]
     if resampled.shape[1] == 0:
         raise empty_audio_error(frames_read, sample_rate_hz)
     return DecodedAudio(

@@ -8,16 +8,23 @@ errors (asr_server.errors):
 - every `AsrError` is answered with its code from `_CODES`, with `google.rpc.RetryInfo` in the status details when
   retrying can succeed (`AsrError.retry_after_s`), and is not logged: it is the caller's problem, not ours;
 - anything else is a bug: INTERNAL, logged with its traceback.
+
+`ObservingInterceptor`, the outermost interceptor, sees every AsrService call's final status (refusals by the auth
+interceptor included) and hands one `RpcOutcome` per call to its observers: the Prometheus metrics and the access
+log. Code below the edge adds to the call's record only through `note_audio_ms`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -27,6 +34,7 @@ from grpc_status import rpc_status
 from opentelemetry.trace import Span, StatusCode
 
 from asr_server.errors import AsrError, FailedPrecondition, InvalidInput, LimitExceeded, Unavailable, excerpt
+from asr_server.metrics import RpcOutcome
 from asr_server.streaming.session import IdleTimeout
 from asr_server.tracing import rpc_span
 from qwenasr.v1 import asr_pb2
@@ -43,7 +51,9 @@ _CODES: tuple[tuple[type[AsrError], grpc.StatusCode], ...] = (
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (IdleTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    # A live stream idle past --stream-idle-timeout-s: the contract's OUT_OF_RANGE (asr.proto), as Google's speech
+    # APIs answer audio timeouts; DEADLINE_EXCEEDED is the caller's own deadline.
+    (IdleTimeout, grpc.StatusCode.OUT_OF_RANGE),
 )
 
 
@@ -65,6 +75,175 @@ def grpc_status(code: grpc.StatusCode, message: str, *, retry_after_s: float | N
         status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
     result: grpc.Status = rpc_status.to_status(status)
     return result
+
+
+class RpcObserver(Protocol):
+    """Told about every AsrService call: when it starts and, with its outcome, when it ends."""
+
+    def rpc_started(self, service: str, method: str, rpc_type: str) -> None: ...
+
+    def rpc_finished(self, outcome: RpcOutcome) -> None: ...
+
+
+@dataclass
+class _CallRecord:
+    """What one call has done so far; mutable, filled while the call runs (not a domain value)."""
+
+    method: str
+    rpc_type: str
+    peer: str
+    request_id: str
+    started_s: float = field(default_factory=time.perf_counter)
+    request_bytes: int = 0
+    messages_received: int = 0
+    messages_sent: int = 0
+    audio_ms: float = 0.0
+    code: grpc.StatusCode | None = None
+    message: str = ""
+    refused: str = ""
+
+
+# The record of the call the current task serves (each gRPC call runs in its own task; tasks it starts inherit it).
+_CURRENT_CALL: ContextVar[_CallRecord | None] = ContextVar("asr_current_call", default=None)
+# A caller's own id for the call, logged in the access line; else one is made up.
+REQUEST_ID_METADATA = "x-request-id"
+_MAX_REQUEST_ID_CHARS = 128
+
+
+def note_audio_ms(audio_ms: float) -> None:
+    """Adds audio processed by the current call (access log audio_ms, asr_audio_seconds_total)."""
+    record = _CURRENT_CALL.get()
+    if record is not None:
+        record.audio_ms += audio_ms
+
+
+def _rpc_type(handler: Any) -> str:
+    kinds = {
+        (False, False): "unary",
+        (True, False): "client_stream",
+        (False, True): "server_stream",
+        (True, True): "bidi_stream",
+    }
+    return kinds[(bool(handler.request_streaming), bool(handler.response_streaming))]
+
+
+def _request_id(metadata: Any) -> str:
+    for key, value in metadata or ():
+        if key == REQUEST_ID_METADATA and isinstance(value, str) and value:
+            return value[:_MAX_REQUEST_ID_CHARS]
+    return uuid.uuid4().hex[:16]
+
+
+def _refusal_reason(exc: AsrError) -> str:
+    if isinstance(exc, LimitExceeded):
+        return "capacity" if exc.retryable else "limit"
+    if isinstance(exc, Unavailable):
+        return "unavailable"
+    return ""
+
+
+class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Outermost: one `RpcOutcome` per AsrService call to each observer, whatever ended the call."""
+
+    def __init__(self, observers: Sequence[RpcObserver]) -> None:
+        self._prefix = f"/{SERVICE.full_name}/"
+        self._observers = tuple(observers)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method or ""
+        if handler is None or not self._observers or not method.startswith(self._prefix):
+            return handler
+        metadata = handler_call_details.invocation_metadata
+        return _observed(handler, method[len(self._prefix) :], metadata, self._observers)
+
+
+def _observed(handler: Any, method: str, metadata: Any, observers: tuple[RpcObserver, ...]) -> Any:
+    record = _CallRecord(method=method, rpc_type=_rpc_type(handler), peer="", request_id=_request_id(metadata))
+
+    def started(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        record.peer = context.peer()
+        _CURRENT_CALL.set(record)
+        for observer in observers:
+            observer.rpc_started(SERVICE.full_name, method, record.rpc_type)
+
+    def finished(context: grpc.aio.ServicerContext[Any, Any], failure: BaseException | None) -> None:
+        code = record.code
+        if code is None:
+            if failure is None:
+                code = grpc.StatusCode.OK
+            elif isinstance(failure, grpc.aio.AbortError):
+                code = context.code() or grpc.StatusCode.UNKNOWN  # aborted elsewhere (the auth interceptor)
+                record.message = record.message or str(context.details() or "")
+            elif isinstance(failure, (asyncio.CancelledError, GeneratorExit)):
+                code = grpc.StatusCode.CANCELLED  # the client went away, or the grace ran out
+            else:
+                code = grpc.StatusCode.UNKNOWN
+        outcome = RpcOutcome(
+            service=SERVICE.full_name,
+            method=method,
+            rpc_type=record.rpc_type,
+            code=code.name,
+            duration_s=time.perf_counter() - record.started_s,
+            audio_s=record.audio_ms / 1000,
+            messages_received=record.messages_received,
+            messages_sent=record.messages_sent,
+            request_bytes=record.request_bytes,
+            peer=record.peer,
+            request_id=record.request_id,
+            message=record.message,
+            refused=record.refused,
+        )
+        for observer in observers:
+            observer.rpc_finished(outcome)
+
+    if handler.response_streaming:
+        inner_stream = handler.stream_stream if handler.request_streaming else handler.unary_stream
+
+        async def stream_behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started(context)
+            failure: BaseException | None = None
+            try:
+                async with aclosing(inner_stream(request, context)) as responses:
+                    async for response in responses:
+                        record.messages_sent += 1
+                        yield response
+            except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised
+                failure = exc
+                raise
+            finally:
+                finished(context, failure)
+
+        behaviour: Any = stream_behaviour
+    else:
+        inner_unary = handler.stream_unary if handler.request_streaming else handler.unary_unary
+
+        async def unary_behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started(context)
+            failure: BaseException | None = None
+            try:
+                response = await inner_unary(request, context)
+                record.messages_sent += 1
+                return response
+            except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised
+                failure = exc
+                raise
+            finally:
+                finished(context, failure)
+
+        behaviour = unary_behaviour
+    deserialize = handler.request_deserializer
+
+    def counting(data: bytes) -> Any:
+        record.messages_received += 1
+        record.request_bytes += len(data)
+        return deserialize(data)
+
+    return with_behaviour(handler, behaviour, request_deserializer=counting if deserialize is not None else None)
 
 
 @dataclass(frozen=True)
@@ -97,8 +276,10 @@ def tolerant(deserialize: Callable[[bytes], Any], message_type: str) -> Callable
 class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Puts every AsrService method on the one path (see the module doc); other services pass untouched."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, refusal: Callable[[], AsrError | None] | None = None) -> None:
         self._prefix = f"/{SERVICE.full_name}/"
+        # Asked before each call: an error to refuse it with (shutting down), or None to run it.
+        self._refusal = refusal or _admit_all
 
     async def intercept_service(
         self,
@@ -113,10 +294,16 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         described = SERVICE.methods_by_name.get(name)
         if described is None:
             return handler
-        return guarded(handler, name, described.input_type.full_name)
+        return guarded(handler, name, described.input_type.full_name, refusal=self._refusal)
 
 
-def guarded(handler: Any, method: str, message_type: str) -> Any:
+def _admit_all() -> AsrError | None:
+    return None
+
+
+def guarded(
+    handler: Any, method: str, message_type: str, *, refusal: Callable[[], AsrError | None] = _admit_all
+) -> Any:
     """`handler` with a tolerant request deserializer, inside the method's span and error path."""
     streaming_in: bool = handler.request_streaming
     if handler.response_streaming:
@@ -125,6 +312,7 @@ def guarded(handler: Any, method: str, message_type: str) -> Any:
         async def stream_behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             with rpc_span(method, context.invocation_metadata()) as span:
                 try:
+                    _admit(refusal)
                     async with aclosing(inner_stream(_parsed(request, streaming_in), context)) as responses:
                         async for response in responses:
                             yield response
@@ -140,6 +328,7 @@ def guarded(handler: Any, method: str, message_type: str) -> Any:
         async def unary_behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             with rpc_span(method, context.invocation_metadata()) as span:
                 try:
+                    _admit(refusal)
                     return await inner_unary(_parsed(request, streaming_in), context)
                 except (asyncio.CancelledError, grpc.aio.AbortError):
                     raise
@@ -151,6 +340,12 @@ def guarded(handler: Any, method: str, message_type: str) -> Any:
     return with_behaviour(
         handler, behaviour, request_deserializer=None if deserialize is None else tolerant(deserialize, message_type)
     )
+
+
+def _admit(refusal: Callable[[], AsrError | None]) -> None:
+    refused = refusal()
+    if refused is not None:
+        raise refused
 
 
 def with_behaviour(handler: Any, behaviour: Any, *, request_deserializer: Any = None) -> Any:
@@ -188,7 +383,8 @@ async def _checked_messages(messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
 async def _fail(context: grpc.aio.ServicerContext[Any, Any], span: Span, method: str, exc: Exception) -> NoReturn:
     cause = _innermost(exc)
     if isinstance(cause, AsrError):
-        await _abort(context, span, grpc_status(status_for(cause), str(cause), retry_after_s=cause.retry_after_s))
+        status = grpc_status(status_for(cause), str(cause), retry_after_s=cause.retry_after_s)
+        await _abort(context, span, status, refused=_refusal_reason(cause))
     logger.error("%s failed", method, exc_info=exc)
     message = f"internal error: {type(cause).__name__}: {cause}"
     await _abort(context, span, grpc_status(grpc.StatusCode.INTERNAL, message))
@@ -202,7 +398,12 @@ def _innermost(exc: BaseException) -> BaseException:
     return exc
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], span: Span, status: grpc.Status) -> NoReturn:
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], span: Span, status: grpc.Status, *, refused: str = ""
+) -> NoReturn:
+    record = _CURRENT_CALL.get()
+    if record is not None:
+        record.code, record.message, record.refused = status.code, status.details, refused
     span.set_attribute("rpc.grpc.status_code", status.code.value[0])
     span.set_status(StatusCode.ERROR, status.code.name)
     # What context.abort_with_status does; grpc.aio's stubs lack it.

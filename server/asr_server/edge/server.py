@@ -1,15 +1,18 @@
 """The grpc.aio server: services, health, reflection, auth, and the start/stop lifecycle.
 
 Health is NOT_SERVING from the moment the port opens until the model is loaded and warmed up, SERVING
-after, and NOT_SERVING again as soon as shutdown begins; in-flight calls then get the grace period to finish.
+after, and NOT_SERVING again as soon as shutdown begins; in-flight calls then get the grace period to finish
+while health keeps answering NOT_SERVING and new calls are refused UNAVAILABLE.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,11 +23,16 @@ from grpc_reflection.v1alpha import reflection
 
 from asr_server.aligner.managed import WORD_TIMESTAMPS_HEALTH_SERVICE, ManagedAligner
 from asr_server.config import Config, ConnectionConfig
-from asr_server.edge.rpc import RpcInterceptor, with_behaviour
+from asr_server.edge.rpc import ObservingInterceptor, RpcInterceptor, with_behaviour
 from asr_server.edge.servicer import AsrServicer
 from asr_server.edge.tls import ReloadingCertificates, server_credentials
 from asr_server.engine.core import EngineCore
 from asr_server.engine.factory import Engine, build_engine
+from asr_server.engine.replicas import ReplicatedRunner
+from asr_server.engine.runner import EngineRunner
+from asr_server.errors import AsrError, Unavailable
+from asr_server.logs import AccessLog
+from asr_server.metrics import MetricsEndpoint, ReplicaLoad, ServerMetrics
 from asr_server.tracing import SERVICE, setup_tracing
 from asr_server.transcription import AlignBackend, Transcriber, TranscriberLimits
 from qwenasr.v1 import asr_pb2, asr_pb2_grpc
@@ -33,6 +41,45 @@ logger = logging.getLogger(__name__)
 
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 _OVERHEAD_BYTES = 1024 * 1024  # room for the config beside max_message_bytes of audio
+
+
+# Exit codes of `asr-server serve` (argparse's 2 is a bad flag).
+EXIT_STARTUP = 1
+EXIT_PORT = 3
+EXIT_MODEL = 4
+
+
+class StartupError(RuntimeError):
+    """The server cannot start for a reason the operator can fix; the CLI prints its message as one line and
+    exits with `exit_code`."""
+
+    def __init__(self, message: str, *, exit_code: int = EXIT_STARTUP) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _bind_problem(host: str, port: int) -> str:
+    """Why host:port cannot be listened on, found by binding it ourselves (gRPC's error does not say), or ""."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As gRPC binds: a port of a server that just exited (TIME_WAIT) is free to use.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} is in use; stop the process holding it or pick another --port"
+            if exc.errno == errno.EACCES:
+                return f"port {port} needs privileges to listen on; pick a --port above 1023"
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return f"--host {host} is not an address of this machine"
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return ""
 
 
 class _AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -191,17 +238,23 @@ class AsrServer:
         self._stopping = False
         # With TLS: the reloading certificate files (their reload count is what tests and operators can read).
         self.certificates: ReloadingCertificates | None = None
+        # Recorded always (cheap); served only with --metrics-port.
+        self.metrics = ServerMetrics(live_streams=self._live_streams, engine_load=self._engine_load)
+        self._metrics_endpoint: MetricsEndpoint | None = None
 
     async def start(self) -> int:
         """Opens the port (health NOT_SERVING), loads and warms the engine, then reports SERVING."""
         max_bytes = self.config.limits.max_message_bytes + _OVERHEAD_BYTES
         # Auth first: a refused call is never counted as in flight and is refused whatever its bytes. The error
         # path innermost, so that the in-flight count also covers a call's status being sent.
-        interceptors: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]
+        # Observing outermost: the access log and the metrics see every call's final status, auth refusals too.
+        interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
+            ObservingInterceptor([self.metrics, AccessLog()])
+        ]
         if self.config.server.auth_token:
             interceptors.append(_AuthInterceptor(self.config.server.auth_token))
         interceptors.append(_InFlightInterceptor(self._in_flight))
-        interceptors.append(RpcInterceptor())
+        interceptors.append(RpcInterceptor(refusal=self._refusal))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -212,7 +265,11 @@ class AsrServer:
             ],
         )
         servicer = AsrServicer(
-            self.config, self.transcriber, model_id=lambda: self.engine.model_id, aligner_ready=self._aligner_ready
+            self.config,
+            self.transcriber,
+            model_id=lambda: self.engine.model_id,
+            aligner_ready=self._aligner_ready,
+            stream_observer=self.metrics,
         )
         self._servicer = servicer
         asr_pb2_grpc.add_AsrServiceServicer_to_server(servicer, server)
@@ -225,11 +282,23 @@ class AsrServer:
             )
             reflection.enable_server_reflection(names, server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._add_port(server)
+        host, port = self.config.server.host, self.config.server.port
+        # Probed first, so that a port in use is one line of ours, not gRPC's error log and a traceback.
+        problem = _bind_problem(host, port) if port else ""
+        if not problem:
+            try:
+                self.port = self._add_port(server)
+            except RuntimeError as exc:
+                if "bind" not in str(exc).lower():  # only grpc's "Failed to bind to address" is ours to explain
+                    raise
+                self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"cannot listen on {self.config.server.host}:{self.config.server.port}")
+            problem = problem or _bind_problem(host, port) or f"cannot listen on {host}:{port}"
+            raise StartupError(problem, exit_code=EXIT_PORT)
         await server.start()
         self._server = server
+        if self.config.server.metrics_port:
+            self._metrics_endpoint = self._serve_metrics()
         logger.info("listening on port %d; loading the engine", self.port)
         if isinstance(self.aligner, ManagedAligner):
             # The sidecar loads in its own process while the engine loads here.
@@ -238,7 +307,17 @@ class AsrServer:
             await self.aligner.start()
         # An engine process that dies takes "" and the AsrService to NOT_SERVING until its restart is ready.
         self.engine.add_listener(self._on_engine_change)
-        await self.engine.start()
+        try:
+            await self.engine.start()
+        except RuntimeError as exc:
+            # The worker raises RuntimeError from the loader's failure; a loader's AsrError (FailedPrecondition:
+            # no such directory or hub id, not a Qwen3-ASR checkpoint, no CUDA) is the operator's to fix.
+            cause = exc.__cause__
+            if isinstance(cause, AsrError):
+                raise StartupError(
+                    f"cannot load --model {self.config.model.model!r}: {_first_line(cause)}", exit_code=EXIT_MODEL
+                ) from exc
+            raise
         if not self._stopping:
             self._serving = True
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -255,6 +334,40 @@ class AsrServer:
         mode = "mTLS (client certificates required)" if self.config.tls.require_client_cert else "TLS"
         logger.info("%s on %s with %s", mode, address, self.config.tls.cert_file)
         return server.add_secure_port(address, credentials)
+
+    def _serve_metrics(self) -> MetricsEndpoint:
+        port = self.config.server.metrics_port
+        try:
+            endpoint = self.metrics.serve(port, self.config.server.host)
+        except OSError as exc:
+            raise StartupError(f"metrics port {port} cannot be opened ({exc.strerror or exc}); --metrics-port") from exc
+        logger.info("Prometheus metrics on http://%s:%d/metrics", self.config.server.host, endpoint.port)
+        return endpoint
+
+    @property
+    def metrics_port(self) -> int:
+        """The port /metrics is served on; 0 when it is not."""
+        return self._metrics_endpoint.port if self._metrics_endpoint is not None else 0
+
+    def _live_streams(self) -> int:
+        return self._servicer.live_streams if self._servicer is not None else 0
+
+    def _engine_load(self) -> list[ReplicaLoad]:
+        # Called on the scrape thread: each figure is one len() of the engine's own queues, a read the GIL keeps
+        # whole, so the engine thread is neither locked nor polled.
+        runners = self.engine.runners if isinstance(self.engine, ReplicatedRunner) else [self.engine]
+        loads = []
+        for index, runner in enumerate(runners):
+            core = runner.core if isinstance(runner, EngineRunner) else None
+            loads.append(
+                ReplicaLoad(
+                    replica=str(index),
+                    waiting=core.num_waiting() if core is not None else None,
+                    running=core.num_running() if core is not None else None,
+                    in_flight=runner.in_flight,
+                )
+            )
+        return loads
 
     @property
     def in_flight_calls(self) -> int:
@@ -293,17 +406,19 @@ class AsrServer:
             await self.health.set(name, status)
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """NOT_SERVING at once, then in-flight calls get `grace_s` to finish, then the engine stops."""
+        """NOT_SERVING at once, then in-flight calls get `grace_s` to finish, then the engine stops.
+
+        The port stays open through the grace: health `Check` and `Watch` keep answering NOT_SERVING (probes and
+        balancers see a draining replica, not a dead one), and new AsrService calls are refused UNAVAILABLE with
+        retry advice (`_refusal`). grpc's `server.stop(grace)` would refuse every new call at once, health
+        checks included, which probes read as UNAVAILABLE instead of NOT_SERVING.
+        """
         if self._stopping:
             return
         self._stopping = True
         await self.health.enter_graceful_shutdown()
         grace = self.config.server.grace_period_s if grace_s is None else grace_s
         if self._server is not None:
-            # stop(grace) refuses new calls at once but would wait out the whole grace for long-lived health Watch
-            # streams (load balancers, sidecars keep one open); once our own calls are done, a second stop(None)
-            # ends those at once, as grpc documents for a later call with a shorter grace.
-            stopping = asyncio.create_task(self._server.stop(grace))
             # Live streams never end by themselves: their open utterances are flushed as finals within the grace,
             # then they end UNAVAILABLE, so a caller loses no speech and reconnects elsewhere.
             draining = asyncio.create_task(self._servicer.drain_streams()) if self._servicer is not None else None
@@ -313,11 +428,21 @@ class AsrServer:
                 logger.warning("grace period over with %d calls in flight; cancelling them", self._in_flight.count)
             if draining is not None and not draining.done():
                 draining.cancel()
+            # Our calls are done (or out of time): this ends the rest, health Watch streams included, at once.
             await self._server.stop(None)
-            await stopping
         await self.engine.stop()
         if isinstance(self.aligner, ManagedAligner):
             await self.aligner.stop()
+        if self._metrics_endpoint is not None:
+            # Last, so a scrape during the drain still answers.
+            await asyncio.to_thread(self._metrics_endpoint.close)
+            self._metrics_endpoint = None
+
+    def _refusal(self) -> AsrError | None:
+        """Why a new AsrService call is refused now (RpcInterceptor asks before each call), or None."""
+        if self._stopping:
+            return Unavailable("the server is shutting down; retry, on another replica")
+        return None
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
@@ -347,14 +472,17 @@ async def _serve_until_signalled(config: Config) -> None:
     start = asyncio.create_task(server.start())
     stop_wait = asyncio.create_task(stop_requested.wait())
     done, _ = await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    started = False
     try:
         if start in done:
             start.result()
+            started = True
             print(f"asr-server: serving {server.engine.model_id} on port {server.port}", flush=True)
             await stop_wait
     finally:
         # Also after a failed start: the port, the engine thread and a spawned aligner sidecar are released.
-        logger.info("shutting down: NOT_SERVING, %.1f s grace for in-flight calls", config.server.grace_period_s)
+        if started:
+            logger.info("shutting down: NOT_SERVING, %.1f s grace for in-flight calls", config.server.grace_period_s)
         await server.stop()
         for task in (start, stop_wait):
             task.cancel()

@@ -6,18 +6,22 @@ Its methods raise domain errors; edge.rpc answers them as precise gRPC statuses 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Protocol
 
 import grpc
 from opentelemetry import trace
 
 from asr_server.audio.assembler import StreamAssembler
+from asr_server.audio.budget import BYTES_PER_MIB, DecodedAudioBudget
 from asr_server.audio.decode import DecodedAudio, container_formats, decode_audio
 from asr_server.audio.formats import MAX_CHANNEL_COUNT, MAX_RAW_SAMPLE_RATE_HZ, MIN_RAW_SAMPLE_RATE_HZ, AudioLimits
 from asr_server.config import Config
 from asr_server.edge import convert
+from asr_server.edge.rpc import note_audio_ms
 from asr_server.errors import AsrError, InvalidInput, LimitExceeded, Unavailable
 from asr_server.results import ChannelMode
 from asr_server.streaming.endpoint import EndpointSettings
@@ -32,6 +36,14 @@ from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 
+class StreamObserver(Protocol):
+    """Told how live streams fare (the metrics)."""
+
+    def stream_ended(self, max_final_delay_s: float) -> None: ...
+
+    def final_lagged(self) -> None: ...
+
+
 class AsrServicer(pb_grpc.AsrServiceServicer):
     def __init__(
         self,
@@ -40,8 +52,10 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         *,
         model_id: Callable[[], str],
         aligner_ready: Callable[[], bool],
+        stream_observer: StreamObserver | None = None,
     ) -> None:
         self._config = config
+        self._stream_observer = stream_observer
         self._transcriber = transcriber
         self._model_id = model_id
         self._aligner_ready = aligner_ready
@@ -51,6 +65,9 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             max_message_bytes=limits.max_message_bytes,
             max_stream_bytes=limits.max_stream_bytes,
         )
+        # Decoded audio held by the Transcribe and TranscribeStream calls in flight, bounded (audio/budget.py).
+        budget_mib = limits.max_decoded_audio_mb
+        self._decoded_budget = DecodedAudioBudget(budget_mib * BYTES_PER_MIB) if budget_mib else None
         # Shared by every stream (and by endpointed unary calls), so VAD batches across them.
         self._vad = VadBatcher()
         self._token_decoder: asyncio.Task[TokenDecoder | None] | None = None
@@ -71,16 +88,18 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         options = convert.options_from_pb(request.config, self._config)
         endpointing = self._endpointing(request.config, options)
         decode_started = time.perf_counter()
-        # Mixing before resampling costs a fraction of resampling every channel.
-        audio = await asyncio.to_thread(
-            decode_audio,
-            request.audio,
-            audio_format,
-            limits=self._audio_limits,
-            downmix=options.channel_mode is ChannelMode.DOWNMIX,
-        )
-        decode_s = time.perf_counter() - decode_started
-        return await self._finish(audio, options, started, decode_s, endpointing=endpointing)
+        with self._budget_hold() as hold:
+            # Mixing before resampling costs a fraction of resampling every channel.
+            audio = await asyncio.to_thread(
+                decode_audio,
+                request.audio,
+                audio_format,
+                limits=self._audio_limits,
+                downmix=options.channel_mode is ChannelMode.DOWNMIX,
+                reserve=hold,
+            )
+            decode_s = time.perf_counter() - decode_started
+            return await self._finish(audio, options, started, decode_s, endpointing=endpointing)
 
     async def TranscribeStream(  # noqa: N802 - gRPC method name
         self,
@@ -116,9 +135,12 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             raise InvalidInput("the stream was empty: send a config message, then the audio")
         trace.get_current_span().set_attribute("asr.stream.bytes", received_bytes)
         decode_started = time.perf_counter()
-        audio = await asyncio.to_thread(assembler.finish, downmix=options.channel_mode is ChannelMode.DOWNMIX)
-        decode_s = time.perf_counter() - decode_started
-        return await self._finish(audio, options, started, decode_s, endpointing=endpointing)
+        with self._budget_hold() as hold:
+            audio = await asyncio.to_thread(
+                assembler.finish, downmix=options.channel_mode is ChannelMode.DOWNMIX, reserve=hold
+            )
+            decode_s = time.perf_counter() - decode_started
+            return await self._finish(audio, options, started, decode_s, endpointing=endpointing)
 
     async def StreamingRecognize(  # noqa: N802 - gRPC method name
         self,
@@ -147,6 +169,9 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             if session is not None:
                 session.cancel()
                 self._sessions.discard(session)
+                note_audio_ms(session.processed_ms)
+                if self._stream_observer is not None:
+                    self._stream_observer.stream_ended(session.max_final_delay_ms / 1000)
 
     async def drain_streams(self) -> int:
         """Shutdown: every live stream flushes its open utterances as finals, then ends UNAVAILABLE (retry on
@@ -162,12 +187,17 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         logger.info("shutdown: %d open utterances of %d live streams flushed", sum(flushed), len(sessions))
         return sum(flushed)
 
+    @property
+    def live_streams(self) -> int:
+        """StreamingRecognize calls open now."""
+        return len(self._sessions)
+
     async def GetServerInfo(  # noqa: N802 - gRPC method name
         self,
         request: pb.GetServerInfoRequest,
         context: grpc.aio.ServicerContext[pb.GetServerInfoRequest, pb.GetServerInfoResponse],
     ) -> pb.GetServerInfoResponse:
-        return convert.server_info_to_pb(
+        info = convert.server_info_to_pb(
             self._config,
             model_id=self._model_id() or self._config.model.model,
             aligner_model_id=self._config.aligner.model,
@@ -179,6 +209,10 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             max_sample_rate_hz=MAX_RAW_SAMPLE_RATE_HZ,
             max_channel_count=MAX_CHANNEL_COUNT,
         )
+        info.limits.stream_idle_timeout_ms = round(self._config.streaming.idle_timeout_s * 1000)
+        if self._decoded_budget is not None:
+            info.limits.max_decoded_audio_bytes = self._decoded_budget.max_bytes
+        return info
 
     # ---- live streams ----
 
@@ -190,10 +224,7 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             async with asyncio.timeout(idle_s):
                 return await anext(request_iterator, None)
         except TimeoutError:
-            raise IdleTimeout(
-                f"no message for {idle_s:g} s (the server's --stream-idle-timeout-s); send audio continuously "
-                "(silence included) or half-close the stream when done"
-            ) from None
+            raise _idle_timeout(idle_s, before_config=True) from None
 
     async def _open_stream(self, request_iterator: AsyncIterator[pb.StreamingRecognizeRequest]) -> StreamingSession:
         first = await self._next_request(request_iterator)
@@ -226,16 +257,21 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             limits=self._audio_limits,
             token_decoder=token_decoder,
             max_lag_ms=max_lag_ms,
-            on_lag=lambda delay_ms: logger.warning(
-                "a live stream fell behind real time: a final came %.0f ms after its utterance ended "
-                "(--max-stream-lag-ms %.0f); %d live streams",
-                delay_ms,
-                max_lag_ms,
-                len(self._sessions),
-            ),
+            on_lag=self._on_lag,
         )
         self._sessions.add(session)
         return session
+
+    def _on_lag(self, delay_ms: float) -> None:
+        logger.warning(
+            "a live stream fell behind real time: a final came %.0f ms after its utterance ended "
+            "(--max-stream-lag-ms %.0f); %d live streams",
+            delay_ms,
+            self._config.streaming.max_stream_lag_ms,
+            len(self._sessions),
+        )
+        if self._stream_observer is not None:
+            self._stream_observer.final_lagged()
 
     async def _read_stream(
         self, request_iterator: AsyncIterator[pb.StreamingRecognizeRequest], session: StreamingSession
@@ -294,6 +330,19 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
 
     # ---- shared ----
 
+    @contextlib.contextmanager
+    def _budget_hold(self) -> Iterator[Callable[[int], None] | None]:
+        """The reserve callback for one call's decoding; what it reserved is released when the call is done with
+        its audio (the transcript sent, or the call failed or was cancelled)."""
+        if self._decoded_budget is None:
+            yield None
+            return
+        hold = self._decoded_budget.hold()
+        try:
+            yield hold.reserve
+        finally:
+            hold.release()
+
     async def _finish(
         self,
         audio: DecodedAudio,
@@ -305,6 +354,7 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
     ) -> pb.TranscribeResponse:
         span = trace.get_current_span()
         span.set_attribute("asr.audio_s", audio.duration_ms / 1000)
+        note_audio_ms(audio.duration_ms)
         span.set_attribute("asr.channels", len(audio.channels))
         planner = UtterancePlanner(self._vad, endpointing) if endpointing is not None else None
         result = await self._transcriber.transcribe(audio, options, planner)
@@ -349,16 +399,22 @@ class _IdleWatchdog:
             if not self._fired or task is None:
                 raise
             task.uncancel()
-            raise IdleTimeout(
-                f"no message for {self._idle_s:g} s (the server's --stream-idle-timeout-s); send audio "
-                "continuously (silence included) or half-close the stream when done"
-            ) from None
+            raise _idle_timeout(self._idle_s) from None
         finally:
             self._waiting = None
         return message
 
     def stop(self) -> None:
         self._handle.cancel()
+
+
+def _idle_timeout(idle_s: float, *, before_config: bool = False) -> IdleTimeout:
+    # The edge answers OUT_OF_RANGE (the contract keeps DEADLINE_EXCEEDED for the caller's own deadline).
+    flushed = "" if before_config else "; the open utterance was flushed as a final"
+    return IdleTimeout(
+        f"no audio for {idle_s:g} s: no message for the server's --stream-idle-timeout-s={idle_s:g}{flushed}; "
+        "send audio continuously (silence included) or half-close the stream when done"
+    )
 
 
 def _second_config_message(msg: pb.StreamingRecognitionConfig, session: StreamingSession, received: int) -> str:

@@ -37,7 +37,7 @@ from asr_server.config import Config
 from asr_server.engine.process import child
 from asr_server.engine.process import messages as m
 from asr_server.engine.types import DecodeRequest, DecodeResult
-from asr_server.errors import Unavailable
+from asr_server.errors import FailedPrecondition, Unavailable
 from asr_server.worker import State
 
 logger = logging.getLogger(__name__)
@@ -229,7 +229,11 @@ class EngineProcess:
             if not ever_ready:
                 # The very first start failed: a wrong model path or an unusable device will not heal by retrying.
                 self._set_state("failed")
-                self._resolve_first_start(RuntimeError(f"engine failed to start: {failure}"))
+                # As the in-process worker does: RuntimeError caused by the loader's error, which the CLI prints as
+                # one line (the child logged the traceback).
+                error = RuntimeError(f"engine failed to start: {failure}")
+                error.__cause__ = FailedPrecondition(str(failure))
+                self._resolve_first_start(error)
                 return
             if time.monotonic() - started_s >= self._policy.stable_after_s:
                 backoff_s = self._policy.backoff_initial_s
