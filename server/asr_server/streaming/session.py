@@ -48,7 +48,8 @@ _MAX_INTERIM_STABILITY = 0.9
 
 
 class IdleTimeout(AsrError):
-    """No message arrived for the configured idle time (the edge answers OUT_OF_RANGE; DEADLINE_EXCEEDED is the caller's own deadline)."""
+    """No message arrived for the configured idle time (the edge answers OUT_OF_RANGE: DEADLINE_EXCEEDED is the
+    caller's own deadline)."""
 
 
 class SpeechEventKind(enum.Enum):
