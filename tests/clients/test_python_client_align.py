@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from asr_client import AsrClient
+from asr_client import AsrClient, AsyncAsrClient
 from asr_client.cli import main as cli_main
 from asr_client.errors import FailedPreconditionError, InvalidArgumentError
 from tests.clients.servers import StubAligner, stub_word_times, threaded_server
@@ -68,3 +68,12 @@ def test_cli_align_prints_each_word_or_json(target: str, tmp_path: Path, capsys:
     assert [(i["text"], i["start_time"], i["end_time"]) for i in items] == stub_word_times("bonjour le monde", 2000)
     assert cli_main(["--target", target, "align", str(path), "--text", "x", "--language", "Klingon"]) == 1
     assert "Cantonese" in capsys.readouterr().err
+
+
+async def test_the_asyncio_client_aligns_the_same(target: str) -> None:
+    async with AsyncAsrClient(target) as client:
+        results = await client.align([(tone(1.0, seed=2), 16000), (tone(2.0, seed=2), 16000)], "a b c", "en")
+    assert [[(i.text, i.start_time, i.end_time) for i in r] for r in results] == [
+        stub_word_times("a b c", 1000),
+        stub_word_times("a b c", 2000),
+    ]
