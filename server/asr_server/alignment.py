@@ -75,27 +75,47 @@ def check_align_text(text: str, language: str, *, has_aligner: bool) -> AlignTex
 
 
 def max_words(text: str, language: str) -> int:
-    """An upper bound of how many words the aligner's splitter makes of `text` (transformers'
-    `split_words_for_alignment`): every CJK character and every run between spaces, or for Japanese and Korean,
-    whose splitters cut unspaced text, every character that is not a space."""
+    """How many words the aligner's splitter (transformers' `split_words_for_alignment`) makes of `text`: exactly,
+    for the default splitter (each CJK ideograph alone, the letters and digits between spaces and ideographs as one
+    word); for Japanese and Korean, whose splitters cut unspaced text, an upper bound (every kept character)."""
     if language in _PER_CHARACTER_LANGUAGES:
-        return sum(1 for ch in text if not ch.isspace())
+        return sum(1 for ch in text if _is_kept(ch))
     count = 0
-    in_run = False
+    in_word = False
     for ch in text:
         if _is_cjk(ch):
             count += 1
-            in_run = False
+            in_word = False
         elif ch.isspace():
-            in_run = False
-        elif not in_run:
+            in_word = False
+        elif _is_kept(ch) and not in_word:
             count += 1
-            in_run = True
+            in_word = True
     return count
 
 
+# The CJK ideograph blocks the reference splitter emits one character at a time (transformers' `_is_cjk_char`).
+_CJK_RANGES = (
+    (0x4E00, 0x9FFF),
+    (0x3400, 0x4DBF),
+    (0x20000, 0x2A6DF),
+    (0x2A700, 0x2B73F),
+    (0x2B740, 0x2B81F),
+    (0x2B820, 0x2CEAF),
+    (0xF900, 0xFAFF),
+    (0x2F800, 0x2FA1F),
+)
+
+
 def _is_cjk(ch: str) -> bool:
-    return unicodedata.name(ch, "").startswith("CJK ")
+    codepoint = ord(ch)
+    return any(low <= codepoint <= high for low, high in _CJK_RANGES)
+
+
+def _is_kept(ch: str) -> bool:
+    # What the reference keeps of a word: letters, digits, apostrophes (punctuation is dropped).
+    category = unicodedata.category(ch)
+    return ch == "'" or category[0] in "LN" or _is_cjk(ch)
 
 
 def check_align_audio(checked: AlignText, duration_ms: int, *, max_audio_s: float) -> None:
