@@ -185,11 +185,12 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         started = time.perf_counter()
         checked = check_align_text(request.text, request.language, has_aligner=self._transcriber.has_aligner)
         audio_format = convert.audio_format_from_pb(request.audio_format)
+        decode_started = time.perf_counter()
         with self._budget_hold() as hold:
             audio = await asyncio.to_thread(
                 decode_audio, request.audio, audio_format, limits=self._audio_limits, downmix=True, reserve=hold
             )
-            decode_s = time.perf_counter() - started
+            decode_s = time.perf_counter() - decode_started
             trace.get_current_span().set_attribute("asr.audio_s", audio.duration_ms / 1000)
             note_audio_ms(audio.duration_ms)
             result = await align_text(
