@@ -42,6 +42,7 @@ def test_grpcurl_lists_the_services_through_reflection(target: str) -> None:
     }
     methods = grpcurl(target, "list", "qwenasr.v1.AsrService").split()
     assert methods == [
+        "qwenasr.v1.AsrService.Align",
         "qwenasr.v1.AsrService.GetServerInfo",
         "qwenasr.v1.AsrService.StreamingRecognize",
         "qwenasr.v1.AsrService.Transcribe",

@@ -80,6 +80,30 @@ def plan_batch(
     return jobs
 
 
+def plan_alignments(
+    audio: AudioLike | Sequence[AudioLike],
+    text: str | Sequence[str],
+    language: str | Sequence[str],
+    *,
+    fetch_timeout_s: float,
+) -> list[pb.AlignRequest]:
+    """One AlignRequest per audio input; `text` and `language` broadcast like `plan_batch`'s options."""
+    items = audio_items(audio)
+    if not items:
+        raise ValueError("no audio given")
+    texts: list[str] = broadcast("text", text, len(items))
+    languages: list[str] = broadcast("language", language, len(items))
+    requests = []
+    for item, txt, lang in zip(items, texts, languages, strict=True):
+        prepared = load_audio(item, fetch_timeout_s=fetch_timeout_s)
+        requests.append(
+            pb.AlignRequest(
+                audio_format=prepared.audio_format, audio=prepared.data, text=txt, language=(lang or "").strip()
+            )
+        )
+    return requests
+
+
 def stream_upload(job: Job, piece_bytes: int = STREAM_PIECE_BYTES) -> Iterator[pb.TranscribeStreamRequest]:
     yield pb.TranscribeStreamRequest(config=job.config)
     data = job.audio.data

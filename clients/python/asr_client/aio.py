@@ -28,13 +28,21 @@ from asr_client._core import (
     is_single_audio,
     live_config,
     pcm_frames,
+    plan_alignments,
     plan_batch,
     stream_upload,
 )
 from asr_client.audio import AudioLike, bytes_per_second, frame_to_bytes
 from asr_client.client import Frame
 from asr_client.errors import AsrError, UnimplementedError, error_from_rpc
-from asr_client.results import ASRTranscription, StreamingResult, streaming_result_from_pb, transcription_from_pb
+from asr_client.results import (
+    ASRTranscription,
+    ForcedAlignResult,
+    StreamingResult,
+    align_result,
+    streaming_result_from_pb,
+    transcription_from_pb,
+)
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 
@@ -108,6 +116,33 @@ class AsyncAsrClient:
             for task in tasks:
                 task.cancel()
         return [transcription_from_pb(r, time_stamps=return_time_stamps) for r in responses]
+
+    async def align(
+        self,
+        audio: AudioLike | Sequence[AudioLike],
+        text: str | Sequence[str],
+        language: str | Sequence[str],
+    ) -> list[ForcedAlignResult]:
+        """As `AsrClient.align`; the inputs of a list are sent concurrently."""
+        requests = await asyncio.to_thread(
+            plan_alignments, audio, text, language, fetch_timeout_s=self._fetch_timeout_s
+        )
+        tasks = [asyncio.ensure_future(self._align_one(r)) for r in requests]
+        try:
+            responses = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+        return [align_result(r.words) for r in responses]
+
+    async def _align_one(self, request: pb.AlignRequest) -> pb.AlignResponse:
+        try:
+            response: pb.AlignResponse = await self._stub.Align(
+                request, timeout=self._timeout_s, metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc("Align", exc, timeout_s=self._timeout_s) from exc
+        return response
 
     async def stream(
         self,

@@ -2,6 +2,7 @@
 
     asr-client transcribe a.wav b.flac --language en --format srt --timestamps
     asr-client stream call.wav --realtime
+    asr-client align call.wav --text "hello world" --language en
     asr-client health
     asr-client info
 """
@@ -46,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             if args.command == "stream":
                 return _stream(client, args)
+            if args.command == "align":
+                return _align(client, args)
             return _transcribe(client, args)
     except UnimplementedError as exc:
         print(f"asr-client: this server does not serve {exc.method.split(' ')[0]} yet (UNIMPLEMENTED: "
@@ -89,6 +92,16 @@ def _parser() -> argparse.ArgumentParser:
     stream.add_argument("--timestamps", action="store_true")
     stream.add_argument("--no-interim", action="store_true", help="final results only")
     stream.add_argument("--format", choices=("text", "json"), default="text", help="text, or one JSON object a line")
+
+    align = commands.add_parser("align", help="time the words of a known transcript in one audio file (Align)")
+    align.add_argument("file", help="a path, an http(s) or data: URL, or - for standard input")
+    given = align.add_mutually_exclusive_group(required=True)
+    given.add_argument("--text", help="the transcript to align")
+    given.add_argument("--text-file", help="read the transcript from this UTF-8 file")
+    align.add_argument("--language", default="English",
+                       help="the transcript's language, one of the aligner's 11 by name or code (default: English)")
+    align.add_argument("--format", choices=("text", "json"), default="text",
+                       help="text: one 'start end word' line per word (seconds); json: the items")
 
     health = commands.add_parser("health", help="print the health status; exit status 0 only when SERVING")
     health.add_argument("--service", default="",
@@ -143,6 +156,18 @@ def _as_dict(result: ASRTranscription | StreamingResult) -> dict[str, Any]:
     if result.time_stamps is not None:
         data["time_stamps"] = [asdict(item) for item in result.time_stamps]
     return data
+
+
+def _align(client: AsrClient, args: argparse.Namespace) -> int:
+    audio: AudioLike = sys.stdin.buffer.read() if args.file == "-" else args.file
+    text = args.text if args.text is not None else Path(args.text_file).read_text(encoding="utf-8")
+    (result,) = client.align(audio, text, args.language)
+    if args.format == "json":
+        print(json.dumps([asdict(item) for item in result], indent=2, ensure_ascii=False))
+    else:
+        for item in result:
+            print(f"{item.start_time:.3f}\t{item.end_time:.3f}\t{item.text}")
+    return 0
 
 
 def _stream(client: AsrClient, args: argparse.Namespace) -> int:

@@ -23,12 +23,20 @@ from asr_client._core import (
     is_single_audio,
     live_config,
     pcm_frames,
+    plan_alignments,
     plan_batch,
     stream_upload,
 )
 from asr_client.audio import AudioLike, PreparedAudio, bytes_per_second, frame_to_bytes
 from asr_client.errors import AsrError, error_from_rpc
-from asr_client.results import ASRTranscription, StreamingResult, streaming_result_from_pb, transcription_from_pb
+from asr_client.results import (
+    ASRTranscription,
+    ForcedAlignResult,
+    StreamingResult,
+    align_result,
+    streaming_result_from_pb,
+    transcription_from_pb,
+)
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 
@@ -105,6 +113,39 @@ class AsrClient:
             for _, call in calls:
                 call.cancel()  # no-op for finished calls; frees the others after a failure
         return [transcription_from_pb(r, time_stamps=return_time_stamps) for r in responses]
+
+    def align(
+        self,
+        audio: AudioLike | Sequence[AudioLike],
+        text: str | Sequence[str],
+        language: str | Sequence[str],
+    ) -> list[ForcedAlignResult]:
+        """Times the words of known transcripts in audio, like `qwen_asr.Qwen3ForcedAligner.align`: one
+        `ForcedAlignResult` (items with `.text`, `.start_time`, `.end_time` in seconds) per audio input, in order.
+
+        `audio` as in `transcribe` (one input or a list, sent concurrently; the server batches them); `text` and
+        `language` (one of the aligner's 11, by name or code) are one value for every input or a list as long as
+        `audio` (else ValueError). The server needs its forced aligner (`FailedPreconditionError` without one); an
+        empty text, an uncovered language or audio over the aligner's limit raise `InvalidArgumentError` /
+        `ResourceExhaustedError` with the server's reason.
+        """
+        responses = self.align_requests(plan_alignments(audio, text, language, fetch_timeout_s=self._fetch_timeout_s))
+        return [align_result(r.words) for r in responses]
+
+    def align_requests(self, requests: Sequence[pb.AlignRequest]) -> list[pb.AlignResponse]:
+        """Align calls, concurrently, returning the full protobuf responses in order."""
+        calls = [self._stub.Align.future(r, timeout=self._timeout_s, metadata=self._metadata) for r in requests]
+        try:
+            responses: list[pb.AlignResponse] = []
+            for call in calls:
+                try:
+                    responses.append(call.result())
+                except grpc.RpcError as exc:
+                    raise error_from_rpc("Align", exc, timeout_s=self._timeout_s) from exc
+        finally:
+            for call in calls:
+                call.cancel()  # type: ignore[no-untyped-call]
+        return responses
 
     def stream(
         self,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from asr_server import __version__
+from asr_server.alignment import TextAlignment
 from asr_server.audio.formats import AudioFormat, Encoding
 from asr_server.config import Config
 from asr_server.errors import InvalidInput
@@ -131,6 +132,23 @@ def result_to_pb(result: TranscriptionResult, *, total_ms: float, audio_decode_m
             alignment_ms=_clamp_u32(timing.alignment_ms),
             first_token_ms=0 if timing.first_token_ms is None else max(1, _clamp_u32(timing.first_token_ms)),
         ),
+    )
+
+
+def alignment_to_pb(
+    result: TextAlignment, *, audio_decode_ms: float, aligner_model_id: str, request_id: str
+) -> pb.AlignResponse:
+    return pb.AlignResponse(
+        words=[word_to_pb(w) for w in result.words],
+        word_timestamps_status=status_to_pb(result.status),
+        audio_duration_ms=_clamp_u32(result.audio_duration_ms),
+        timing=pb.ServerTiming(
+            total_ms=_clamp_u32(result.total_ms),
+            audio_decode_ms=_clamp_u32(audio_decode_ms),
+            alignment_ms=_clamp_u32(result.alignment_ms),
+        ),
+        aligner_model_id=aligner_model_id,
+        request_id=request_id,
     )
 
 

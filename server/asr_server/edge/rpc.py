@@ -105,9 +105,13 @@ class _CallRecord:
 
 # The record of the call the current task serves (each gRPC call runs in its own task; tasks it starts inherit it).
 _CURRENT_CALL: ContextVar[_CallRecord | None] = ContextVar("asr_current_call", default=None)
-# A caller's own id for the call, logged in the access line; else one is made up.
+# A caller's own id for the call; else one is made up. One id per call, made once (`_request_id`, for the access
+# log's record when observed), then echoed in the responses, the response header and the span.
 REQUEST_ID_METADATA = "x-request-id"
+REQUEST_ID_SPAN_ATTRIBUTE = "asr.request_id"
 _MAX_REQUEST_ID_CHARS = 128
+# The id of the call the current task serves ("" outside a call), set on the one path (`guarded`).
+_REQUEST_ID: ContextVar[str] = ContextVar("asr_request_id", default="")
 
 
 def note_audio_ms(audio_ms: float) -> None:
@@ -127,11 +131,52 @@ def _rpc_type(handler: Any) -> str:
     return kinds[(bool(handler.request_streaming), bool(handler.response_streaming))]
 
 
-def _request_id(metadata: Any) -> str:
+def current_request_id() -> str:
+    """The current call's id (for its responses); "" outside an AsrService call."""
+    return _REQUEST_ID.get()
+
+
+def _caller_request_id(metadata: Any) -> str | bytes | None:
+    """What the caller sent as `x-request-id`, unchecked; None when nothing."""
     for key, value in metadata or ():
-        if key == REQUEST_ID_METADATA and isinstance(value, str) and value:
-            return value[:_MAX_REQUEST_ID_CHARS]
+        if key == REQUEST_ID_METADATA:
+            return value  # type: ignore[no-any-return]
+    return None
+
+
+def _valid_request_id(value: str | bytes | None) -> bool:
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= _MAX_REQUEST_ID_CHARS
+        and value.isascii()
+        and value.isprintable()
+    )
+
+
+def _request_id(metadata: Any) -> str:
+    """The call's id: the caller's when valid, else a new one (an invalid one fails the call in `guarded`)."""
+    given = _caller_request_id(metadata)
+    if isinstance(given, str) and _valid_request_id(given):
+        return given
     return uuid.uuid4().hex[:16]
+
+
+async def _start_request_id(context: grpc.aio.ServicerContext[Any, Any], span: Span) -> None:
+    """Makes the call's id current, puts it on the span and in the response header, then refuses an invalid one
+    the caller sent (after: the refusal's span and header carry the id the access log has)."""
+    metadata = context.invocation_metadata()
+    record = _CURRENT_CALL.get()
+    request_id = record.request_id if record is not None else _request_id(metadata)
+    _REQUEST_ID.set(request_id)
+    span.set_attribute(REQUEST_ID_SPAN_ATTRIBUTE, request_id)
+    await context.send_initial_metadata(((REQUEST_ID_METADATA, request_id),))
+    given = _caller_request_id(metadata)
+    if given is not None and not _valid_request_id(given):
+        shown = excerpt(given.decode("utf-8", "replace") if isinstance(given, bytes) else given)
+        raise InvalidInput(
+            f"metadata {REQUEST_ID_METADATA} {shown} is not a valid request id; accepted: 1 to "
+            f"{_MAX_REQUEST_ID_CHARS} printable ASCII characters, or no {REQUEST_ID_METADATA} for a generated one"
+        )
 
 
 def _refusal_reason(exc: AsrError) -> str:
@@ -312,6 +357,7 @@ def guarded(
         async def stream_behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             with rpc_span(method, context.invocation_metadata()) as span:
                 try:
+                    await _start_request_id(context, span)
                     _admit(refusal)
                     async with aclosing(inner_stream(_parsed(request, streaming_in), context)) as responses:
                         async for response in responses:
@@ -328,6 +374,7 @@ def guarded(
         async def unary_behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             with rpc_span(method, context.invocation_metadata()) as span:
                 try:
+                    await _start_request_id(context, span)
                     _admit(refusal)
                     return await inner_unary(_parsed(request, streaming_in), context)
                 except (asyncio.CancelledError, grpc.aio.AbortError):

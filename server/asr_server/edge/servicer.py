@@ -15,13 +15,14 @@ from typing import Protocol
 import grpc
 from opentelemetry import trace
 
+from asr_server.alignment import align_text, check_align_text
 from asr_server.audio.assembler import StreamAssembler
 from asr_server.audio.budget import BYTES_PER_MIB, DecodedAudioBudget
 from asr_server.audio.decode import DecodedAudio, container_formats, decode_audio
 from asr_server.audio.formats import MAX_CHANNEL_COUNT, MAX_RAW_SAMPLE_RATE_HZ, MIN_RAW_SAMPLE_RATE_HZ, AudioLimits
 from asr_server.config import Config
 from asr_server.edge import convert
-from asr_server.edge.rpc import note_audio_ms
+from asr_server.edge.rpc import current_request_id, note_audio_ms
 from asr_server.errors import AsrError, InvalidInput, LimitExceeded, Unavailable
 from asr_server.results import ChannelMode
 from asr_server.streaming.endpoint import EndpointSettings
@@ -155,9 +156,12 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             span.set_attribute("asr.stream.channels", session.format.channel_count)
             reader = asyncio.create_task(self._read_stream(request_iterator, session))
             finals = 0
+            request_id = current_request_id()
             async for event in session.events():
                 finals += int(getattr(event, "is_final", False))
-                yield convert.stream_event_to_pb(event)
+                message = convert.stream_event_to_pb(event)
+                message.request_id = request_id
+                yield message
             span.set_attribute("asr.stream.finals", finals)
             span.set_attribute("asr.stream.processed_s", session.processed_ms / 1000)
             if reader.done():
@@ -172,6 +176,36 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
                 note_audio_ms(session.processed_ms)
                 if self._stream_observer is not None:
                     self._stream_observer.stream_ended(session.max_final_delay_ms / 1000)
+
+    async def Align(  # noqa: N802 - gRPC method name
+        self,
+        request: pb.AlignRequest,
+        context: grpc.aio.ServicerContext[pb.AlignRequest, pb.AlignResponse],
+    ) -> pb.AlignResponse:
+        started = time.perf_counter()
+        checked = check_align_text(request.text, request.language, has_aligner=self._transcriber.has_aligner)
+        audio_format = convert.audio_format_from_pb(request.audio_format)
+        decode_started = time.perf_counter()
+        with self._budget_hold() as hold:
+            audio = await asyncio.to_thread(
+                decode_audio, request.audio, audio_format, limits=self._audio_limits, downmix=True, reserve=hold
+            )
+            decode_s = time.perf_counter() - decode_started
+            trace.get_current_span().set_attribute("asr.audio_s", audio.duration_ms / 1000)
+            note_audio_ms(audio.duration_ms)
+            result = await align_text(
+                self._transcriber,
+                audio,
+                checked,
+                max_audio_s=self._config.limits.max_chunk_with_timestamps_s,
+                started_s=started,
+            )
+        return convert.alignment_to_pb(
+            result,
+            audio_decode_ms=decode_s * 1000,
+            aligner_model_id=self._config.aligner.model or "",
+            request_id=current_request_id(),
+        )
 
     async def drain_streams(self) -> int:
         """Shutdown: every live stream flushes its open utterances as finals, then ends UNAVAILABLE (retry on
@@ -358,9 +392,11 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         span.set_attribute("asr.channels", len(audio.channels))
         planner = UtterancePlanner(self._vad, endpointing) if endpointing is not None else None
         result = await self._transcriber.transcribe(audio, options, planner)
-        return convert.result_to_pb(
+        response = convert.result_to_pb(
             result, total_ms=(time.perf_counter() - started) * 1000, audio_decode_ms=decode_s * 1000
         )
+        response.request_id = current_request_id()
+        return response
 
 
 class _IdleWatchdog:
