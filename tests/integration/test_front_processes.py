@@ -180,3 +180,54 @@ async def test_calls_spread_over_both_fronts_and_a_killed_front_costs_only_its_o
     running.process.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(asyncio.to_thread(running.process.wait), 40) == 0
     await until(lambda: not any(alive(p.pid) for p in everyone), timeout_s=10.0, what="no process left")
+
+
+async def test_two_fronts_links_share_one_engine_process_and_see_its_restart() -> None:
+    # In this process: one shared engine process (as the parent runs it) and two links to it (as two fronts hold).
+    from asr_server.config import Config, EngineConfig, ServerConfig
+    from asr_server.engine.process.client import EngineProcess, RestartPolicy
+    from asr_server.engine.process.link import EngineLink
+    from asr_server.engine.types import DecodeOptions, DecodeRequest
+    from asr_server.errors import Unavailable
+
+    config = Config(
+        server=ServerConfig(host="127.0.0.1", port=0, front_processes=2),
+        engine=EngineConfig(kind="fake", max_batch_wait_ms=20.0, warmup=False, fake_batch_delay_ms=300.0),
+    )
+    engine = EngineProcess(config, "cpu", policy=RestartPolicy(backoff_initial_s=0.1), shared=True)
+    await engine.start()
+    links = [EngineLink(engine.serve_address, name=f"front-{i}") for i in range(2)]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(link.start() for link in links)), 10)
+        first_pid = engine.pid
+        assert first_pid is not None and all(link.pid == first_pid for link in links)
+        audio = tone(1.0, seed=3)
+
+        def request(request_id: str) -> DecodeRequest:
+            return DecodeRequest(request_id, audio, DecodeOptions(None, "", 8))
+
+        # The same request id from both fronts: each answer goes back to the front that asked (by identity).
+        alone = await links[0].decode(request("same"))
+        both = await asyncio.gather(*(link.decode(request("same")) for link in links))
+        assert [r.text for r in both] == [alone.text, alone.text] and all(r.request_id == "same" for r in both)
+
+        # kill -9 of the engine mid-batch: both fronts fail what they held UNAVAILABLE within 2 s, leave "ready",
+        # and take the restarted engine (a new pid, the same path) once it is ready.
+        held = [asyncio.ensure_future(link.decode(request(f"held-{i}"))) for i, link in enumerate(links)]
+        await until(lambda: all(link.in_flight == 1 for link in links), what="both requests sent")
+        killed_s = time.monotonic()
+        os.kill(first_pid, signal.SIGKILL)
+        outcomes = await asyncio.wait_for(asyncio.gather(*held, return_exceptions=True), 5)
+        assert time.monotonic() - killed_s < 2.0
+        assert all(isinstance(outcome, Unavailable) for outcome in outcomes), outcomes
+        await until(
+            lambda: all(link.state == "ready" and link.pid not in (None, first_pid) for link in links),
+            what="both links on the restarted engine",
+        )
+        assert all(link.losses == 1 for link in links)
+        again = await asyncio.gather(*(link.decode(request("again")) for link in links))
+        assert [r.text for r in again] == [alone.text, alone.text]
+    finally:
+        await asyncio.gather(*(link.stop() for link in links))
+        await engine.stop()
+    assert all(link.state == "stopped" for link in links)

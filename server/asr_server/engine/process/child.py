@@ -18,6 +18,7 @@ engine process left behind a killed front would hold the device (and its memory)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
@@ -205,8 +206,11 @@ async def _receive(
             if len(frames) != 2:
                 raise ValueError(f"a Submit came in {len(frames)} frames, not 2")
             request = m.request_from_submit(message, frames[1].buffer)
+            if peer:
+                # The runner knows a request by its id alone; two fronts' ids are kept apart by their peer's.
+                request = dataclasses.replace(request, request_id=f"{peer.hex()}/{message.request_id}")
             key = (peer, message.request_id)
-            task = asyncio.create_task(_decode(channel, peer, runner, request, counters, stop))
+            task = asyncio.create_task(_decode(channel, peer, message.request_id, runner, request, counters, stop))
             tasks[key] = task
             task.add_done_callback(_forget(tasks, key))
         elif isinstance(message, m.Abort):
@@ -232,6 +236,7 @@ def _forget(tasks: dict[_Key, asyncio.Task[None]], key: _Key) -> Callable[[async
 async def _decode(
     channel: _Channel,
     peer: bytes,
+    request_id: str,
     runner: EngineRunner,
     request: DecodeRequest,
     counters: _Counters,
@@ -245,12 +250,12 @@ async def _decode(
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the front, which raises it for the caller
         if not isinstance(exc, AsrError):
             logger.exception("request %s failed in the engine", request.request_id)
-        reply = m.failure_message(request.request_id, exc)
+        reply = m.failure_message(request_id, exc)
         if runner.state == "failed":
             logger.error("the engine thread is gone; the engine process exits to be restarted")
             stop.set()
     else:
-        reply = m.result_message(result)
+        reply = m.result_message(dataclasses.replace(result, request_id=request_id))
     counters.finished += 1
     channel.send(peer, reply)
 
