@@ -231,3 +231,42 @@ async def test_two_fronts_links_share_one_engine_process_and_see_its_restart() -
         await asyncio.gather(*(link.stop() for link in links))
         await engine.stop()
     assert all(link.state == "stopped" for link in links)
+
+
+async def test_the_engine_drops_the_requests_of_a_front_that_went_silent() -> None:
+    from asr_server.config import Config, EngineConfig, ServerConfig
+    from asr_server.engine.process.client import EngineProcess
+    from asr_server.engine.process.link import EngineLink
+    from asr_server.engine.types import DecodeOptions, DecodeRequest
+
+    config = Config(
+        server=ServerConfig(host="127.0.0.1", port=0, front_processes=2),
+        engine=EngineConfig(kind="fake", max_batch_wait_ms=20.0, warmup=False, fake_batch_delay_ms=8_000.0),
+    )
+    engine = EngineProcess(config, "cpu", shared=True)
+    await engine.start()
+    dying, watching = EngineLink(engine.serve_address, name="dying"), EngineLink(engine.serve_address, name="watching")
+    try:
+        await asyncio.gather(dying.start(), watching.start())
+        held = asyncio.ensure_future(dying.decode(DecodeRequest("long", tone(1.0, seed=1), DecodeOptions(None, "", 8))))
+
+        async def engine_holds() -> int:
+            return (await watching.stats()).in_flight
+
+        deadline = time.monotonic() + 10
+        while await engine_holds() != 1:
+            assert time.monotonic() < deadline, "the request never reached the engine"
+            await asyncio.sleep(0.02)
+        # As a killed front: its socket is gone without an Abort, and its heartbeat stops.
+        for task in dying._tasks:
+            task.cancel()
+        assert dying._context is not None
+        dying._context.destroy(linger=0)
+        killed_s = time.monotonic()
+        while await engine_holds() != 0:
+            assert time.monotonic() - killed_s < 5, "the silent front's request is still decoding"
+            await asyncio.sleep(0.05)
+        held.cancel()
+    finally:
+        await watching.stop()
+        await engine.stop()

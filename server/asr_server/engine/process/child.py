@@ -25,6 +25,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 # How often the process checks that its parent still lives: a front killed with SIGKILL costs the device at most this.
 PARENT_POLL_S = 0.5
+# A front (on the shared ROUTER socket) not heard from this long is taken for dead (it beats every 0.2 s).
+FRONT_SILENCE_S = 2.0
 # On the way out, the answers still in the socket get this long to reach the front.
 _LINGER_MS = 2000
 
@@ -149,12 +152,16 @@ class _Channel:
     def __init__(self, socket: zmq.asyncio.Socket, *, routed: bool) -> None:
         self.socket = socket
         self.routed = routed
+        # When each front was last heard from (its Hello beats every 0.2 s): a silent one is gone.
+        self.last_heard_s: dict[bytes, float] = {}
 
     async def receive(self) -> tuple[bytes, list[zmq.Frame]]:
         frames = await self.socket.recv_multipart(copy=False)
         if not self.routed:
             return b"", frames
-        return frames[0].bytes, frames[1:]
+        peer = frames[0].bytes
+        self.last_heard_s[peer] = time.monotonic()
+        return peer, frames[1:]
 
     def send(self, peer: bytes, message: m.FromEngine) -> None:
         frames = [peer, m.encode(message)] if self.routed else [m.encode(message)]
@@ -175,6 +182,7 @@ async def _loop(channels: list[_Channel], runner: EngineRunner, stop: asyncio.Ev
     tasks: dict[_Key, asyncio.Task[None]] = {}
     counters = _Counters()
     receiving = [asyncio.create_task(_receive(channel, runner, tasks, counters, stop)) for channel in channels]
+    receiving += [asyncio.create_task(_forget_silent_fronts(channel, tasks)) for channel in channels if channel.routed]
     stopping = asyncio.create_task(stop.wait())
     try:
         done, _ = await asyncio.wait({*receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -223,6 +231,22 @@ async def _receive(
         else:  # StatsQuery
             stats = m.Stats(message.query_id, len(tasks), counters.submitted, counters.aborted, counters.finished)
             channel.send(peer, stats)
+
+
+async def _forget_silent_fronts(channel: _Channel, tasks: dict[_Key, asyncio.Task[None]]) -> None:
+    """Drops the requests of a front that stopped beating (killed: it can send no Abort), so the engine does not
+    decode for nobody (a ROUTER is not told that a peer left)."""
+    while True:
+        await asyncio.sleep(FRONT_SILENCE_S / 4)
+        now_s = time.monotonic()
+        gone = {peer for peer, heard_s in channel.last_heard_s.items() if now_s - heard_s > FRONT_SILENCE_S}
+        for peer in gone:
+            del channel.last_heard_s[peer]
+            dropped = [key for key in tasks if key[0] == peer]
+            if dropped:
+                logger.warning("a front process went silent; dropping its %d requests", len(dropped))
+            for key in dropped:
+                tasks.pop(key).cancel()
 
 
 def _forget(tasks: dict[_Key, asyncio.Task[None]], key: _Key) -> Callable[[asyncio.Task[None]], None]:
