@@ -84,7 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from asr_server.edge.server import serve as run_server
 
     try:
-        asyncio.run(run_server(config))
+        if config.server.front_processes > 1:
+            from asr_server.edge.fronts import serve_fronts
+
+            asyncio.run(serve_fronts(config, log_format=args.log_format))
+        else:
+            asyncio.run(run_server(config))
     except StartupError as exc:
         # The operator's to fix, said in one line; the traceback only for --log-level debug.
         logger.debug("start-up failed", exc_info=exc)

@@ -150,6 +150,10 @@ class ServerConfig:
     # Prometheus /metrics on its own plain-HTTP port (prometheus_client's server), apart from the gRPC port so
     # scrapers need no gRPC and TLS; 0: not served (docs/operations.md lists the series).
     metrics_port: int = 0
+    # gRPC front processes sharing the port (SO_REUSEPORT; edge/fronts.py): 1 is one process that owns its engine
+    # processes; N > 1 a parent that supervises the engine processes and N fronts (the engine process is then on,
+    # for the fake engine too). More fronts when one front's core is the limit (~128 live streams per core).
+    front_processes: int = 1
 
 
 @dataclass(frozen=True)
@@ -253,6 +257,13 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
         "sys.setswitchinterval for the process in ms; 0 keeps Python's default",
     ),
     ("server", "metrics_port", "--metrics-port", int, "Prometheus /metrics on this HTTP port; 0: off"),
+    (
+        "server",
+        "front_processes",
+        "--front-processes",
+        int,
+        "gRPC front processes sharing the port (SO_REUSEPORT); > 1 forces the engine process on",
+    ),
     ("model", "model", "--model", str, "hub id or local directory (-hf or original layout)"),
     ("model", "dtype", "--dtype", str, "auto, bfloat16, float16 or float32"),
     ("model", "device", "--device", str, "auto, cpu, cuda, cuda:N"),
@@ -569,6 +580,11 @@ def validate(config: Config) -> None:
     )
     need(0 <= config.server.port <= 65535, "--port must be 0..65535")
     need(config.server.grace_period_s >= 0, "--grace-period-s must be >= 0")
+    need(1 <= config.server.front_processes <= 64, "--front-processes must be in [1, 64]")
+    need(
+        config.server.front_processes == 1 or e.process != "off",
+        "--front-processes > 1 needs the engine in its own process: not --engine-process off",
+    )
     need(0 <= config.server.metrics_port <= 65535, "--metrics-port must be 0..65535 (0: off)")
     need(
         config.server.metrics_port == 0 or config.server.metrics_port != config.server.port,

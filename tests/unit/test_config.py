@@ -57,11 +57,22 @@ def test_continuous_feature_and_chunked_prefill_flags() -> None:
         (["--max-step-tokens", "64", "--max-running-requests", "64"], "--max-step-tokens"),
         (["--trailing-silence-ms", "50"], "--trailing-silence-ms must be 100..10000"),
         (["--trailing-silence-ms", "20000"], "--trailing-silence-ms must be 100..10000"),
+        (["--front-processes", "0"], "--front-processes must be in"),
+        (["--front-processes", "2", "--engine-process", "off"], "--front-processes > 1 needs the engine"),
     ],
 )
 def test_bad_values_are_refused_with_the_flag_named(argv: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace("-", r"\-")):
         parse_serve_config(argv, {})
+
+
+def test_several_front_processes_turn_the_engine_process_on_even_for_the_fake_engine() -> None:
+    from asr_server.engine.factory import engine_process_enabled
+
+    assert parse_serve_config([], {}).server.front_processes == 1
+    assert not engine_process_enabled(parse_serve_config(["--engine", "fake"], {}))
+    several = parse_serve_config(["--engine", "fake"], {"ASR_FRONT_PROCESSES": "3"})
+    assert several.server.front_processes == 3 and engine_process_enabled(several)
 
 
 def test_sidecar_flags_win_over_the_shared_aligner_environment() -> None:

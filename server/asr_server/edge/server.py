@@ -215,9 +215,11 @@ class AsrServer:
         *,
         core_factory: Callable[[], EngineCore] | None = None,
         aligner: AlignBackend | None = None,
+        engine: Engine | None = None,
     ) -> None:
         self.config = config
-        self.engine: Engine = build_engine(config, core_factory=core_factory)
+        # `engine`: a front process's links to the shared engine processes (edge/fronts.py).
+        self.engine: Engine = engine if engine is not None else build_engine(config, core_factory=core_factory)
         if aligner is None and config.aligner.model:
             from asr_server.aligner.managed import SidecarAligner
 
@@ -260,7 +262,9 @@ class AsrServer:
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                ("grpc.so_reuseport", 0),
+                # Off for one front: a second server on the port fails instead of sharing it unnoticed. On for
+                # several fronts (edge/fronts.py): the kernel spreads connections over them.
+                ("grpc.so_reuseport", 1 if self._shares_port else 0),
                 *connection_options(self.config.connection),
             ],
         )
@@ -284,7 +288,8 @@ class AsrServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         host, port = self.config.server.host, self.config.server.port
         # Probed first, so that a port in use is one line of ours, not gRPC's error log and a traceback.
-        problem = _bind_problem(host, port) if port else ""
+        # (A front of several binds a port its parent reserved and probed: a probe without SO_REUSEPORT would fail.)
+        problem = _bind_problem(host, port) if port and not self._shares_port else ""
         if not problem:
             try:
                 self.port = self._add_port(server)
@@ -325,6 +330,10 @@ class AsrServer:
                 await self._set_word_timestamps_health()
             logger.info("serving %s", self.engine.model_id)
         return self.port
+
+    @property
+    def _shares_port(self) -> bool:
+        return self.config.server.front_processes > 1
 
     def _add_port(self, server: grpc.aio.Server) -> int:
         address = f"{self.config.server.host}:{self.config.server.port}"

@@ -3,7 +3,11 @@
 
 Inside, an ordinary EngineRunner (engine/runner.py) loads the core on its own thread and does the batching,
 back-pressure and aborts exactly as in-process; this loop only carries its calls over one ZeroMQ DEALER socket
-connected to the front. Each Submit becomes a task awaiting `runner.decode`; an Abort cancels that task, which
+connected to the front. With --front-processes > 1 the process also binds a ROUTER socket at a stable path
+(`serve_address`, the same for every restart) once the core is ready: each front connects a DEALER to it, and
+every answer is routed back to the front that asked by its ZeroMQ identity; a front's Hello (its heartbeat) is
+answered with Ready, whose pid tells it whether this is the engine it knew. Each Submit becomes a task awaiting
+`runner.decode`; an Abort cancels that task, which
 withdraws the request from the runner at once. Errors go back as Failure messages (messages.py).
 
 The process stops on SIGTERM (the runner answers what is still queued with Unavailable,
@@ -14,12 +18,14 @@ engine process left behind a killed front would hold the device (and its memory)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 # How often the process checks that its parent still lives: a front killed with SIGKILL costs the device at most this.
 PARENT_POLL_S = 0.5
+# A front (on the shared ROUTER socket) not heard from this long is taken for dead (it beats every 0.2 s).
+FRONT_SILENCE_S = 2.0
 # On the way out, the answers still in the socket get this long to reach the front.
 _LINGER_MS = 2000
 
@@ -51,6 +59,8 @@ class ChildSpec:
     parent_pid: int
     name: str
     log_level: int = logging.INFO
+    # ipc:///path of the ROUTER socket the front processes share (--front-processes > 1); "" for none.
+    serve_address: str = ""
 
 
 class _Counters:
@@ -113,7 +123,18 @@ async def _serve(spec: ChildSpec, orphaned: threading.Event) -> int:
             return 1
         await socket.send(m.encode(m.Ready(model_id=runner.model_id, pid=os.getpid())))
         logger.info("engine process ready (%s on %s)", runner.model_id, spec.device)
-        await _loop(socket, runner, stop)
+        channels = [_Channel(socket, routed=False)]
+        if spec.serve_address:
+            shared = context.socket(zmq.ROUTER)
+            shared.sndhwm = 0
+            shared.rcvhwm = 0
+            shared.linger = _LINGER_MS
+            # Bound only now, so a front's DEALER (ZMQ_IMMEDIATE) can send nothing to an engine still loading; the
+            # path is its predecessor's (libzmq unlinks a stale socket file), so the fronts reconnect by themselves.
+            shared.bind(spec.serve_address)
+            channels.append(_Channel(shared, routed=True))
+            logger.info("serving the front processes on %s", spec.serve_address)
+        await _loop(channels, runner, stop)
         # An engine thread that died leaves the process too: the front sees the exit and starts a fresh one, where
         # a process that stayed would answer every request "failed" for ever.
         return 1 if runner.state == "failed" else 0
@@ -121,21 +142,56 @@ async def _serve(spec: ChildSpec, orphaned: threading.Event) -> int:
         watchdog.cancel()
         # Stops the engine thread: requests still queued or decoding are answered Unavailable by their tasks.
         await runner.stop()
-        socket.close()
-        context.term()
+        context.destroy(linger=_LINGER_MS)
 
 
-async def _loop(socket: zmq.asyncio.Socket, runner: EngineRunner, stop: asyncio.Event) -> None:
-    tasks: dict[str, asyncio.Task[None]] = {}
+class _Channel:
+    """One socket the engine answers on: the supervisor's DEALER, or the fronts' ROUTER (`routed`: every message
+    starts with the sending peer's identity, and every answer with the identity of the peer it goes to)."""
+
+    def __init__(self, socket: zmq.asyncio.Socket, *, routed: bool) -> None:
+        self.socket = socket
+        self.routed = routed
+        # When each front was last heard from (its Hello beats every 0.2 s): a silent one is gone.
+        self.last_heard_s: dict[bytes, float] = {}
+
+    async def receive(self) -> tuple[bytes, list[zmq.Frame]]:
+        frames = await self.socket.recv_multipart(copy=False)
+        if not self.routed:
+            return b"", frames
+        peer = frames[0].bytes
+        self.last_heard_s[peer] = time.monotonic()
+        return peer, frames[1:]
+
+    def send(self, peer: bytes, message: m.FromEngine) -> None:
+        frames = [peer, m.encode(message)] if self.routed else [m.encode(message)]
+        # NOBLOCK through the asyncio socket: sent at once (the queue is unbounded), and pyzmq re-checks for frames
+        # that arrived meanwhile (a send can consume the edge of its file descriptor). It fails only when the
+        # front's end is gone (a ROUTER drops an answer to a peer that left): then nobody waits for this answer.
+        sent = asyncio.ensure_future(self.socket.send_multipart(frames, zmq.NOBLOCK))  # a Future already
+        if sent.done() and sent.exception() is not None:
+            logger.warning("an answer could not be sent to the front: %s", sent.exception())
+
+
+# A request is known by the peer that sent it (b"" on the supervisor's DEALER) and its id: two fronts may use the
+# same request id.
+_Key = tuple[bytes, str]
+
+
+async def _loop(channels: list[_Channel], runner: EngineRunner, stop: asyncio.Event) -> None:
+    tasks: dict[_Key, asyncio.Task[None]] = {}
     counters = _Counters()
-    receiving = asyncio.create_task(_receive(socket, runner, tasks, counters, stop))
+    receiving = [asyncio.create_task(_receive(channel, runner, tasks, counters, stop)) for channel in channels]
+    receiving += [asyncio.create_task(_forget_silent_fronts(channel, tasks)) for channel in channels if channel.routed]
     stopping = asyncio.create_task(stop.wait())
     try:
-        await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if receiving.done():
-            receiving.result()  # only ends by raising: a bug, logged by the caller's traceback
+        done, _ = await asyncio.wait({*receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stopping:
+                task.result()  # only ends by raising: a bug, logged by the caller's traceback
     finally:
-        receiving.cancel()
+        for task in receiving:
+            task.cancel()
         stopping.cancel()
         # The runner's stop answers the requests still held (Unavailable); their tasks send those answers.
         await runner.stop()
@@ -144,52 +200,71 @@ async def _loop(socket: zmq.asyncio.Socket, runner: EngineRunner, stop: asyncio.
 
 
 async def _receive(
-    socket: zmq.asyncio.Socket,
+    channel: _Channel,
     runner: EngineRunner,
-    tasks: dict[str, asyncio.Task[None]],
+    tasks: dict[_Key, asyncio.Task[None]],
     counters: _Counters,
     stop: asyncio.Event,
 ) -> None:
     while True:
-        frames = await socket.recv_multipart(copy=False)
+        peer, frames = await channel.receive()
         message = m.decode_to_engine(frames[0].buffer)
         if isinstance(message, m.Submit):
             counters.submitted += 1
             if len(frames) != 2:
                 raise ValueError(f"a Submit came in {len(frames)} frames, not 2")
             request = m.request_from_submit(message, frames[1].buffer)
-            task = asyncio.create_task(_decode(socket, runner, request, counters, stop))
-            tasks[message.request_id] = task
-            task.add_done_callback(_forget(tasks, message.request_id))
+            if peer:
+                # The runner knows a request by its id alone; two fronts' ids are kept apart by their peer's.
+                request = dataclasses.replace(request, request_id=f"{peer.hex()}/{message.request_id}")
+            key = (peer, message.request_id)
+            task = asyncio.create_task(_decode(channel, peer, message.request_id, runner, request, counters, stop))
+            tasks[key] = task
+            task.add_done_callback(_forget(tasks, key))
         elif isinstance(message, m.Abort):
-            aborted = tasks.pop(message.request_id, None)
+            aborted = tasks.pop((peer, message.request_id), None)
             if aborted is not None:
                 counters.aborted += 1
                 aborted.cancel()
+        elif isinstance(message, m.Hello):
+            channel.send(peer, m.Ready(model_id=runner.model_id, pid=os.getpid()))
         else:  # StatsQuery
             stats = m.Stats(message.query_id, len(tasks), counters.submitted, counters.aborted, counters.finished)
-            _send(socket, stats)
+            channel.send(peer, stats)
 
 
-def _send(socket: zmq.asyncio.Socket, message: m.FromEngine) -> None:
-    # NOBLOCK through the asyncio socket: sent at once (the queue is unbounded), and pyzmq re-checks for frames that
-    # arrived meanwhile (a send can consume the edge of its file descriptor). It fails only when the front's end is
-    # gone: then nobody waits for this answer.
-    sent = asyncio.ensure_future(socket.send(m.encode(message), zmq.NOBLOCK))  # a Future already: returned as is
-    if sent.done() and sent.exception() is not None:
-        logger.warning("an answer could not be sent to the front: %s", sent.exception())
+async def _forget_silent_fronts(channel: _Channel, tasks: dict[_Key, asyncio.Task[None]]) -> None:
+    """Drops the requests of a front that stopped beating (killed: it can send no Abort), so the engine does not
+    decode for nobody (a ROUTER is not told that a peer left)."""
+    while True:
+        await asyncio.sleep(FRONT_SILENCE_S / 4)
+        now_s = time.monotonic()
+        gone = {peer for peer, heard_s in channel.last_heard_s.items() if now_s - heard_s > FRONT_SILENCE_S}
+        for peer in gone:
+            del channel.last_heard_s[peer]
+            dropped = [key for key in tasks if key[0] == peer]
+            if dropped:
+                logger.warning("a front process went silent; dropping its %d requests", len(dropped))
+            for key in dropped:
+                tasks.pop(key).cancel()
 
 
-def _forget(tasks: dict[str, asyncio.Task[None]], request_id: str) -> Callable[[asyncio.Task[None]], None]:
+def _forget(tasks: dict[_Key, asyncio.Task[None]], key: _Key) -> Callable[[asyncio.Task[None]], None]:
     def forget(task: asyncio.Task[None]) -> None:
-        if tasks.get(request_id) is task:
-            del tasks[request_id]
+        if tasks.get(key) is task:
+            del tasks[key]
 
     return forget
 
 
 async def _decode(
-    socket: zmq.asyncio.Socket, runner: EngineRunner, request: DecodeRequest, counters: _Counters, stop: asyncio.Event
+    channel: _Channel,
+    peer: bytes,
+    request_id: str,
+    runner: EngineRunner,
+    request: DecodeRequest,
+    counters: _Counters,
+    stop: asyncio.Event,
 ) -> None:
     reply: m.Result | m.Failure
     try:
@@ -199,14 +274,14 @@ async def _decode(
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the front, which raises it for the caller
         if not isinstance(exc, AsrError):
             logger.exception("request %s failed in the engine", request.request_id)
-        reply = m.failure_message(request.request_id, exc)
+        reply = m.failure_message(request_id, exc)
         if runner.state == "failed":
             logger.error("the engine thread is gone; the engine process exits to be restarted")
             stop.set()
     else:
-        reply = m.result_message(result)
+        reply = m.result_message(dataclasses.replace(result, request_id=request_id))
     counters.finished += 1
-    _send(socket, reply)
+    channel.send(peer, reply)
 
 
 async def _watch_parent(parent_pid: int, stop: asyncio.Event, orphaned: threading.Event) -> None:

@@ -82,8 +82,20 @@ def _resolver(future: asyncio.Future[object]) -> Callable[[], None]:
 class EngineProcess:
     """One replica's engine core in a supervised child process."""
 
-    def __init__(self, config: Config, device: str, *, name: str = "engine", policy: RestartPolicy | None = None):
+    def __init__(
+        self,
+        config: Config,
+        device: str,
+        *,
+        name: str = "engine",
+        policy: RestartPolicy | None = None,
+        shared: bool = False,
+    ):
         self._config = config
+        # With `shared` (--front-processes > 1), every child also serves the front processes on a ROUTER socket at
+        # `serve_address`, one path for all its generations (engine/process/link.py connects to it).
+        self._shared = shared
+        self.serve_address = ""
         self._device = device
         self._name = name
         self._policy = policy or RestartPolicy()
@@ -137,6 +149,8 @@ class EngineProcess:
             raise RuntimeError(f"engine already {self._state}")
         self._set_state("starting")
         self._directory = await asyncio.to_thread(tempfile.mkdtemp, prefix="asr-engine-")
+        if self._shared:
+            self.serve_address = f"ipc://{os.path.join(self._directory, 'fronts.sock')}"
         self._context = zmq.asyncio.Context()
         self._first_start = asyncio.get_running_loop().create_future()
         self._supervisor = asyncio.create_task(self._supervise(), name=f"{self._name}-supervisor")
@@ -268,6 +282,7 @@ class EngineProcess:
             parent_pid=os.getpid(),
             name=self._name,
             log_level=logging.getLogger().getEffectiveLevel(),
+            serve_address=self.serve_address,
         )
         process = multiprocessing.get_context("spawn").Process(
             target=child.main, args=(spec,), name=f"asr-{self._name}", daemon=True

@@ -44,8 +44,13 @@ class StatsQuery(msgspec.Struct, tag="stats?", frozen=True):
     query_id: int
 
 
+class Hello(msgspec.Struct, tag="hello", frozen=True):
+    """front -> engine, on a shared engine's ROUTER socket (--front-processes > 1): the front's heartbeat. The
+    engine answers each with Ready, whose pid tells the front whether the engine it talks to was restarted."""
+
+
 class Ready(msgspec.Struct, tag="ready", frozen=True):
-    """engine -> front: the model is loaded and warmed up."""
+    """engine -> front: the model is loaded and warmed up (also the answer to a Hello)."""
 
     model_id: str
     pid: int
@@ -93,7 +98,7 @@ class Stats(msgspec.Struct, tag="stats", frozen=True):
     finished: int
 
 
-ToEngine = Submit | Abort | StatsQuery
+ToEngine = Submit | Abort | StatsQuery | Hello
 FromEngine = Ready | StartFailed | Result | Failure | Stats
 
 _to_engine = msgspec.msgpack.Decoder(ToEngine)
