@@ -34,7 +34,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
 from asr_server.config import Config
-from asr_server.edge.server import EXIT_MODEL, EXIT_PORT, EXIT_STARTUP, AsrServer, StartupError, _bind_problem
+from asr_server.edge.server import EXIT_MODEL, EXIT_PORT, EXIT_STARTUP, AsrServer, StartupError, bind_problem
 from asr_server.engine.factory import engine_devices, linked_engine
 from asr_server.engine.process.client import EngineProcess, describe_exit
 from asr_server.errors import AsrError
@@ -128,7 +128,7 @@ async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
 def _reserve_port(host: str, port: int) -> socket.socket:
     """A bound, never listening SO_REUSEPORT socket on host:port (port 0: a free one is chosen)."""
     # Probed first without SO_REUSEPORT: a port held by anyone (another server of ours too) is refused, not shared.
-    problem = _bind_problem(host, port) if port else ""
+    problem = bind_problem(host, port) if port else ""
     if problem:
         raise StartupError(problem, exit_code=EXIT_PORT)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

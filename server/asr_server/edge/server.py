@@ -63,7 +63,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _bind_problem(host: str, port: int) -> str:
+def bind_problem(host: str, port: int) -> str:
     """Why host:port cannot be listened on, found by binding it ourselves (gRPC's error does not say), or ""."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -289,7 +289,7 @@ class AsrServer:
         host, port = self.config.server.host, self.config.server.port
         # Probed first, so that a port in use is one line of ours, not gRPC's error log and a traceback.
         # (A front of several binds a port its parent reserved and probed: a probe without SO_REUSEPORT would fail.)
-        problem = _bind_problem(host, port) if port and not self._shares_port else ""
+        problem = bind_problem(host, port) if port and not self._shares_port else ""
         if not problem:
             try:
                 self.port = self._add_port(server)
@@ -298,7 +298,7 @@ class AsrServer:
                     raise
                 self.port = 0
         if self.port == 0:
-            problem = problem or _bind_problem(host, port) or f"cannot listen on {host}:{port}"
+            problem = problem or bind_problem(host, port) or f"cannot listen on {host}:{port}"
             raise StartupError(problem, exit_code=EXIT_PORT)
         await server.start()
         self._server = server
