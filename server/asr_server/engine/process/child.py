@@ -27,6 +27,7 @@ import zmq
 import zmq.asyncio
 
 from asr_server.config import Config
+from asr_server.engine.core import CoreStats, core_stats
 from asr_server.engine.cores import batching_policy, make_core_factory
 from asr_server.engine.process import messages as m
 from asr_server.engine.runner import EngineRunner
@@ -39,6 +40,8 @@ logger = logging.getLogger(__name__)
 PARENT_POLL_S = 0.5
 # On the way out, the answers still in the socket get this long to reach the front.
 _LINGER_MS = 2000
+# How often the core's stats go to the front while they change (its metrics are at most this stale).
+STATS_PUSH_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -129,13 +132,16 @@ async def _loop(socket: zmq.asyncio.Socket, runner: EngineRunner, stop: asyncio.
     tasks: dict[str, asyncio.Task[None]] = {}
     counters = _Counters()
     receiving = asyncio.create_task(_receive(socket, runner, tasks, counters, stop))
+    pushing = asyncio.create_task(_push_stats(socket, runner))
     stopping = asyncio.create_task(stop.wait())
     try:
-        await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if receiving.done():
-            receiving.result()  # only ends by raising: a bug, logged by the caller's traceback
+        await asyncio.wait({receiving, pushing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (receiving, pushing):
+            if task.done():
+                task.result()  # only ends by raising: a bug, logged by the caller's traceback
     finally:
         receiving.cancel()
+        pushing.cancel()
         stopping.cancel()
         # The runner's stop answers the requests still held (Unavailable); their tasks send those answers.
         await runner.stop()
@@ -169,6 +175,18 @@ async def _receive(
         else:  # StatsQuery
             stats = m.Stats(message.query_id, len(tasks), counters.submitted, counters.aborted, counters.finished)
             _send(socket, stats)
+
+
+async def _push_stats(socket: zmq.asyncio.Socket, runner: EngineRunner) -> None:
+    """Sends the core's stats every STATS_PUSH_S while they change (an idle engine sends nothing); the first push
+    comes at once, so the front knows e.g. the KV cache's size before any request."""
+    last: CoreStats | None = None
+    while True:
+        stats = core_stats(runner.core)
+        if stats is not None and stats != last:
+            _send(socket, m.core_stats_message(stats))
+            last = stats
+        await asyncio.sleep(STATS_PUSH_S)
 
 
 def _send(socket: zmq.asyncio.Socket, message: m.FromEngine) -> None:
