@@ -170,6 +170,12 @@ class StreamingConfig:
     # Endpointing's trailing silence when a request leaves it 0 (docs/streaming.md says why 800 ms). Voice-bot and
     # IVR deployments whose callers cannot set it per stream set it here, down to 200 ms.
     trailing_silence_ms: int = 800
+    # Wall-clock cap on one live stream, for load balancing: a gRPC stream stays on the replica it opened on, so a
+    # fleet only rebalances as streams end. At the cap the open utterance is flushed as a final and the call ends
+    # UNAVAILABLE with RetryInfo 0 s and the processed_audio_ms to resume from. 0 (default): no cap, because a
+    # client that does not resume would lose the rest of its call; streams still end at --max-audio-duration-s of
+    # audio (RESOURCE_EXHAUSTED). docs/operations.md suggests 1800 behind a balancer with resuming clients.
+    max_duration_s: float = 0.0
 
 
 # ---- Serving in a mesh: TLS and connection policy (docs/operations.md) ----
@@ -378,6 +384,13 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
         "live streams per engine replica before new ones get RESOURCE_EXHAUSTED; 0: no limit",
     ),
     ("streaming", "max_stream_lag_ms", "--max-stream-lag-ms", float, "log a live stream whose final is this late"),
+    (
+        "streaming",
+        "max_duration_s",
+        "--max-stream-duration-s",
+        float,
+        "end a live stream after this long (flushed, UNAVAILABLE, resume elsewhere); 0: no cap",
+    ),
     (
         "streaming",
         "trailing_silence_ms",
@@ -613,6 +626,7 @@ def validate(config: Config) -> None:
     need(config.streaming.idle_timeout_s > 0, "--stream-idle-timeout-s must be > 0")
     need(config.streaming.max_live_streams_per_replica >= 0, "--max-live-streams-per-replica must be >= 0")
     need(config.streaming.max_stream_lag_ms >= 0, "--max-stream-lag-ms must be >= 0")
+    need(config.streaming.max_duration_s >= 0, "--max-stream-duration-s must be >= 0 (0: no cap)")
     need(100 <= config.streaming.trailing_silence_ms <= 10_000, "--trailing-silence-ms must be 100..10000")
     need(config.aligner.mode in ("spawn", "connect"), "--aligner-mode must be spawn or connect")
     need(config.aligner.max_batch_size >= 1, "--aligner-max-batch-size must be >= 1")

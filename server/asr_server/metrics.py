@@ -12,6 +12,14 @@ Series (py-grpc-prometheus names for the gRPC ones, so existing dashboards work)
   (UNAVAILABLE: starting, draining, aligner down);
 - `asr_live_streams`, `asr_engine_waiting_requests{replica}`, `asr_engine_running_requests{replica}`,
   `asr_engine_in_flight_requests{replica}`: gauges read when scraped (a collector callback), never polled;
+- engine cores' own figures, where the core reports them (engine/core.py CoreStats; in-process read at scrape time,
+  from an engine process the last stats it pushed, at most ~1 s old): `asr_engine_batch_size{replica}` (histogram of
+  rows per decode step, continuous, or per batch, generate and fake), `asr_engine_generated_tokens_total{replica}`
+  (rate() of it is tokens per second), `asr_engine_kv_pages_used{replica}` / `asr_engine_kv_pages_total{replica}`
+  (continuous core's KV cache); counters start over when an engine process is restarted (Prometheus reads a drop as
+  a reset);
+- `asr_aligner_in_flight_requests` (alignments sent to the sidecar and not answered: its queue plus its batch) and
+  `asr_aligner_restarts_total` (sidecar restarts, spawn mode), with an aligner configured;
 - `asr_stream_final_delay_seconds` (histogram): per live stream, its worst delay of a final after its utterance
   ended; `asr_stream_lagging_finals_total`: finals later than --max-stream-lag-ms (the ones also logged).
 
@@ -25,8 +33,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from asr_server.engine.core import BATCH_SIZE_BUCKETS, CoreStats
 
 # Seconds: from a 5 ms GetServerInfo to an hour-long live stream.
 _HANDLING_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
@@ -65,14 +75,28 @@ class ReplicaLoad:
     waiting: int | None
     running: int | None
     in_flight: int
+    # The core's own counters and KV pages; None where the core reports none (or an engine process has not yet).
+    core: CoreStats | None = None
+
+
+@dataclass(frozen=True)
+class AlignerLoad:
+    in_flight: int
+    restarts: int
 
 
 class _LiveCollector(Collector):
     """Gauges computed at scrape time from the running server's state."""
 
-    def __init__(self, live_streams: Callable[[], int], engine_load: Callable[[], list[ReplicaLoad]]) -> None:
+    def __init__(
+        self,
+        live_streams: Callable[[], int],
+        engine_load: Callable[[], list[ReplicaLoad]],
+        aligner_load: Callable[[], AlignerLoad | None],
+    ) -> None:
         self._live_streams = live_streams
         self._engine_load = engine_load
+        self._aligner_load = aligner_load
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("asr_live_streams", "StreamingRecognize calls open", value=self._live_streams())
@@ -85,15 +109,52 @@ class _LiveCollector(Collector):
             "pieces of audio submitted and not yet answered (the queue bound --max-queued-requests counts these)",
             labels=["replica"],
         )
+        batch_size = HistogramMetricFamily(
+            "asr_engine_batch_size",
+            "rows per decode step (continuous engine) or per batch (generate, fake)",
+            labels=["replica"],
+        )
+        tokens = CounterMetricFamily(
+            "asr_engine_generated_tokens", "tokens the engine generated (rate: tokens per second)", labels=["replica"]
+        )
+        kv_used = GaugeMetricFamily("asr_engine_kv_pages_used", "KV cache pages held by requests", labels=["replica"])
+        kv_total = GaugeMetricFamily("asr_engine_kv_pages_total", "KV cache pages usable in all", labels=["replica"])
         for load in self._engine_load():
             if load.waiting is not None:
                 waiting.add_metric([load.replica], load.waiting)
             if load.running is not None:
                 running.add_metric([load.replica], load.running)
             in_flight.add_metric([load.replica], load.in_flight)
-        yield waiting
-        yield running
-        yield in_flight
+            core = load.core
+            if core is None:
+                continue
+            batch_size.add_metric([load.replica], _cumulative_buckets(core.batch_size_counts), sum_value=core.rows)
+            tokens.add_metric([load.replica], core.generated_tokens)
+            if core.kv_pages_used is not None and core.kv_pages_total is not None:
+                kv_used.add_metric([load.replica], core.kv_pages_used)
+                kv_total.add_metric([load.replica], core.kv_pages_total)
+        yield from (waiting, running, in_flight, batch_size, tokens, kv_used, kv_total)
+        aligner = self._aligner_load()
+        if aligner is not None:
+            yield GaugeMetricFamily(
+                "asr_aligner_in_flight_requests",
+                "alignments sent to the aligner sidecar and not yet answered (its queue and its batch)",
+                value=aligner.in_flight,
+            )
+            yield CounterMetricFamily(
+                "asr_aligner_restarts", "times the aligner sidecar was restarted", value=aligner.restarts
+            )
+
+
+def _cumulative_buckets(counts: tuple[int, ...]) -> list[tuple[str, float]]:
+    """Per-bucket counts (BATCH_SIZE_BUCKETS, then the open one) as Prometheus's cumulative `le` buckets."""
+    buckets: list[tuple[str, float]] = []
+    total = 0
+    # "4.0", not "4": the `le` spelling prometheus_client's own histograms use, so queries match either kind.
+    for bound, count in zip((*(str(float(b)) for b in BATCH_SIZE_BUCKETS), "+Inf"), counts, strict=True):
+        total += count
+        buckets.append((bound, total))
+    return buckets
 
 
 class ServerMetrics:
@@ -102,6 +163,7 @@ class ServerMetrics:
         *,
         live_streams: Callable[[], int] = lambda: 0,
         engine_load: Callable[[], list[ReplicaLoad]] = list,
+        aligner_load: Callable[[], AlignerLoad | None] = lambda: None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         grpc_labels = ["grpc_service", "grpc_method", "grpc_type"]
@@ -147,7 +209,7 @@ class ServerMetrics:
             "finals that came later than --max-stream-lag-ms after their utterance ended",
             registry=self.registry,
         )
-        self.registry.register(_LiveCollector(live_streams, engine_load))
+        self.registry.register(_LiveCollector(live_streams, engine_load, aligner_load))
 
     def rpc_started(self, service: str, method: str, rpc_type: str) -> None:
         self._started.labels(service, method, rpc_type).inc()

@@ -16,7 +16,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import grpc
 import numpy as np
@@ -183,14 +185,41 @@ def fake_live_server(servicer: pb_grpc.AsrServiceServicer, *, health: bool = Fal
         server.stop(grace=None)
 
 
+@dataclass
+class ServerProcess:
+    """A running `asr-server serve`: its address, the process, and what it wrote to stderr so far."""
+
+    address: str
+    process: subprocess.Popen[str]
+    _stderr: IO[str]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stderr(self) -> str:
+        self._stderr.flush()
+        with open(self._stderr.name, encoding="utf-8", errors="replace") as again:
+            return again.read()
+
+
 @contextlib.contextmanager
 def server_process(*args: str, startup_timeout_s: float = 240.0) -> Iterator[str]:
     """`asr-server serve --port 0 ARGS` in a subprocess; yields "127.0.0.1:port" once it prints its port.
 
     Its stderr goes to a file (a pipe nobody reads could fill and stall the server) and is shown on failure."""
-    command = [sys.executable, "-m", "asr_server.cli", "--log-level", "WARNING", "serve", "--host", "127.0.0.1",
+    with running_server_process(*args, startup_timeout_s=startup_timeout_s) as server:
+        yield server.address
+
+
+@contextlib.contextmanager
+def running_server_process(
+    *args: str, startup_timeout_s: float = 240.0, log_level: str = "WARNING"
+) -> Iterator[ServerProcess]:
+    """As server_process, yielding the ServerProcess (its pid, its stderr; a test may SIGTERM it itself)."""
+    command = [sys.executable, "-m", "asr_server.cli", "--log-level", log_level, "serve", "--host", "127.0.0.1",
                "--port", "0", *args]
-    with tempfile.TemporaryFile("w+") as stderr:
+    with tempfile.NamedTemporaryFile("w+") as stderr:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO_ROOT,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
         ports: queue.Queue[int] = queue.Queue()
@@ -212,9 +241,10 @@ def server_process(*args: str, startup_timeout_s: float = 240.0) -> Iterator[str
             if not port:
                 stderr.seek(0)
                 raise RuntimeError(f"asr-server did not start ({' '.join(args)}):\n{stderr.read()[-4000:]}")
-            yield f"127.0.0.1:{port}"
+            yield ServerProcess(f"127.0.0.1:{port}", process, stderr)
         finally:
-            process.send_signal(signal.SIGTERM)
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:

@@ -24,6 +24,7 @@ from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 from tests.helpers import fake_config, running_server, tone
 from tests.integration.test_aligner_sidecar import float32_request, status_of
+from tests.integration.test_engine_metrics import scrape, value
 
 pytestmark = pytest.mark.slow
 
@@ -104,7 +105,7 @@ async def test_sidecar_crash_mid_request_is_unavailable_for_that_request_only(
     assert aligner.supervisor is not None
     supervisor = aligner.supervisor
     samples = tone(2.0, seed=2)
-    async with running_server(config, aligner=aligner) as (_, channel):
+    async with running_server(config, aligner=aligner) as (server, channel):
         stub = pb_grpc.AsrServiceStub(channel)
         await wait_until(lambda: aligner.ready, START_S, "the sidecar reports SERVING")
         pid = supervisor.pid
@@ -113,6 +114,10 @@ async def test_sidecar_crash_mid_request_is_unavailable_for_that_request_only(
         in_flight = asyncio.ensure_future(stub.Transcribe(float32_request(samples, return_word_timestamps=True)))
         await wait_until(lambda: bool(aligner.client._in_flight), 10, "the request reaches the sidecar")
         await asyncio.sleep(0.3)
+        # The metrics see the alignment waiting in the sidecar, and no restart yet.
+        samples_before = scrape(server.metrics)
+        assert value(samples_before, "asr_aligner_in_flight_requests") == 1
+        assert value(samples_before, "asr_aligner_restarts_total") == 0
         loop = asyncio.get_running_loop()
         killed_at = loop.time()
         os.kill(pid, signal.SIGKILL)
@@ -127,6 +132,9 @@ async def test_sidecar_crash_mid_request_is_unavailable_for_that_request_only(
         await wait_until(lambda: aligner.ready and supervisor.pid not in (None, pid), START_S, "the sidecar is back")
         later = await stub.Transcribe(float32_request(samples, return_word_timestamps=True))
         assert later.transcripts[0].words
+        samples_after = scrape(server.metrics)
+        assert value(samples_after, "asr_aligner_restarts_total") == 1
+        assert value(samples_after, "asr_aligner_in_flight_requests") == 0
 
 
 def _alive(pid: int) -> bool:

@@ -84,7 +84,7 @@ async def test_transcribe_stream_assembles_frames_of_any_size() -> None:
 
 async def test_server_info_lists_languages_limits_and_features() -> None:
     config = with_limits(fake_config(), max_audio_duration_s=600)
-    config = dataclasses.replace(config, streaming=dataclasses.replace(config.streaming, idle_timeout_s=12.5))
+    config = dataclasses.replace(config, streaming=dataclasses.replace(config.streaming, idle_timeout_s=12.5, max_duration_s=3600.5))
     async with running_server(config) as (_, channel):
         info = await pb_grpc.AsrServiceStub(channel).GetServerInfo(pb.GetServerInfoRequest())
     assert len(info.languages) == 30
@@ -93,6 +93,7 @@ async def test_server_info_lists_languages_limits_and_features() -> None:
     assert info.limits.max_audio_duration_s == 600
     assert info.limits.max_new_tokens == 8192
     assert info.limits.stream_idle_timeout_ms == 12500
+    assert info.limits.max_stream_duration_ms == 3_600_500
     assert info.limits.max_decoded_audio_bytes == 2048 * 1024 * 1024
     assert info.features.word_timestamps is False
     assert info.api_version == "qwenasr.v1"

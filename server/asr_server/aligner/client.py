@@ -73,6 +73,11 @@ class SidecarClient:
     def ready(self) -> bool:
         return self._ready
 
+    @property
+    def in_flight(self) -> int:
+        """Alignments sent to the sidecar and not yet answered."""
+        return len(self._in_flight)
+
     def add_listener(self, listener: Callable[[bool], None]) -> None:
         """`listener(ready)` runs on every change of readiness."""
         self._listeners.append(listener)

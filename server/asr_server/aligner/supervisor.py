@@ -72,6 +72,11 @@ class SidecarSupervisor:
         self.failure = ""
 
     @property
+    def restarts(self) -> int:
+        """Times the child was started again after it went down."""
+        return max(self.starts - 1, 0)
+
+    @property
     def pid(self) -> int | None:
         process = self._process
         return process.pid if process is not None and process.returncode is None else None

@@ -26,13 +26,14 @@ from asr_server.config import Config, ConnectionConfig
 from asr_server.edge.rpc import ObservingInterceptor, RpcInterceptor, with_behaviour
 from asr_server.edge.servicer import AsrServicer
 from asr_server.edge.tls import ReloadingCertificates, server_credentials
-from asr_server.engine.core import EngineCore
+from asr_server.engine.core import CoreStats, EngineCore, core_stats
 from asr_server.engine.factory import Engine, build_engine
-from asr_server.engine.replicas import ReplicatedRunner
+from asr_server.engine.process.client import EngineProcess
+from asr_server.engine.replicas import Replica, ReplicatedRunner
 from asr_server.engine.runner import EngineRunner
 from asr_server.errors import AsrError, Unavailable
 from asr_server.logs import AccessLog
-from asr_server.metrics import MetricsEndpoint, ReplicaLoad, ServerMetrics
+from asr_server.metrics import AlignerLoad, MetricsEndpoint, ReplicaLoad, ServerMetrics
 from asr_server.tracing import SERVICE, setup_tracing
 from asr_server.transcription import AlignBackend, Transcriber, TranscriberLimits
 from qwenasr.v1 import asr_pb2, asr_pb2_grpc
@@ -241,7 +242,9 @@ class AsrServer:
         # With TLS: the reloading certificate files (their reload count is what tests and operators can read).
         self.certificates: ReloadingCertificates | None = None
         # Recorded always (cheap); served only with --metrics-port.
-        self.metrics = ServerMetrics(live_streams=self._live_streams, engine_load=self._engine_load)
+        self.metrics = ServerMetrics(
+            live_streams=self._live_streams, engine_load=self._engine_load, aligner_load=self._aligner_load
+        )
         self._metrics_endpoint: MetricsEndpoint | None = None
 
     async def start(self) -> int:
@@ -374,9 +377,18 @@ class AsrServer:
                     waiting=core.num_waiting() if core is not None else None,
                     running=core.num_running() if core is not None else None,
                     in_flight=runner.in_flight,
+                    core=_replica_core_stats(runner, core),
                 )
             )
         return loads
+
+    def _aligner_load(self) -> AlignerLoad | None:
+        from asr_server.aligner.managed import SidecarAligner
+
+        if not isinstance(self.aligner, SidecarAligner):
+            return None
+        supervisor = self.aligner.supervisor
+        return AlignerLoad(self.aligner.client.in_flight, supervisor.restarts if supervisor is not None else 0)
 
     @property
     def in_flight_calls(self) -> int:
@@ -495,3 +507,10 @@ async def _serve_until_signalled(config: Config) -> None:
         await server.stop()
         for task in (start, stop_wait):
             task.cancel()
+
+
+def _replica_core_stats(runner: Replica, core: EngineCore | None) -> CoreStats | None:
+    # An engine process pushes its core's stats; the scrape reads the last ones, never a round trip.
+    if isinstance(runner, EngineProcess):
+        return runner.core_stats
+    return core_stats(core) if core is not None else None

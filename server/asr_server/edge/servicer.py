@@ -244,6 +244,7 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             max_channel_count=MAX_CHANNEL_COUNT,
         )
         info.limits.stream_idle_timeout_ms = round(self._config.streaming.idle_timeout_s * 1000)
+        info.limits.max_stream_duration_ms = round(self._config.streaming.max_duration_s * 1000)
         if self._decoded_budget is not None:
             info.limits.max_decoded_audio_bytes = self._decoded_budget.max_bytes
         return info
@@ -292,6 +293,7 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             token_decoder=token_decoder,
             max_lag_ms=max_lag_ms,
             on_lag=self._on_lag,
+            max_duration_s=self._config.streaming.max_duration_s,
         )
         self._sessions.add(session)
         return session

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
-from asr_server.engine.core import EngineOutput
+from asr_server.engine.core import CoreStats, EngineOutput, StepCounter
 from asr_server.engine.types import BatchStats, DecodeRequest, DecodeResult, WaitingQueue, WorkItem
 
 _WORD_S = 0.5
@@ -63,6 +63,7 @@ class FakeEngine:
         self._max_batch_size = max_batch_size
         self._batch_delay_s = batch_delay_ms / 1000.0
         self._waiting = WaitingQueue()
+        self._counter = StepCounter()
         self._on_step = on_step
         self._lock = threading.Lock()
         self.batches: list[list[str]] = []
@@ -106,6 +107,8 @@ class FakeEngine:
             start_ns=start_ns,
             end_ns=time.time_ns(),
         )
+        if batch:
+            self._counter.step(len(batch), stats.generated_tokens)
         outputs = []
         for work, (text, ids) in zip(batch, transcripts, strict=True):
             language = work.request.options.language or ("English" if text else "")
@@ -113,6 +116,9 @@ class FakeEngine:
             result = DecodeResult(work.request.request_id, text, language, ids, work.enqueued_ns, stats, stats.end_ns)
             outputs.append(EngineOutput(work.request.request_id, result=result))
         return outputs
+
+    def stats(self) -> CoreStats:
+        return self._counter.snapshot()
 
     def close(self) -> None:
         self.closed = True

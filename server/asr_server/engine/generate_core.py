@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
-from asr_server.engine.core import EngineOutput
+from asr_server.engine.core import CoreStats, EngineOutput, StepCounter
 from asr_server.engine.types import BatchStats, DecodeRequest, DecodeResult, WaitingQueue, WorkItem
 from asr_server.errors import AsrError, InvalidInput
 from asr_server.models.loading import LoadedAsrModel
@@ -122,6 +122,7 @@ class GenerateEngine:
         self._max_batch_size = max_batch_size
         # By priority, then arrival: a live stream's final is not batched after the interims queued before it.
         self._waiting = WaitingQueue()
+        self._counter = StepCounter()
         tokenizer = loaded.processor.tokenizer
         config = loaded.model.config
         pad = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
@@ -219,6 +220,7 @@ class GenerateEngine:
             start_ns=start_ns,
             end_ns=end_ns,
         )
+        self._counter.step(len(batch), stats.generated_tokens)
         outputs = []
         for work, ids in zip(batch, rows, strict=True):
             text, language = parse_transcription(self._loaded.processor, work.request, ids)
@@ -244,6 +246,9 @@ class GenerateEngine:
             if token in self._eos_ids:
                 break
         return out
+
+    def stats(self) -> CoreStats:
+        return self._counter.snapshot()
 
     def close(self) -> None:
         return None

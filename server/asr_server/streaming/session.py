@@ -32,7 +32,7 @@ import numpy.typing as npt
 from asr_server.audio.assembler import StreamAssembler, StreamResampler
 from asr_server.audio.formats import AudioFormat, AudioLimits, ms_to_samples, samples_to_ms
 from asr_server.engine.types import DecodePriority
-from asr_server.errors import AsrError, InvalidInput, Unavailable
+from asr_server.errors import DEFAULT_RETRY_AFTER_S, AsrError, InvalidInput, Unavailable
 from asr_server.results import ChannelMode, Word, WordTimestampsStatus
 from asr_server.streaming.endpoint import Endpointer, EndpointEvent, EndpointSettings, SpeechStarted, UtteranceEnded
 from asr_server.streaming.prefix import TokenDecoder, rollback
@@ -195,6 +195,7 @@ class StreamingSession:
         on_utterance_work: Callable[[UtteranceWork], None] | None = None,
         max_lag_ms: float = 0.0,
         on_lag: Callable[[float], None] | None = None,
+        max_duration_s: float = 0.0,
     ) -> None:
         if not audio_format.encoding.is_raw:
             raise InvalidInput(
@@ -226,6 +227,13 @@ class StreamingSession:
         self._finished = False
         self._finishing: asyncio.Task[None] | None = None
         self._interval_samples = ms_to_samples(options.interim_interval_ms)
+        # The live-stream duration cap (--max-stream-duration-s), wall clock from the open: a stream pins its
+        # replica for as long as it runs, so balancers can only move load when streams end. 0: no cap.
+        self._max_duration_s = max_duration_s
+        self._duration_cap: asyncio.TimerHandle | None = None
+        self._capping: asyncio.Task[int] | None = None
+        if max_duration_s > 0:
+            self._duration_cap = asyncio.get_running_loop().call_later(max_duration_s, self._duration_reached)
 
     # ---- input ----
 
@@ -265,6 +273,9 @@ class StreamingSession:
         if self._finished:
             return
         self._finished = True
+        if self._duration_cap is not None:
+            self._duration_cap.cancel()
+            self._duration_cap = None
         if not self._stopped:
             self._stopped = True
             self._flushing = True
@@ -277,21 +288,39 @@ class StreamingSession:
         await self._drain_finals()
         self._out.put_nowait(None)
 
-    async def drain(self, reason: str) -> int:
+    async def drain(self, reason: str, *, retry_after_s: float = DEFAULT_RETRY_AFTER_S) -> int:
         """The server is shutting down: every open utterance is flushed as a final (as on half-close), then
         `events()` ends with Unavailable(reason) so the caller knows to reconnect. Returns how many open
         utterances were flushed."""
         if self._finished:
             return 0  # half-closed, cancelled or failed already: it ends on its own, as it would have
         flushed = sum(1 for c in self._channels if not c.done and c.endpointer.open_start is not None)
-        self._error = Unavailable(reason)
+        self._error = Unavailable(reason, retry_after_s=retry_after_s)
         await self.finish()
         return flushed
+
+    def _duration_reached(self) -> None:
+        """At the cap, the stream ends as on a server drain: open utterances flushed as finals, then UNAVAILABLE
+        with a resume hint (retry at once: any replica, this one included, takes the continuation)."""
+        self._duration_cap = None
+        if self._finished:
+            return
+        processed_ms = self.processed_ms
+        reason = (
+            f"the stream reached the server's --max-stream-duration-s={self._max_duration_s:g} s (a cap so load "
+            f"balancers can move long streams); open utterances were flushed as finals; resume on a new stream "
+            f"with the audio after processed_audio_ms={processed_ms}"
+        )
+        # Kept: the loop holds tasks only weakly.
+        self._capping = asyncio.get_running_loop().create_task(self.drain(reason, retry_after_s=0.0))
 
     def cancel(self) -> None:
         """The client went away: drop every decode at once (queued ones leave the engine queue)."""
         self._stopped = True
         self._finished = True
+        if self._duration_cap is not None:
+            self._duration_cap.cancel()
+            self._duration_cap = None
         for channel in self._channels:
             if channel.interim_task is not None:
                 channel.interim_task.cancel()

@@ -42,7 +42,7 @@ from asr_server.engine.continuous.model_runner import HostTokens, ModelRunner, P
 from asr_server.engine.continuous.output import OutputStep, RequestOutput
 from asr_server.engine.continuous.prepare import FastPreparer
 from asr_server.engine.continuous.scheduler import DecodeWork, PrefillWork, Rejected, Scheduler, SchedulerOutput
-from asr_server.engine.core import EngineOutput
+from asr_server.engine.core import CoreStats, EngineOutput, StepCounter
 from asr_server.engine.generate_core import PreparedInputs, request_error
 from asr_server.engine.types import DecodeOptions, DecodeRequest, WorkItem
 from asr_server.models.loading import LoadedAsrModel
@@ -106,6 +106,7 @@ class ContinuousEngine:
         self._requests: dict[str, _Request] = {}
         self._pending: deque[_Pending] = deque()
         self.steps = 0
+        self._counter = StepCounter()
         # Prefill pieces run (whole prompts, or chunks with max_step_tokens), for tests and benchmarks.
         self.prefill_chunks = 0
         logger.info(
@@ -180,6 +181,12 @@ class ContinuousEngine:
 
     def oldest_waiting_monotonic_s(self) -> float | None:
         return self._scheduler.oldest_waiting_monotonic_s()
+
+    def stats(self) -> CoreStats:
+        # Read on another thread: two reads of the page counts the engine thread may change in between, which at
+        # worst shows a page as used a step late.
+        total = self._kv.usable_pages
+        return self._counter.snapshot(kv_pages_used=total - self._kv.num_free, kv_pages_total=total)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -270,6 +277,7 @@ class ContinuousEngine:
         inputs = [self._prefill_inputs(work, req) for work, req in zip(works, reqs, strict=True)]
         first = self._runner.prefill(inputs)
         done = [r for work, r in zip(works, reqs, strict=True) if work.completes]
+        self._counter.tokens(len(done))  # a completed prompt yields its first token
         if done:
             self._pending.append(_Pending(self._runner.to_host(first), [(i, r.output) for i, r in enumerate(done)]))
 
@@ -296,6 +304,7 @@ class ContinuousEngine:
         rows = self._runner.bucket(max(d.row for d in decodes))
         longest = max(self._prompt_tokens(out.request_id) + len(out.tokens) + 2 for _, out in owners)
         tokens = self._runner.decode(rows, self._runner.max_pages(longest))
+        self._counter.step(len(decodes), len(decodes))  # one token per live row
         self._pending.append(_Pending(self._runner.to_host(tokens), owners))
         return True
 

@@ -33,6 +33,7 @@ import zmq
 import zmq.asyncio
 
 from asr_server.config import Config
+from asr_server.engine.core import CoreStats, core_stats
 from asr_server.engine.cores import batching_policy, make_core_factory
 from asr_server.engine.process import messages as m
 from asr_server.engine.runner import EngineRunner
@@ -47,6 +48,8 @@ PARENT_POLL_S = 0.5
 FRONT_SILENCE_S = 2.0
 # On the way out, the answers still in the socket get this long to reach the front.
 _LINGER_MS = 2000
+# How often the core's stats go to the front while they change (its metrics are at most this stale).
+STATS_PUSH_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,9 @@ async def _loop(channels: list[_Channel], runner: EngineRunner, stop: asyncio.Ev
     counters = _Counters()
     receiving = [asyncio.create_task(_receive(channel, runner, tasks, counters, stop)) for channel in channels]
     receiving += [asyncio.create_task(_forget_silent_fronts(channel, tasks)) for channel in channels if channel.routed]
+    # Stats go to the supervisor's channel only: its EngineProcess serves the metrics (fronts sharing the engine
+    # through the ROUTER do not serve /metrics).
+    receiving += [asyncio.create_task(_push_stats(channel, runner)) for channel in channels if not channel.routed]
     stopping = asyncio.create_task(stop.wait())
     try:
         done, _ = await asyncio.wait({*receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -247,6 +253,18 @@ async def _forget_silent_fronts(channel: _Channel, tasks: dict[_Key, asyncio.Tas
                 logger.warning("a front process went silent; dropping its %d requests", len(dropped))
             for key in dropped:
                 tasks.pop(key).cancel()
+
+
+async def _push_stats(channel: _Channel, runner: EngineRunner) -> None:
+    """Sends the core's stats every STATS_PUSH_S while they change (an idle engine sends nothing); the first push
+    comes at once, so the front knows e.g. the KV cache's size before any request."""
+    last: CoreStats | None = None
+    while True:
+        stats = core_stats(runner.core)
+        if stats is not None and stats != last:
+            channel.send(b"", m.core_stats_message(stats))
+            last = stats
+        await asyncio.sleep(STATS_PUSH_S)
 
 
 def _forget(tasks: dict[_Key, asyncio.Task[None]], key: _Key) -> Callable[[asyncio.Task[None]], None]:

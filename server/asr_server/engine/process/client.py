@@ -34,6 +34,7 @@ import zmq
 import zmq.asyncio
 
 from asr_server.config import Config
+from asr_server.engine.core import CoreStats
 from asr_server.engine.process import child
 from asr_server.engine.process import messages as m
 from asr_server.engine.types import DecodeRequest, DecodeResult
@@ -115,6 +116,9 @@ class EngineProcess:
         self._stopping = asyncio.Event()
         self.starts = 0
         self.last_exit = ""
+        # The last CoreStats the child pushed (None before the first, and again once a child is gone: a successor's
+        # counters start over).
+        self.core_stats: CoreStats | None = None
 
     # ---- what the transcriber and the replica balancer read ----
 
@@ -320,6 +324,7 @@ class EngineProcess:
             process.join(0)  # reaps it (it has exited: no wait)
             self.last_exit = describe_exit(process.exitcode)
             self._socket = None
+            self.core_stats = None
             if not self._stopping.is_set():
                 self._set_state("failed")
                 logger.error("%s process (pid %d) %s", self._name, process.pid, self.last_exit)
@@ -365,6 +370,8 @@ class EngineProcess:
             stats_future = self._stats_waiters.pop(message.query_id, None)
             if stats_future is not None and not stats_future.done():
                 stats_future.set_result(message)
+        elif isinstance(message, m.CoreStatsPush):
+            self.core_stats = m.core_stats_from_message(message)
         elif isinstance(message, m.Ready):
             self._model_id = message.model_id
             ready.set()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import msgspec
 import numpy as np
 
+from asr_server.engine.core import CoreStats
 from asr_server.engine.types import BatchStats, DecodeOptions, DecodeRequest, DecodeResult
 from asr_server.errors import AsrError, FailedPrecondition, InvalidInput, LimitExceeded, Unavailable
 
@@ -98,8 +99,20 @@ class Stats(msgspec.Struct, tag="stats", frozen=True):
     finished: int
 
 
+class CoreStatsPush(msgspec.Struct, tag="core-stats", frozen=True):
+    """engine -> front, unasked: the core's CoreStats (engine/core.py), about once a second while they change, so
+    the front's metrics scrape reads the last one it got instead of waiting on a round trip."""
+
+    steps: int
+    rows: int
+    batch_size_counts: list[int]
+    generated_tokens: int
+    kv_pages_used: int | None = None
+    kv_pages_total: int | None = None
+
+
 ToEngine = Submit | Abort | StatsQuery | Hello
-FromEngine = Ready | StartFailed | Result | Failure | Stats
+FromEngine = Ready | StartFailed | Result | Failure | Stats | CoreStatsPush
 
 _to_engine = msgspec.msgpack.Decoder(ToEngine)
 _from_engine = msgspec.msgpack.Decoder(FromEngine)
@@ -148,6 +161,28 @@ def request_from_submit(message: Submit, audio_frame: bytes | memoryview) -> Dec
         options=DecodeOptions(message.language, message.context, message.max_new_tokens),
         prefix_text=message.prefix_text,
         forced_num_tokens=message.forced_num_tokens,
+    )
+
+
+def core_stats_message(stats: CoreStats) -> CoreStatsPush:
+    return CoreStatsPush(
+        steps=stats.steps,
+        rows=stats.rows,
+        batch_size_counts=list(stats.batch_size_counts),
+        generated_tokens=stats.generated_tokens,
+        kv_pages_used=stats.kv_pages_used,
+        kv_pages_total=stats.kv_pages_total,
+    )
+
+
+def core_stats_from_message(message: CoreStatsPush) -> CoreStats:
+    return CoreStats(
+        steps=message.steps,
+        rows=message.rows,
+        batch_size_counts=tuple(message.batch_size_counts),
+        generated_tokens=message.generated_tokens,
+        kv_pages_used=message.kv_pages_used,
+        kv_pages_total=message.kv_pages_total,
     )
 
 
