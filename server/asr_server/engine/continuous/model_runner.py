@@ -457,9 +457,8 @@ class ModelRunner:
         out: dict[int, tuple[torch.Tensor, int, float | None, list[float] | None]] = {}
         for group in groups:
             keyed = self.stream_cache.enabled and any(items[i].stream_key is not None for i in group)
-            batch = self._features(
-                [clips[i] for i in group], stats_window_frames=self._window_frames if keyed else None
-            )
+            chosen = [clips[i] for i in group]
+            batch = self._features(chosen, stats_window_frames=self._window_frames) if keyed else self._features(chosen)
             floors: list[float] | None = None
             minima: list[list[float]] | None = None
             if batch.floors is not None and batch.window_min is not None:
