@@ -78,6 +78,8 @@ class _Prepared:
 class _Request:
     output: RequestOutput
     prepared: _Prepared
+    # A live stream's request (stream cache on): its windows' sample digests, hashed on the preprocess threads.
+    digests: Future[tuple[bytes, ...]] | None = None
 
 
 @dataclass
@@ -173,7 +175,12 @@ class ContinuousEngine:
         forced = request.forced_num_tokens
         budget = max(1, int(forced if forced is not None else request.options.max_new_tokens))
         prepared = _Prepared(self._pool.submit(self._preparer, request))
-        self._requests[request.request_id] = _Request(RequestOutput(item, budget, forced is not None), prepared)
+        digests = None
+        if request.stream_key is not None and self._runner.stream_cache.enabled:
+            digests = self._pool.submit(self._runner.window_digests, request.audio_16k)
+        self._requests[request.request_id] = _Request(
+            RequestOutput(item, budget, forced is not None), prepared, digests
+        )
         estimate = int(request.audio_s * _AUDIO_TOKENS_PER_S) + _TEMPLATE_TOKENS
         self._scheduler.add(
             request.request_id, item.enqueued_monotonic_s, budget, estimate, prepared, priority=request.priority
@@ -245,6 +252,8 @@ class ContinuousEngine:
         req = self._requests.pop(request_id, None)
         if req is not None:
             req.output.finished = True
+            if req.digests is not None:
+                req.digests.cancel()
 
     def _finish(self, request_id: str) -> None:
         self._release(request_id)
@@ -311,7 +320,13 @@ class ContinuousEngine:
         request = req.output.item.request
         audio = request.audio_16k if prepared.input_features is None else None
         return PrefillInput(
-            work, prepared, req.output.suppress_eos, tuple(tokens) if generated else (), audio, request.stream_key
+            work,
+            prepared,
+            req.output.suppress_eos,
+            tuple(tokens) if generated else (),
+            audio,
+            request.stream_key,
+            None if req.digests is None else req.digests.result(),
         )
 
     # ---- decode + outputs ----

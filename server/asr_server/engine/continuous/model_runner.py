@@ -81,6 +81,8 @@ class PrefillInput:
     audio: np.ndarray[Any, Any] | None = None
     # A live stream utterance's key (DecodeRequest.stream_key): its completed encoder windows are cached.
     stream_key: str | None = None
+    # Its stable windows' sample digests (ModelRunner.window_digests), computed as it arrived; None: computed here.
+    digests: tuple[bytes, ...] | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -402,27 +404,43 @@ class ModelRunner:
                 window_starts=[sum(windows[:w]) for w in range(len(windows))],
             )
             if item.stream_key is not None and floor is not None and window_min is not None and item.audio is not None:
-                self._reuse_windows(self._prompts[item.work.request_id], item.stream_key, item.audio, floor, window_min)
+                st = self._prompts[item.work.request_id]
+                self._reuse_windows(st, item, item.stream_key, item.audio, floor, window_min)
 
-    def _reuse_windows(
-        self, st: _Prompt, key: str, audio: np.ndarray[Any, Any], floor: float, window_min: list[float]
-    ) -> None:
-        """A keyed request's stable windows: their digests, and the cached encoder output of each that is provably
-        unchanged since the key's last request (stream_cache.py states the conditions)."""
+    def window_digests(self, audio: np.ndarray[Any, Any]) -> tuple[bytes, ...]:
+        """The digest of the samples each stable window of `audio` reads (stream_cache.py), in window order.
+        Pure and thread-safe: the core computes it on the preprocess threads (hashlib releases the GIL), off the
+        engine thread, as the request arrives."""
         extractor = self._features
-        if extractor is None or not self.stream_cache.enabled:
-            return
+        if extractor is None:
+            return ()
         samples = np.asarray(audio, dtype=np.float32).reshape(-1)
         window_samples = self._window_frames * extractor.hop_samples
         reach = extractor.reach_samples
-        stable = min(stable_windows(int(samples.shape[0]), window_samples, reach), len(st.windows))
+        stable = stable_windows(int(samples.shape[0]), window_samples, reach)
+        return tuple(
+            samples_digest(samples[slice(*window_sample_range(w, window_samples, reach))]) for w in range(stable)
+        )
+
+    def _reuse_windows(
+        self,
+        st: _Prompt,
+        item: PrefillInput,
+        key: str,
+        audio: np.ndarray[Any, Any],
+        floor: float,
+        window_min: list[float],
+    ) -> None:
+        """A keyed request's stable windows: their digests, and the cached encoder output of each that is provably
+        unchanged since the key's last request (stream_cache.py states the conditions)."""
+        if not self.stream_cache.enabled:
+            return
+        digests = item.digests if item.digests is not None else self.window_digests(audio)
         st.stream_key = key
         st.floor = floor
         st.window_min = window_min
         now = time.monotonic()
-        for w in range(stable):
-            begin, end = window_sample_range(w, window_samples, reach)
-            digest = samples_digest(samples[begin:end])
+        for w, digest in enumerate(digests[: len(st.windows)]):
             st.digests[w] = digest
             cached = self.stream_cache.get(key, w, now)
             if cached is not None and reusable(cached, digest, window_min[w], floor):
