@@ -77,11 +77,13 @@ def _prefixes(
     return out
 
 
-def test_growing_prefixes_with_the_cache_equal_each_prefix_alone(loaded: LoadedAsrModel) -> None:
+@pytest.mark.parametrize("max_step_tokens", [0, 96], ids=["whole-prefill", "chunked-prefill"])
+def test_growing_prefixes_with_the_cache_equal_each_prefix_alone(loaded: LoadedAsrModel, max_step_tokens: int) -> None:
+    """With chunked prefill a prompt's windows are encoded over several steps, cached ones skipped."""
     audio = _utterance(26.0, seed=1)
     cuts = [3.0, 9.0, 17.0, 25.0]
     alone = _prefixes(_engine(loaded), audio, cuts, None)
-    engine = _engine(loaded)
+    engine = _engine(loaded, max_step_tokens=max_step_tokens)
     keyed = _prefixes(engine, audio, cuts, "s1/0/0")
     assert [t for t, _ in keyed] == [t for t, _ in alone]
     # Alone, every piece encodes all its audio; keyed, the windows completed (with the STFT's reach) in the
@@ -89,6 +91,8 @@ def test_growing_prefixes_with_the_cache_equal_each_prefix_alone(loaded: LoadedA
     assert [round(s, 2) for _, s in alone] == [3.0, 9.0, 17.0, 25.0, 26.0]
     assert [round(s, 2) for _, s in keyed] == [3.0, 9.0, 9.0, 9.0, 2.0]
     assert engine.stream_cache.hits == 1 + 2 + 3
+    if max_step_tokens:
+        assert engine.prefill_chunks > len(keyed)  # the long prompts did span steps
     assert "s1/0/0" not in engine.stream_cache  # freed with the final
 
 
