@@ -73,6 +73,14 @@ class ContinuousConfig:
     # requests, which may span steps); must exceed max_running. 0: off (whole prompts, max_prefill_tokens per
     # step, every prefill_interval_ms).
     max_step_tokens: int = 0
+    # Live streams (features="torch" only): the encoder outputs of an open utterance's completed 8 s windows are
+    # kept per stream utterance and reused by its next interim or final when provably unchanged (stream_cache.py).
+    # Bounds: utterances held (least recently used evicted; 0: off), windows per utterance, device MiB in all, and
+    # an entry untouched this long is freed (a stream that ended without a final).
+    stream_cache_max_streams: int = 1024
+    stream_cache_max_windows: int = 16
+    stream_cache_max_mib: float = 2048.0
+    stream_cache_idle_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -334,6 +342,20 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
         int,
         "continuous: chunked prefill, tokens per engine step (decode rows first, then prefill chunks); 0: off",
     ),
+    (
+        "engine.continuous",
+        "stream_cache_max_streams",
+        "--stream-cache-max-streams",
+        int,
+        "continuous: live utterances whose completed encoder windows are kept (torch features); 0: off",
+    ),
+    (
+        "engine.continuous",
+        "stream_cache_max_mib",
+        "--stream-cache-max-mib",
+        float,
+        "continuous: device MiB for the live utterances' encoder windows, in all",
+    ),
     ("engine", "devices", "--devices", parse_device_list, "one engine replica per device, e.g. cuda:0,cuda:1"),
     (
         "engine",
@@ -583,6 +605,9 @@ def validate(config: Config) -> None:
         "--max-step-tokens must be 0 (off) or more than --max-running-requests",
     )
     need(c.encoder_batch_audio_s > 0, "--encoder-batch-audio-s must be > 0")
+    need(c.stream_cache_max_streams >= 0, "--stream-cache-max-streams must be >= 0")
+    need(c.stream_cache_max_mib >= 0, "--stream-cache-max-mib must be >= 0")
+    need(c.stream_cache_max_windows >= 0 and c.stream_cache_idle_s > 0, "stream cache bounds must be positive")
     need(e.bench_forced_tokens_per_audio_s >= 0, "--bench-forced-tokens-per-audio-s must be >= 0")
     need(e.max_inference_batch_size >= 1, "--max-inference-batch-size must be >= 1")
     need(e.max_batch_wait_ms >= 0, "--max-batch-wait-ms must be >= 0")

@@ -158,8 +158,10 @@ class Transcriber:
         *,
         prefix_text: str = "",
         priority: DecodePriority = DecodePriority.NORMAL,
+        stream_key: str | None = None,
     ) -> DecodeResult:
-        """One piece of audio through the engine, padded to the model's 0.5 s minimum, with its spans."""
+        """One piece of audio through the engine, padded to the model's 0.5 s minimum, with its spans.
+        `stream_key`: a live utterance's key, on its interims and its final (DecodeRequest.stream_key)."""
         padded = pad_to_min(audio_16k, min_s=_MIN_CHUNK_S)
         request = DecodeRequest(
             request_id=uuid.uuid4().hex,
@@ -167,6 +169,7 @@ class Transcriber:
             options=DecodeOptions(options.language, options.context, options.max_new_tokens),
             prefix_text=prefix_text,
             priority=priority,
+            stream_key=stream_key,
         )
         result = await self._engine.decode(request)
         record_engine_spans(result, request.audio_s)

@@ -44,6 +44,9 @@ class DecodeRequest:
     # Benchmarks only: generate exactly this many tokens, ignoring EOS (random weights never stop sensibly).
     forced_num_tokens: int | None = None
     priority: DecodePriority = DecodePriority.NORMAL
+    # A live stream utterance's key, the same on its interims and its final: an engine may keep that
+    # utterance's state between them (the continuous engine: its completed encoder windows). None: none kept.
+    stream_key: str | None = None
 
     @property
     def audio_s(self) -> float:

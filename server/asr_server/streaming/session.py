@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import enum
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -234,6 +235,9 @@ class StreamingSession:
         self._capping: asyncio.Task[int] | None = None
         if max_duration_s > 0:
             self._duration_cap = asyncio.get_running_loop().call_later(max_duration_s, self._duration_reached)
+        # Names this stream's utterances to the engine (DecodeRequest.stream_key), which keeps an open
+        # utterance's encoder state between its interims and its final.
+        self._stream_id = uuid.uuid4().hex
 
     # ---- input ----
 
@@ -422,12 +426,20 @@ class StreamingSession:
         # Kept: the loop holds tasks only weakly.
         self._finishing = asyncio.get_running_loop().create_task(self.finish())
 
+    def _stream_key(self, channel_index: int, utterance_index: int) -> str:
+        return f"{self._stream_id}/{channel_index}/{utterance_index}"
+
     async def _final(
         self, channel_index: int, utterance_index: int, start: int, end: int, audio: npt.NDArray[np.float32]
     ) -> StreamResult:
         options = self.options.transcribe
         # Ahead of every interim and of recorded audio in the engine's queue: its caller waits since speech ended.
-        result = await self._transcriber.decode_piece(audio, options, priority=DecodePriority.FINAL)
+        result = await self._transcriber.decode_piece(
+            audio,
+            options,
+            priority=DecodePriority.FINAL,
+            stream_key=self._stream_key(channel_index, utterance_index),
+        )
         words: tuple[Word, ...] = ()
         status = WordTimestampsStatus.NOT_REQUESTED
         if options.return_word_timestamps:
@@ -536,7 +548,11 @@ class StreamingSession:
     ) -> None:
         try:
             result = await self._transcriber.decode_piece(
-                audio, self.options.transcribe, prefix_text=prefix_text, priority=DecodePriority.INTERIM
+                audio,
+                self.options.transcribe,
+                prefix_text=prefix_text,
+                priority=DecodePriority.INTERIM,
+                stream_key=self._stream_key(channel.index, utterance_index),
             )
         except asyncio.CancelledError:
             raise

@@ -42,9 +42,10 @@ from asr_server.engine.continuous.model_runner import HostTokens, ModelRunner, P
 from asr_server.engine.continuous.output import OutputStep, RequestOutput
 from asr_server.engine.continuous.prepare import FastPreparer
 from asr_server.engine.continuous.scheduler import DecodeWork, PrefillWork, Rejected, Scheduler, SchedulerOutput
+from asr_server.engine.continuous.stream_cache import StreamEncoderCache
 from asr_server.engine.core import CoreStats, EngineOutput, StepCounter
 from asr_server.engine.generate_core import PreparedInputs, request_error
-from asr_server.engine.types import DecodeOptions, DecodeRequest, WorkItem
+from asr_server.engine.types import DecodeOptions, DecodePriority, DecodeRequest, WorkItem
 from asr_server.models.loading import LoadedAsrModel
 
 __all__ = ["ContinuousConfig", "ContinuousEngine"]
@@ -77,6 +78,8 @@ class _Prepared:
 class _Request:
     output: RequestOutput
     prepared: _Prepared
+    # A live stream's request (stream cache on): its windows' sample digests, hashed on the preprocess threads.
+    digests: Future[tuple[bytes, ...]] | None = None
 
 
 @dataclass
@@ -146,6 +149,16 @@ class ContinuousEngine:
     def ttft_ms(self) -> deque[float]:
         return self._output.ttft_ms
 
+    @property
+    def encoded_audio_s(self) -> dict[str, float]:
+        """Audio seconds each recent request ran through the encoder, by request id (windows reused from the
+        stream cache not counted)."""
+        return self._runner.encoded_audio_s
+
+    @property
+    def stream_cache(self) -> StreamEncoderCache:
+        return self._runner.stream_cache
+
     # ---- EngineCore ----
 
     def warmup(self) -> None:
@@ -163,15 +176,30 @@ class ContinuousEngine:
         forced = request.forced_num_tokens
         budget = max(1, int(forced if forced is not None else request.options.max_new_tokens))
         prepared = _Prepared(self._pool.submit(self._preparer, request))
-        self._requests[request.request_id] = _Request(RequestOutput(item, budget, forced is not None), prepared)
+        digests = None
+        if request.stream_key is not None and self._runner.stream_cache.enabled:
+            digests = self._pool.submit(self._runner.window_digests, request.audio_16k)
+        self._requests[request.request_id] = _Request(
+            RequestOutput(item, budget, forced is not None), prepared, digests
+        )
         estimate = int(request.audio_s * _AUDIO_TOKENS_PER_S) + _TEMPLATE_TOKENS
         self._scheduler.add(
             request.request_id, item.enqueued_monotonic_s, budget, estimate, prepared, priority=request.priority
         )
 
     def abort(self, request_id: str) -> None:
+        req = self._requests.get(request_id)
+        if req is not None:
+            self._close_stream(req.output.item.request)
         self._release(request_id)
         self._scheduler.abort(request_id)
+
+    def _close_stream(self, request: DecodeRequest) -> None:
+        """A live utterance's final is done or aborted (the stream ended): its cached encoder windows are freed.
+        An aborted interim frees nothing: the session cancels its interim as the utterance closes, and the final
+        that follows reuses the windows."""
+        if request.stream_key is not None and request.priority is DecodePriority.FINAL:
+            self._runner.stream_cache.close(request.stream_key)
 
     def num_waiting(self) -> int:
         return self._scheduler.num_waiting()
@@ -195,7 +223,9 @@ class ContinuousEngine:
     def step(self) -> list[EngineOutput]:
         outputs: list[EngineOutput] = []
         with torch.inference_mode():
-            plan = self._scheduler.schedule(time.monotonic())
+            now_s = time.monotonic()
+            self._runner.stream_cache.expire(now_s)
+            plan = self._scheduler.schedule(now_s)
             for preempted in plan.preempted:
                 # Its tokens still on their way are kept: the prefill that readmits it starts from them.
                 self._runner.release_row(preempted.row)
@@ -229,6 +259,8 @@ class ContinuousEngine:
         req = self._requests.pop(request_id, None)
         if req is not None:
             req.output.finished = True
+            if req.digests is not None:
+                req.digests.cancel()
 
     def _finish(self, request_id: str) -> None:
         self._release(request_id)
@@ -269,6 +301,9 @@ class ContinuousEngine:
                 self._fail_admitted(work.request_id, exc, outputs)
 
     def _fail_admitted(self, request_id: str, exc: Exception, outputs: list[EngineOutput]) -> None:
+        req = self._requests.get(request_id)
+        if req is not None:
+            self._close_stream(req.output.item.request)
         self._finish(request_id)
         outputs.append(EngineOutput(request_id, error=request_error(request_id, "inference", exc)))
 
@@ -290,8 +325,17 @@ class ContinuousEngine:
         tokens = req.output.tokens
         if generated and generated != len(tokens):
             raise RuntimeError(f"recompute of {generated} generated tokens, the host has {len(tokens)}")
-        audio = req.output.item.request.audio_16k if prepared.input_features is None else None
-        return PrefillInput(work, prepared, req.output.suppress_eos, tuple(tokens) if generated else (), audio)
+        request = req.output.item.request
+        audio = request.audio_16k if prepared.input_features is None else None
+        return PrefillInput(
+            work,
+            prepared,
+            req.output.suppress_eos,
+            tuple(tokens) if generated else (),
+            audio,
+            request.stream_key,
+            None if req.digests is None else req.digests.result(),
+        )
 
     # ---- decode + outputs ----
 
@@ -320,6 +364,7 @@ class ContinuousEngine:
         batch_size = self._runner.num_live_rows()
         outputs: list[EngineOutput] = []
         for req in done:
+            self._close_stream(req.item.request)
             self._finish(req.request_id)
             outputs.append(self._output.result(req, batch_size, now))
         return outputs

@@ -46,6 +46,12 @@ class FeatureBatch:
     frames: list[int]  # per row: its own padded frame count (a multiple of 2 * n_window)
     num_audio_tokens: list[int]
     valid_frames: list[int]  # per row: the frames its mask covers (known on the host: no device sync)
+    # With `stats_window_frames`: per row its clamp floor (its own maximum - 8, before the scaling), shape
+    # (batch,), and per window of that many frames the minimum of its valid frames' log-mel before the clamp,
+    # shape (batch, windows; +inf for a window with no valid frame). A live stream's cache reuses a window's
+    # encoder output only when these prove its features unchanged (stream_cache.py).
+    floors: torch.Tensor | None = None
+    window_min: torch.Tensor | None = None
 
     def clip(self, row: int) -> ClipFeatures:
         frames = self.frames[row]
@@ -77,12 +83,23 @@ class TorchFeatureExtractor:
     def device(self) -> torch.device:
         return self._device
 
+    @property
+    def hop_samples(self) -> int:
+        return self._hop
+
+    @property
+    def reach_samples(self) -> int:
+        """How far a frame's STFT reads on either side of its hop (the centred window's half length)."""
+        return self._n_fft // 2
+
     def num_audio_tokens(self, num_samples: int) -> int:
         """The prompt's audio placeholders for a clip of `num_samples` samples, without computing its features."""
         frames = max(num_samples, self._min_samples) // self._hop
         return int(self._processor._get_audio_token_length(torch.tensor([frames]), self._n_window)[0])
 
-    def __call__(self, clips: Sequence[np.ndarray[Any, Any]]) -> FeatureBatch:
+    def __call__(
+        self, clips: Sequence[np.ndarray[Any, Any]], *, stats_window_frames: int | None = None
+    ) -> FeatureBatch:
         if not clips:
             raise ValueError("no clips")
         lengths = [max(int(np.asarray(c).shape[-1]), self._min_samples) for c in clips]
@@ -97,17 +114,22 @@ class TorchFeatureExtractor:
         wave = torch.from_numpy(waves).to(self._device)
         length = torch.tensor(lengths, dtype=torch.long, device=self._device)
         valid = [n // self._hop for n in lengths]
-        log_spec, inside = self._log_mel(_reflect_pad_rows(wave, length, half), valid)
+        log_spec, inside, floors, window_min = self._log_mel(
+            _reflect_pad_rows(wave, length, half), valid, stats_window_frames
+        )
         frames = [-(-v // self._multiple) * self._multiple if self._multiple > 1 else v for v in valid]
         extra = max(frames) - max(valid)
         features = torch.nn.functional.pad(log_spec, (0, extra))
         mask = torch.nn.functional.pad(inside, (0, extra)).to(torch.int32)
         counts = self._processor._get_audio_token_length(torch.tensor(valid), self._n_window)
-        return FeatureBatch(features, mask, frames, [int(c) for c in counts], valid)
+        return FeatureBatch(features, mask, frames, [int(c) for c in counts], valid, floors, window_min)
 
-    def _log_mel(self, padded: torch.Tensor, valid: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _log_mel(
+        self, padded: torch.Tensor, valid: list[int], stats_window_frames: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(batch, mel_bins, max(valid)) normalised log-mel, zero past each row's `valid` frames; and the
-        (batch, frames) bool mask of those frames. Each row's floor is its own maximum - 8."""
+        (batch, frames) bool mask of those frames. Each row's floor is its own maximum - 8. With
+        `stats_window_frames`, also the floors and the per-window minima before the clamp (FeatureBatch)."""
         stft = torch.stft(padded, self._n_fft, self._hop, window=self._window, center=False, return_complex=True)
         max_valid = max(valid)
         power = stft[..., :max_valid].abs() ** 2
@@ -116,8 +138,20 @@ class TorchFeatureExtractor:
         inside = frame[None, :] < torch.tensor(valid, device=self._device)[:, None]
         outside = ~inside[:, None, :]
         peak = log_spec.masked_fill(outside, float("-inf")).amax(dim=(1, 2), keepdim=True)
-        log_spec = (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
-        return log_spec.masked_fill(outside, 0.0), inside
+        floor = peak - 8.0
+        floors: torch.Tensor | None = None
+        window_min: torch.Tensor | None = None
+        if stats_window_frames:
+            # The same float32 values the clamp below compares with the floor: no re-derivation.
+            per_frame = log_spec.masked_fill(outside, float("inf")).amin(dim=1)  # (batch, frames)
+            windows = -(-max_valid // stats_window_frames)
+            per_frame = torch.nn.functional.pad(
+                per_frame, (0, windows * stats_window_frames - max_valid), value=float("inf")
+            )
+            window_min = per_frame.view(len(valid), windows, stats_window_frames).amin(dim=2)
+            floors = floor.reshape(-1)
+        log_spec = (torch.maximum(log_spec, floor) + 4.0) / 4.0
+        return log_spec.masked_fill(outside, 0.0), inside, floors, window_min
 
 
 def _reflect_pad_rows(wave: torch.Tensor, length: torch.Tensor, half: int) -> torch.Tensor:

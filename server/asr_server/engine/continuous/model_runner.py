@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,12 +20,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
 from asr_server.config import ContinuousConfig
 from asr_server.engine.continuous.attention import num_splits_for
 from asr_server.engine.continuous.decoder import DecodeBuffers, KvCache, PagedDecoder
 from asr_server.engine.continuous.encoder import encode
 from asr_server.engine.continuous.features import TorchFeatureExtractor
 from asr_server.engine.continuous.scheduler import PrefillWork
+from asr_server.engine.continuous.stream_cache import (
+    CachedWindow,
+    StreamEncoderCache,
+    reusable,
+    samples_digest,
+    stable_windows,
+    window_sample_range,
+)
 from asr_server.engine.generate_core import PreparedInputs
 from asr_server.errors import InvalidInput
 from asr_server.models.loading import LoadedAsrModel
@@ -69,6 +79,10 @@ class PrefillInput:
     suppress_eos: bool
     generated: tuple[int, ...] = ()
     audio: np.ndarray[Any, Any] | None = None
+    # A live stream utterance's key (DecodeRequest.stream_key): its completed encoder windows are cached.
+    stream_key: str | None = None
+    # Its stable windows' sample digests (ModelRunner.window_digests), computed as it arrived; None: computed here.
+    digests: tuple[bytes, ...] | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -88,6 +102,13 @@ class _Prompt:
     windows: list[int]  # audio tokens per encoder window
     window_starts: list[int]  # the audio token each window starts at
     encoded: dict[int, torch.Tensor] = field(default_factory=dict)  # window -> its projected encoder output
+    encoded_frames: int = 0  # mel frames this request ran through the encoder (cached windows not counted)
+    # A keyed request with torch features: what its stable windows store in the stream cache.
+    stream_key: str | None = None
+    floor: float = 0.0
+    window_min: list[float] = field(default_factory=list)
+    digests: dict[int, bytes] = field(default_factory=dict)  # stable window -> digest of the samples it reads
+    reused: set[int] = field(default_factory=set)  # windows taken from the stream cache
 
 
 class ModelRunner:
@@ -147,6 +168,18 @@ class ModelRunner:
             self._features = TorchFeatureExtractor(loaded.processor, n_window=self._n_window, device=self.device)
         self.profile: dict[str, float] = {}
         self.decode_ms_by_bucket: dict[int, list[float]] = {}
+        # Mel frames per audio second (the extractor's hop at 16 kHz), for the encoded-seconds count.
+        self._frames_per_s = MODEL_SAMPLE_RATE_HZ / int(loaded.processor.feature_extractor.hop_length)
+        self.stream_cache = StreamEncoderCache(
+            config.stream_cache_max_streams if self.features_on_device else 0,
+            config.stream_cache_max_windows,
+            int(config.stream_cache_max_mib * 2**20),
+            config.stream_cache_idle_s,
+        )
+        # Audio seconds each recent request ran through the encoder (windows reused from the stream cache are
+        # not counted), by request id, for tests and benchmarks; and the total.
+        self.encoded_audio_s: OrderedDict[str, float] = OrderedDict()
+        self.encoded_audio_s_total = 0.0
 
     @property
     def num_pages(self) -> int:
@@ -308,8 +341,29 @@ class ModelRunner:
                 suppress.index_select(0, torch.tensor(done, dtype=torch.long, device=dev)),
             )
         for i in done:
-            self._prompts.pop(inputs[i].work.request_id, None)
+            st = self._prompts.pop(inputs[i].work.request_id, None)
+            if st is not None:
+                self._finish_prompt(inputs[i].work.request_id, st)
         return first
+
+    def _finish_prompt(self, request_id: str, st: _Prompt) -> None:
+        """A prompt's prefill is done: its encoder work is recorded, and a keyed one's stable windows stored."""
+        seconds = st.encoded_frames / self._frames_per_s
+        self.encoded_audio_s[request_id] = seconds
+        self.encoded_audio_s_total += seconds
+        while len(self.encoded_audio_s) > 4096:
+            self.encoded_audio_s.popitem(last=False)
+        if st.stream_key is None or not st.digests:
+            return
+        windows: dict[int, CachedWindow] = {}
+        for w, digest in st.digests.items():
+            encoded = st.encoded.get(w)
+            if encoded is None:
+                continue
+            # A fresh window is a view into its micro-batch's output: copied, so the entry holds only its own.
+            kept = encoded if w in st.reused else encoded.clone()
+            windows[w] = CachedWindow(digest, st.window_min[w], st.floor, kept)
+        self.stream_cache.store(st.stream_key, windows, time.monotonic())
 
     def _start_prompts(self, items: Sequence[PrefillInput]) -> None:
         """The prefill state of requests starting their prefill: ids, audio positions and features (torch
@@ -317,14 +371,16 @@ class ModelRunner:
         if not items:
             return
         need = [i for i, item in enumerate(items) if item.prepared.input_features is None]
-        computed: dict[int, tuple[torch.Tensor, int]] = {}
+        computed: dict[int, tuple[torch.Tensor, int, float | None, list[float] | None]] = {}
         if need:
             by_need = self._torch_features([items[i] for i in need])
             computed = {need[j]: value for j, value in by_need.items()}
         window = self._window_frames
         for i, item in enumerate(items):
+            floor: float | None = None
+            window_min: list[float] | None = None
             if i in computed:
-                features, valid_frames = computed[i]
+                features, valid_frames, floor, window_min = computed[i]
             else:
                 features, valid_frames = item.prepared.input_features, int(item.prepared.input_features_mask.sum())
             features = features[0].to(self.device, non_blocking=True).to(self.decoder.dtype)
@@ -347,10 +403,60 @@ class ModelRunner:
                 windows=windows,
                 window_starts=[sum(windows[:w]) for w in range(len(windows))],
             )
+            if item.stream_key is not None and floor is not None and window_min is not None and item.audio is not None:
+                st = self._prompts[item.work.request_id]
+                self._reuse_windows(st, item, item.stream_key, item.audio, floor, window_min)
 
-    def _torch_features(self, items: Sequence[PrefillInput]) -> dict[int, tuple[torch.Tensor, int]]:
+    def window_digests(self, audio: np.ndarray[Any, Any]) -> tuple[bytes, ...]:
+        """The digest of the samples each stable window of `audio` reads (stream_cache.py), in window order.
+        Pure and thread-safe: the core computes it on the preprocess threads (hashlib releases the GIL), off the
+        engine thread, as the request arrives."""
+        extractor = self._features
+        if extractor is None:
+            return ()
+        samples = np.asarray(audio, dtype=np.float32).reshape(-1)
+        window_samples = self._window_frames * extractor.hop_samples
+        reach = extractor.reach_samples
+        stable = stable_windows(int(samples.shape[0]), window_samples, reach)
+        return tuple(
+            samples_digest(samples[slice(*window_sample_range(w, window_samples, reach))]) for w in range(stable)
+        )
+
+    def _reuse_windows(
+        self,
+        st: _Prompt,
+        item: PrefillInput,
+        key: str,
+        audio: np.ndarray[Any, Any],
+        floor: float,
+        window_min: list[float],
+    ) -> None:
+        """A keyed request's stable windows: their digests, and the cached encoder output of each that is provably
+        unchanged since the key's last request (stream_cache.py states the conditions)."""
+        if not self.stream_cache.enabled:
+            return
+        digests = item.digests if item.digests is not None else self.window_digests(audio)
+        st.stream_key = key
+        st.floor = floor
+        st.window_min = window_min
+        now = time.monotonic()
+        for w, digest in enumerate(digests[: len(st.windows)]):
+            st.digests[w] = digest
+            cached = self.stream_cache.get(key, w, now)
+            if cached is not None and reusable(cached, digest, window_min[w], floor):
+                st.encoded[w] = cached.encoded
+                st.reused.add(w)
+                self.stream_cache.hits += 1
+            else:
+                self.stream_cache.misses += 1
+
+    def _torch_features(
+        self, items: Sequence[PrefillInput]
+    ) -> dict[int, tuple[torch.Tensor, int, float | None, list[float] | None]]:
         """Features (1, mel_bins, frames) and valid frames of each item's clip, by index: one batched call on the
-        device per `encoder_batch_audio_s` of padded audio (clips sorted by length, so a batch pads little)."""
+        device per `encoder_batch_audio_s` of padded audio (clips sorted by length, so a batch pads little); for
+        keyed items (live streams, with the stream cache on) also the clamp floor and the per-window minima
+        before the clamp (a host sync, paid only by groups holding one)."""
         if self._features is None:
             raise RuntimeError("features are missing and the engine computes none (features=reference)")
         clips: list[np.ndarray[Any, Any]] = []
@@ -366,9 +472,16 @@ class ModelRunner:
                 groups[-1].append(i)
             else:
                 groups.append([i])
-        out: dict[int, tuple[torch.Tensor, int]] = {}
+        out: dict[int, tuple[torch.Tensor, int, float | None, list[float] | None]] = {}
         for group in groups:
-            batch = self._features([clips[i] for i in group])
+            keyed = self.stream_cache.enabled and any(items[i].stream_key is not None for i in group)
+            chosen = [clips[i] for i in group]
+            batch = self._features(chosen, stats_window_frames=self._window_frames) if keyed else self._features(chosen)
+            floors: list[float] | None = None
+            minima: list[list[float]] | None = None
+            if batch.floors is not None and batch.window_min is not None:
+                floors = batch.floors.tolist()
+                minima = batch.window_min.tolist()
             finite = torch.isfinite(batch.input_features).flatten(1).all(dim=1).tolist()
             bad = sum(1 for ok in finite if not ok)
             if bad:
@@ -381,7 +494,12 @@ class ModelRunner:
                 clip = batch.clip(row)
                 if clip.num_audio_tokens != int((items[i].prepared.input_ids == self._audio_token_id).sum()):
                     raise RuntimeError("torch features and the prompt disagree on the audio token count")
-                out[i] = (clip.input_features, batch.valid_frames[row])
+                out[i] = (
+                    clip.input_features,
+                    batch.valid_frames[row],
+                    None if floors is None else floors[row],
+                    None if minima is None else minima[row],
+                )
         return out
 
     def _window_tokens(self, valid_frames: int) -> list[int]:
@@ -405,10 +523,12 @@ class ModelRunner:
         todo: list[tuple[_Prompt, int, int]] = []  # (prompt, window, frames to feed: whole 1 s chunks)
         for item, st in zip(inputs, states, strict=True):
             end = st.audio_before[item.work.start_token + item.work.num_tokens]
-            w = len(st.encoded)
+            # Windows are not all encoded in order: some may come from the stream cache.
+            w = 0
             while w < len(st.windows) and st.window_starts[w] < end:
-                valid = min(window, st.valid_frames - w * window)
-                todo.append((st, w, -(-valid // chunk) * chunk))
+                if w not in st.encoded:
+                    valid = min(window, st.valid_frames - w * window)
+                    todo.append((st, w, -(-valid // chunk) * chunk))
                 w += 1
         todo.sort(key=lambda t: -t[2])
         per_batch = max(1, int(self._config.encoder_batch_audio_s * 100) // window)
@@ -428,6 +548,7 @@ class ModelRunner:
                 raise RuntimeError(f"the encoder gave {projected.shape[0]} audio tokens for {sum(counts)}")
             for (st, w, _), part in zip(group, projected.split(counts), strict=True):
                 st.encoded[w] = part
+                st.encoded_frames += min(window, st.valid_frames - w * window)
         out: list[torch.Tensor] = []
         for item, st in zip(inputs, states, strict=True):
             begin = st.audio_before[item.work.start_token]

@@ -15,7 +15,7 @@ import msgspec
 import numpy as np
 
 from asr_server.engine.core import CoreStats
-from asr_server.engine.types import BatchStats, DecodeOptions, DecodeRequest, DecodeResult
+from asr_server.engine.types import BatchStats, DecodeOptions, DecodePriority, DecodeRequest, DecodeResult
 from asr_server.errors import AsrError, FailedPrecondition, InvalidInput, LimitExceeded, Unavailable
 
 _AUDIO_DTYPE = np.dtype("<f4")
@@ -31,6 +31,10 @@ class Submit(msgspec.Struct, tag="submit", frozen=True):
     max_new_tokens: int
     prefix_text: str = ""
     forced_num_tokens: int | None = None
+    # DecodeRequest's scheduling fields: a stream's final before recorded audio before interims, and the key of
+    # the live utterance whose encoder state the engine keeps.
+    priority: int = 1
+    stream_key: str | None = None
 
 
 class Abort(msgspec.Struct, tag="abort", frozen=True):
@@ -146,6 +150,8 @@ def submit_frames(request: DecodeRequest) -> list[bytes | memoryview]:
         max_new_tokens=options.max_new_tokens,
         prefix_text=request.prefix_text,
         forced_num_tokens=request.forced_num_tokens,
+        priority=int(request.priority),
+        stream_key=request.stream_key,
     )
     return [encode(header), memoryview(audio.data).cast("B")]
 
@@ -161,6 +167,8 @@ def request_from_submit(message: Submit, audio_frame: bytes | memoryview) -> Dec
         options=DecodeOptions(message.language, message.context, message.max_new_tokens),
         prefix_text=message.prefix_text,
         forced_num_tokens=message.forced_num_tokens,
+        priority=DecodePriority(message.priority),
+        stream_key=message.stream_key,
     )
 
 

@@ -1,0 +1,191 @@
+"""The continuous engine's per-stream encoder cache (engine/continuous/stream_cache.py), tiny checkpoint, fp32,
+CPU, torch features: growing prefixes of one utterance decoded with a stream key give token for token what each
+prefix gives decoded alone; a louder sound arriving late (the clamp floor rises) invalidates what it must; the
+audio encoded per interim stays bounded (this fails with the cache off); entries are freed and bounded."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from asr_server.engine.continuous.core import ContinuousConfig, ContinuousEngine
+from asr_server.engine.continuous.features import TorchFeatureExtractor
+from asr_server.engine.continuous.stream_cache import CachedWindow, StreamEncoderCache
+from asr_server.engine.core import EngineOutput
+from asr_server.engine.types import DecodeOptions, DecodePriority, DecodeRequest, WorkItem
+from asr_server.models.loading import LoadedAsrModel, load_asr_model
+
+_RATE = 16000
+_OPTIONS = DecodeOptions(language=None, context="", max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoints: Any) -> LoadedAsrModel:
+    return load_asr_model(str(tiny_checkpoints.asr_hf), dtype="float32", device="cpu")
+
+
+def _engine(loaded: LoadedAsrModel, **cache: Any) -> ContinuousEngine:
+    config = ContinuousConfig(max_running=4, page_size=16, kv_cache_tokens=8192, features="torch", **cache)
+    return ContinuousEngine(loaded, config)
+
+
+def _utterance(seconds: float, seed: int, *, loud_at_s: float | None = None) -> np.ndarray[Any, Any]:
+    """Noise with a tone in its first 0.25 s (the clip's maximum is there, so the floor stays put) and a
+    near-silent stretch in every 8 s window (frames far below any floor, so a floor change matters there);
+    with `loud_at_s`, the same tone 5x louder there (the floor rises)."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * _RATE)
+    audio = 0.05 * rng.standard_normal(n)
+    t = np.arange(n) / _RATE
+    audio[: _RATE // 4] += 0.2 * np.sin(2 * np.pi * 1000 * t[: _RATE // 4])
+    for start_s in range(2, int(seconds), 8):
+        audio[start_s * _RATE : start_s * _RATE + _RATE // 2] *= 1e-4
+    if loud_at_s is not None:
+        begin = int(loud_at_s * _RATE)
+        audio[begin : begin + _RATE // 2] = 0.99 * np.sin(2 * np.pi * 1000 * t[begin : begin + _RATE // 2])
+    return audio.astype(np.float32)
+
+
+def _drain(engine: ContinuousEngine) -> Iterator[EngineOutput]:
+    while engine.num_waiting() or engine.num_running():
+        yield from engine.step()
+
+
+def _decode(engine: ContinuousEngine, request: DecodeRequest) -> tuple[int, ...]:
+    engine.add(WorkItem(request, time.time_ns(), time.monotonic()))
+    outputs = list(_drain(engine))
+    assert len(outputs) == 1 and outputs[0].error is None, outputs
+    assert outputs[0].result is not None
+    return outputs[0].result.token_ids
+
+
+def _prefixes(
+    engine: ContinuousEngine, audio: np.ndarray[Any, Any], cut_s: list[float], key: str | None
+) -> list[tuple[tuple[int, ...], float]]:
+    """Interims of the growing prefixes, then the final of the whole audio; (tokens, audio s encoded) each."""
+    out = []
+    pieces = [(audio[: int(s * _RATE)], DecodePriority.INTERIM) for s in cut_s] + [(audio, DecodePriority.FINAL)]
+    for i, (piece, priority) in enumerate(pieces):
+        rid = f"{key or 'alone'}-{i}"
+        tokens = _decode(engine, DecodeRequest(rid, piece, _OPTIONS, priority=priority, stream_key=key))
+        out.append((tokens, engine.encoded_audio_s[rid]))
+    return out
+
+
+@pytest.mark.parametrize("max_step_tokens", [0, 96], ids=["whole-prefill", "chunked-prefill"])
+def test_growing_prefixes_with_the_cache_equal_each_prefix_alone(loaded: LoadedAsrModel, max_step_tokens: int) -> None:
+    """With chunked prefill a prompt's windows are encoded over several steps, cached ones skipped."""
+    audio = _utterance(26.0, seed=1)
+    cuts = [3.0, 9.0, 17.0, 25.0]
+    alone = _prefixes(_engine(loaded), audio, cuts, None)
+    engine = _engine(loaded, max_step_tokens=max_step_tokens)
+    keyed = _prefixes(engine, audio, cuts, "s1/0/0")
+    assert [t for t, _ in keyed] == [t for t, _ in alone]
+    # Alone, every piece encodes all its audio; keyed, the windows completed (with the STFT's reach) in the
+    # previous piece are reused: 17 s reuses window 0 (stable at 9 s), 25 s windows 0-1, the final 0-2.
+    assert [round(s, 2) for _, s in alone] == [3.0, 9.0, 17.0, 25.0, 26.0]
+    assert [round(s, 2) for _, s in keyed] == [3.0, 9.0, 9.0, 9.0, 2.0]
+    assert engine.stream_cache.hits == 1 + 2 + 3
+    if max_step_tokens:
+        assert engine.prefill_chunks > len(keyed)  # the long prompts did span steps
+    assert "s1/0/0" not in engine.stream_cache  # freed with the final
+
+
+def test_a_louder_sound_arriving_late_invalidates_the_windows_under_the_new_floor(loaded: LoadedAsrModel) -> None:
+    audio = _utterance(26.0, seed=2, loud_at_s=20.0)
+    cuts = [9.0, 17.0, 25.0]
+    # The burst really changes window 0's features (its near-silent frames sit under the new floor): reusing its
+    # encoder output would be wrong.
+    extractor = TorchFeatureExtractor(loaded.processor, n_window=50)
+    before = extractor([audio[: 17 * _RATE]]).input_features[0, :, :800]
+    after = extractor([audio[: 25 * _RATE]]).input_features[0, :, :800]
+    assert not torch.equal(before, after)
+    alone = _prefixes(_engine(loaded), audio, cuts, None)
+    engine = _engine(loaded)
+    keyed = _prefixes(engine, audio, cuts, "s2/0/0")
+    assert [t for t, _ in keyed] == [t for t, _ in alone]
+    # 17 s reuses window 0; 25 s (after the burst, new floor) recomputes windows 0 and 1; the final (same floor
+    # as 25 s) reuses windows 0-2.
+    assert [round(s, 2) for _, s in keyed] == [9.0, 9.0, 25.0, 2.0]
+    assert engine.stream_cache.misses >= 2
+
+
+def _interims_encoded_s(loaded: LoadedAsrModel, enabled: bool) -> list[float]:
+    engine = _engine(loaded, stream_cache_max_streams=1024 if enabled else 0)
+    audio = _utterance(40.0, seed=3)
+    encoded = []
+    for i, end_s in enumerate(range(2, 41, 2)):
+        rid = f"i{i}"
+        request = DecodeRequest(
+            rid, audio[: end_s * _RATE], _OPTIONS, priority=DecodePriority.INTERIM, stream_key="s3/0/0"
+        )
+        _decode(engine, request)
+        encoded.append(engine.encoded_audio_s[rid])
+    return encoded
+
+
+def test_audio_encoded_per_interim_stays_bounded(loaded: LoadedAsrModel) -> None:
+    """Interims every 2 s of a 40 s utterance: each encodes at most one window, the interval and the open
+    remainder (<= 8 + 2 + 8 s), however long the utterance grew."""
+    bound_s = 8.0 + 2.0 + 8.0
+    encoded = _interims_encoded_s(loaded, enabled=True)
+    assert max(encoded) <= bound_s, encoded
+    assert max(encoded[-4:]) <= bound_s
+    # The same test with the cache off fails: per-interim work grows with the utterance.
+    off = _interims_encoded_s(loaded, enabled=False)
+    assert max(off) == pytest.approx(40.0)
+    assert max(off) > bound_s
+
+
+def test_entries_are_freed_by_the_final_an_aborted_final_and_idleness(loaded: LoadedAsrModel) -> None:
+    engine = _engine(loaded, stream_cache_idle_s=30.0)
+    audio = _utterance(10.0, seed=4)
+    cache = engine.stream_cache
+    _decode(engine, DecodeRequest("a", audio, _OPTIONS, priority=DecodePriority.INTERIM, stream_key="k1"))
+    assert "k1" in cache and cache.nbytes > 0
+    # An aborted interim frees nothing (the session cancels it as the utterance closes; the final reuses it).
+    engine.add(WorkItem(DecodeRequest("b", audio, _OPTIONS, priority=DecodePriority.INTERIM, stream_key="k1"), 0, 0))
+    engine.abort("b")
+    assert "k1" in cache
+    # An aborted final (the stream was cancelled) frees the entry, and a late interim cannot store it again.
+    engine.add(WorkItem(DecodeRequest("c", audio, _OPTIONS, priority=DecodePriority.FINAL, stream_key="k1"), 0, 0))
+    engine.abort("c")
+    assert "k1" not in cache and cache.nbytes == 0
+    _decode(engine, DecodeRequest("d", audio, _OPTIONS, priority=DecodePriority.INTERIM, stream_key="k1"))
+    assert "k1" not in cache
+    # A stream that ended with no final: freed once idle.
+    _decode(engine, DecodeRequest("e", audio, _OPTIONS, priority=DecodePriority.INTERIM, stream_key="k2"))
+    assert "k2" in cache
+    cache.expire(time.monotonic() + 31.0)
+    assert "k2" not in cache and len(cache) == 0 and cache.nbytes == 0
+    # Unkeyed requests never store anything.
+    _decode(engine, DecodeRequest("f", audio, _OPTIONS))
+    assert len(cache) == 0
+
+
+def _window(nbytes: int) -> CachedWindow:
+    return CachedWindow(b"d", 0.0, -1.0, torch.zeros(nbytes // 4, dtype=torch.float32))
+
+
+def test_the_cache_keeps_to_its_bounds() -> None:
+    cache = StreamEncoderCache(max_streams=2, max_windows=2, max_bytes=10_000, idle_s=60.0)
+    cache.store("a", {0: _window(1000), 1: _window(1000), 2: _window(1000)}, 0.0)
+    assert cache.nbytes == 2000  # two windows per utterance at most
+    cache.store("b", {0: _window(1000)}, 1.0)
+    cache.store("c", {0: _window(1000)}, 2.0)  # three utterances: the least recently used goes
+    assert "a" not in cache and len(cache) == 2 and cache.nbytes == 2000
+    cache.get("b", 0, 3.0)  # b used: c is now the oldest
+    cache.store("d", {0: _window(4000), 1: _window(4000)}, 4.0)
+    assert "c" not in cache and "b" in cache and "d" in cache and cache.nbytes == 9000
+    cache.store("f", {0: _window(4000), 1: _window(4000)}, 5.0)  # 17,000 bytes: evicted until it fits
+    assert "b" not in cache and "d" not in cache and "f" in cache and cache.nbytes == 8000
+    cache.store("e", {0: _window(12_000)}, 6.0)  # alone over the byte bound: not kept
+    assert "e" not in cache and cache.nbytes == 8000
+    # Storing replaces the utterance's entry (bytes counted once).
+    cache.store("f", {0: _window(1000)}, 7.0)
+    assert cache.nbytes == 1000 and len(cache) == 1
