@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -231,3 +232,28 @@ def test_cli_stream_reports_a_refused_stream(target: str, short: Speech, capsys:
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("asr-client: StreamingRecognize failed: INVALID_ARGUMENT: unknown language")
+
+
+# ---- a stream the server ends for want of audio ----
+
+
+def test_an_idle_stream_raises_out_of_range_naming_the_timeout(speech: Speech) -> None:
+    from asr_client import OutOfRangeError
+    from asr_server.config import StreamingConfig
+
+    stalled = threading.Event()
+
+    def frames() -> Iterator[np.ndarray]:
+        yield speech.audio[: RATE // 2]
+        # Then nothing, as a caller whose audio source went quiet: the server ends the stream.
+        stalled.wait(timeout=10)
+
+    fmt = pb.AudioFormat(encoding=pb.AUDIO_ENCODING_LINEAR16, sample_rate_hz=RATE, channel_count=1)
+    config = dataclasses.replace(fake_config(), streaming=StreamingConfig(idle_timeout_s=0.5))
+    try:
+        with threaded_server(config) as (_, address), AsrClient(address) as client:
+            with pytest.raises(OutOfRangeError, match=r"--stream-idle-timeout-s=0\.5") as caught:
+                list(client.stream(frames(), audio_format=fmt, realtime=False))
+    finally:
+        stalled.set()
+    assert caught.value.code.name == "OUT_OF_RANGE" and not caught.value.retryable

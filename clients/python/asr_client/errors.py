@@ -50,6 +50,11 @@ class UnimplementedError(AsrError, NotImplementedError):
     """The server does not serve this method (an older server, or a feature not built yet)."""
 
 
+class OutOfRangeError(AsrError):
+    """A live stream sent no audio for the server's --stream-idle-timeout-s (GetServerInfo's
+    `limits.stream_idle_timeout_ms`) and was ended; open a new stream when audio comes again."""
+
+
 class FailedPreconditionError(AsrError):
     """The server runs without a feature the request needs, e.g. word timestamps without an aligner."""
 
@@ -71,6 +76,7 @@ _BY_CODE: dict[grpc.StatusCode, type[AsrError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRangeError,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
