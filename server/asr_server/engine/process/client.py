@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import itertools
 import logging
 import multiprocessing
 import os
@@ -37,6 +35,7 @@ from asr_server.config import Config
 from asr_server.engine.core import CoreStats
 from asr_server.engine.process import child
 from asr_server.engine.process import messages as m
+from asr_server.engine.process.replies import Replies
 from asr_server.engine.types import DecodeRequest, DecodeResult
 from asr_server.errors import FailedPrecondition, Unavailable
 from asr_server.worker import State
@@ -102,10 +101,7 @@ class EngineProcess:
         self._policy = policy or RestartPolicy()
         self._state: State = "new"
         self._model_id = ""
-        self._in_flight = 0
-        self._pending: dict[str, asyncio.Future[DecodeResult]] = {}
-        self._stats_waiters: dict[int, asyncio.Future[m.Stats]] = {}
-        self._query_ids = itertools.count(1)
+        self._replies = Replies()
         self._listeners: list[Callable[[bool], None]] = []
         self._socket: zmq.asyncio.Socket | None = None  # of the child that is ready; None while there is none
         self._process: BaseProcess | None = None
@@ -133,7 +129,7 @@ class EngineProcess:
     @property
     def in_flight(self) -> int:
         """Requests sent to the engine process and not yet answered."""
-        return self._in_flight
+        return self._replies.in_flight
 
     @property
     def pid(self) -> int | None:
@@ -185,39 +181,20 @@ class EngineProcess:
         socket = self._socket
         if self._state != "ready" or socket is None:
             raise Unavailable(NOT_READY.format(state=self._state))
-        request_id = request.request_id
-        future: asyncio.Future[DecodeResult] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
-        self._in_flight += 1
-        enqueued_ns = time.time_ns()
-        try:
-            self._send_frames(socket, m.submit_frames(request))
-            result = await future
-        except asyncio.CancelledError:
+
+        def abort(request_id: str) -> None:
             # Only to the child that has it: a successor never heard of this request.
-            if self._pending.get(request_id) is future and self._socket is socket:
+            if self._socket is socket:
                 self._send(socket, m.Abort(request_id))
-            raise
-        finally:
-            self._in_flight -= 1
-            if self._pending.get(request_id) is future:
-                del self._pending[request_id]
-        # The queue wait a caller's span shows includes the hop to the engine process.
-        return dataclasses.replace(result, enqueued_ns=min(enqueued_ns, result.enqueued_ns))
+
+        return await self._replies.decode(request, lambda frames: self._send_frames(socket, frames), abort)
 
     async def stats(self, timeout_s: float = 5.0) -> m.Stats:
         """What the engine process holds now (its own count, not the front's)."""
         socket = self._socket
         if self._state != "ready" or socket is None:
             raise Unavailable(NOT_READY.format(state=self._state))
-        query_id = next(self._query_ids)
-        future: asyncio.Future[m.Stats] = asyncio.get_running_loop().create_future()
-        self._stats_waiters[query_id] = future
-        try:
-            self._send(socket, m.StatsQuery(query_id))
-            return await asyncio.wait_for(future, timeout_s)
-        finally:
-            self._stats_waiters.pop(query_id, None)
+        return await self._replies.stats(lambda message: self._send(socket, message), timeout_s)
 
     def _send(self, socket: zmq.asyncio.Socket, message: m.ToEngine) -> None:
         self._send_frames(socket, [m.encode(message)])
@@ -358,35 +335,18 @@ class EngineProcess:
         except Exception:  # noqa: BLE001 - a frame we cannot read is a bug, logged; the others go on
             logger.exception("%s: unreadable frame from the engine process", self._name)
             return
-        if isinstance(message, m.Result):
-            result_future = self._pending.pop(message.request_id, None)
-            if result_future is not None and not result_future.done():
-                result_future.set_result(m.result_from_message(message))
-        elif isinstance(message, m.Failure):
-            result_future = self._pending.pop(message.request_id, None)
-            if result_future is not None and not result_future.done():
-                result_future.set_exception(m.error_from_failure(message))
-        elif isinstance(message, m.Stats):
-            stats_future = self._stats_waiters.pop(message.query_id, None)
-            if stats_future is not None and not stats_future.done():
-                stats_future.set_result(message)
-        elif isinstance(message, m.CoreStatsPush):
+        if self._replies.resolve(message):
+            return
+        if isinstance(message, m.CoreStatsPush):
             self.core_stats = m.core_stats_from_message(message)
         elif isinstance(message, m.Ready):
             self._model_id = message.model_id
             ready.set()
-        else:  # StartFailed
+        elif isinstance(message, m.StartFailed):
             failure.append(message.message)
 
     def _fail_pending(self, error: Unavailable) -> None:
-        pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(error)
-        waiters, self._stats_waiters = self._stats_waiters, {}
-        for waiter in waiters.values():
-            if not waiter.done():
-                waiter.set_exception(Unavailable(NOT_READY.format(state=self._state)))
+        self._replies.fail_all(error, Unavailable(NOT_READY.format(state=self._state)))
 
     def _resolve_first_start(self, error: BaseException | None) -> None:
         first = self._first_start

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -27,6 +25,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from asr_server.engine.process import messages as m
 from asr_server.engine.process.client import LOST, NOT_READY, SHUTTING_DOWN
+from asr_server.engine.process.replies import Replies
 from asr_server.engine.types import DecodeRequest, DecodeResult
 from asr_server.errors import Unavailable
 from asr_server.worker import State
@@ -58,10 +57,7 @@ class EngineLink:
         self._model_id = ""
         self._engine_pid: int | None = None
         self._last_ready_s = 0.0
-        self._in_flight = 0
-        self._pending: dict[str, asyncio.Future[DecodeResult]] = {}
-        self._stats_waiters: dict[int, asyncio.Future[m.Stats]] = {}
-        self._query_ids = itertools.count(1)
+        self._replies = Replies()
         self._listeners: list[Callable[[bool], None]] = []
         self._context: zmq.asyncio.Context | None = None
         self._socket: zmq.asyncio.Socket | None = None
@@ -79,7 +75,7 @@ class EngineLink:
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return self._replies.in_flight
 
     @property
     def pid(self) -> int | None:
@@ -131,38 +127,20 @@ class EngineLink:
         socket = self._socket
         if self._state != "ready" or socket is None:
             raise Unavailable(NOT_READY.format(state=self._state))
-        request_id = request.request_id
-        future: asyncio.Future[DecodeResult] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
-        self._in_flight += 1
-        enqueued_ns = time.time_ns()
-        try:
-            self._send_frames(socket, m.submit_frames(request))
-            result = await future
-        except asyncio.CancelledError:
-            if self._pending.get(request_id) is future and self._state == "ready":
+
+        def abort(request_id: str) -> None:
+            if self._state == "ready":
                 with contextlib.suppress(Unavailable):
                     self._send_frames(socket, [m.encode(m.Abort(request_id))])
-            raise
-        finally:
-            self._in_flight -= 1
-            if self._pending.get(request_id) is future:
-                del self._pending[request_id]
-        return dataclasses.replace(result, enqueued_ns=min(enqueued_ns, result.enqueued_ns))
+
+        return await self._replies.decode(request, lambda frames: self._send_frames(socket, frames), abort)
 
     async def stats(self, timeout_s: float = 5.0) -> m.Stats:
         """What the engine process holds now, for all fronts together."""
         socket = self._socket
         if self._state != "ready" or socket is None:
             raise Unavailable(NOT_READY.format(state=self._state))
-        query_id = next(self._query_ids)
-        future: asyncio.Future[m.Stats] = asyncio.get_running_loop().create_future()
-        self._stats_waiters[query_id] = future
-        try:
-            self._send_frames(socket, [m.encode(m.StatsQuery(query_id))])
-            return await asyncio.wait_for(future, timeout_s)
-        finally:
-            self._stats_waiters.pop(query_id, None)
+        return await self._replies.stats(lambda message: self._send_frames(socket, [m.encode(message)]), timeout_s)
 
     def _send_frames(self, socket: zmq.asyncio.Socket, frames: list[bytes | memoryview]) -> None:
         # As EngineProcess sends (client.py); with ZMQ_IMMEDIATE a send while the engine is not connected fails
@@ -200,19 +178,9 @@ class EngineLink:
             self._dispatch(message)
 
     def _dispatch(self, message: m.FromEngine) -> None:
-        if isinstance(message, m.Result):
-            result_future = self._pending.pop(message.request_id, None)
-            if result_future is not None and not result_future.done():
-                result_future.set_result(m.result_from_message(message))
-        elif isinstance(message, m.Failure):
-            result_future = self._pending.pop(message.request_id, None)
-            if result_future is not None and not result_future.done():
-                result_future.set_exception(m.error_from_failure(message))
-        elif isinstance(message, m.Stats):
-            stats_future = self._stats_waiters.pop(message.query_id, None)
-            if stats_future is not None and not stats_future.done():
-                stats_future.set_result(message)
-        elif isinstance(message, m.Ready):
+        if self._replies.resolve(message):
+            return
+        if isinstance(message, m.Ready):
             self._on_ready(message)
         else:  # StartFailed goes to the supervisor only; nothing for a front
             logger.warning("%s: unexpected %s from the engine", self._name, type(message).__name__)
@@ -234,20 +202,13 @@ class EngineLink:
         if self._state != "ready":
             return
         self.losses += 1
-        held = len(self._pending)
+        held = self._replies.held
         logger.error("%s (pid %s) lost: %s; failing %d requests", self._name, self._engine_pid, reason, held)
         self._set_state("failed")
         self._fail_pending(Unavailable(LOST))
 
     def _fail_pending(self, error: Unavailable) -> None:
-        pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(error)
-        waiters, self._stats_waiters = self._stats_waiters, {}
-        for waiter in waiters.values():
-            if not waiter.done():
-                waiter.set_exception(Unavailable(NOT_READY.format(state=self._state)))
+        self._replies.fail_all(error, Unavailable(NOT_READY.format(state=self._state)))
 
     def _set_state(self, state: State) -> None:
         was_ready = self._state == "ready"
