@@ -14,6 +14,9 @@
 #                                    # each row appended to $RESULTS (bench/results/h200-engine.json's shape)
 #   bash bench/run_gpu.sh ours17 chunk17  # ours only (the generate rows change with no commit of ours); chunk17:
 #                                    # the same server with --max-step-tokens $STEP_TOKENS (chunked prefill)
+#   bash bench/run_gpu.sh streamdiag # live streams ($DIAG_STREAMS, default 64) with the engine's timeline
+#                                    # (--bench-trace-path, summarised by bench/trace_report.py), py-spy of the
+#                                    # front and the engine process, and the GPU's utilisation, sampled
 #   bash bench/run_gpu.sh stream17   # live streams (bench/streaming_bench.py, $SPEECH WAV, 1/64/128/256 streams),
 #                                    # rows appended to $STREAM_RESULTS (bench/results/h200-streaming.json's shape)
 # Results go to $OUT (or bench/out) as JSON and logs; each load line is printed as it finishes.
@@ -183,6 +186,40 @@ for section in "$@"; do
         --no-reflection" --switch-interval-ms 0.5 --streams "${STREAMS:-1,64,128,256}" --duration-s "${STREAM_S:-25}" \
         --speech "$SPEECH" --label Qwen3-ASR-1.7B --commit "$COMMIT" --results-json "$STREAM_RESULTS" \
         --json "$OUT/stream17.json" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/table.txt"
+      ;;
+    streamdiag)
+      [ -d /tmp/rand-1.7b ] || $PY bench/build_random_checkpoint.py --size 1.7b --out /tmp/rand-1.7b --device cuda
+      rm -f "$OUT/trace.jsonl"
+      touch "$OUT/trace.jsonl"
+      start_server /tmp/rand-1.7b server-streamdiag.log --max-running-requests 256 \
+        --max-live-streams-per-replica 1024 --bench-trace-path "$OUT/trace.jsonl" || continue
+      for streams in ${DIAG_STREAMS:-64}; do
+        nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 250 >"$OUT/gpu-util-$streams.txt" &
+        SMI_PID=$!
+        from_line=$(( $(wc -l <"$OUT/trace.jsonl" 2>/dev/null || echo 0) + 1 ))
+        (
+          sleep "${DIAG_SPY_AT_S:-14}"
+          for pid in "$SERVER_PID" $(pgrep -P "$SERVER_PID"); do
+            /tmp/site/bin/py-spy dump -p "$pid" >"$OUT/pyspy-dump-$streams-$pid.txt" 2>&1
+            /tmp/site/bin/py-spy record -p "$pid" -d 8 -r 50 -f raw --threads -o "$OUT/pyspy-$streams-$pid.txt" \
+              >/dev/null 2>&1 &
+          done
+          wait
+        ) &
+        SPY_PID=$!
+        pidstat_out="$OUT/top-$streams.txt"
+        (sleep "${DIAG_SPY_AT_S:-14}"; top -b -H -n 2 -d 4 -w 200 | head -80 >"$pidstat_out") &
+        $PY bench/streaming_bench.py --target "localhost:$PORT" --streams "$streams" --duration-s "${STREAM_S:-25}" \
+          --speech "$SPEECH" --json "$OUT/streamdiag-$streams.json" ${DIAG_BENCH_FLAGS:-} 2>&1 | tee -a "$OUT/table.txt"
+        wait "$SPY_PID"
+        kill "$SMI_PID" 2>/dev/null
+        awk '{s+=$1; n++} END {if (n) printf "GPU utilisation mean %.0f%% over %d samples\n", s/n, n}' \
+          "$OUT/gpu-util-$streams.txt" | tee -a "$OUT/table.txt"
+        tail -n "+$from_line" "$OUT/trace.jsonl" >"$OUT/trace-$streams.jsonl"
+        $PY bench/trace_report.py "$OUT/trace-$streams.jsonl" --skip-s 3 | tee -a "$OUT/table.txt"
+      done
+      stop_server
+      rm -f "$OUT/trace.jsonl"
       ;;
     table06) table 0.6b 0.6B ;;
     ratio)

@@ -59,6 +59,8 @@ class ContinuousConfig:
     kv_cache_dtype: str = "auto"
     # Benchmarks: synchronise after each phase and add up its time in ContinuousEngine.profile (slower).
     profile: bool = False
+    # Benchmarks: append a JSON-lines timeline of every request and step here (trace.py); "" = off.
+    trace_path: str = ""
     # KV pages per request: "full" reserves the prompt plus the whole token budget at admission (nothing is ever
     # preempted); "lazy" gives pages as the request grows and, when they run out, preempts the most recently
     # admitted request, which is later prefilled again over its prompt and the tokens it had (recompute).
@@ -356,6 +358,13 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
         float,
         "continuous: device MiB for the live utterances' encoder windows, in all",
     ),
+    (
+        "engine.continuous",
+        "trace_path",
+        "--bench-trace-path",
+        str,
+        "benchmarks only: JSON-lines timeline of every request and step of the continuous engine",
+    ),
     ("engine", "devices", "--devices", parse_device_list, "one engine replica per device, e.g. cuda:0,cuda:1"),
     (
         "engine",
@@ -465,7 +474,7 @@ _MESH_ON_FLAGS: tuple[tuple[str, str, str, str], ...] = (
 
 # Tests and benchmarks only: they work as any flag (and ASR_* variable) but stay out of --help, which is for
 # operators. docs/benchmarks.md documents them.
-_HIDDEN_FLAGS = frozenset({"--fake-batch-delay-ms", "--bench-forced-tokens-per-audio-s"})
+_HIDDEN_FLAGS = frozenset({"--fake-batch-delay-ms", "--bench-forced-tokens-per-audio-s", "--bench-trace-path"})
 
 
 def _env_name(flag: str, prefix: str = "ASR_") -> str:

@@ -43,6 +43,7 @@ from asr_server.engine.continuous.output import OutputStep, RequestOutput
 from asr_server.engine.continuous.prepare import FastPreparer
 from asr_server.engine.continuous.scheduler import DecodeWork, PrefillWork, Rejected, Scheduler, SchedulerOutput
 from asr_server.engine.continuous.stream_cache import StreamEncoderCache
+from asr_server.engine.continuous.trace import EngineTrace
 from asr_server.engine.core import CoreStats, EngineOutput, StepCounter
 from asr_server.engine.generate_core import PreparedInputs, request_error
 from asr_server.engine.types import DecodeOptions, DecodePriority, DecodeRequest, WorkItem
@@ -80,6 +81,8 @@ class _Request:
     prepared: _Prepared
     # A live stream's request (stream cache on): its windows' sample digests, hashed on the preprocess threads.
     digests: Future[tuple[bytes, ...]] | None = None
+    # --bench-trace-path: when its prompt and features were ready (wall-clock ns).
+    prepared_ns: int = 0
 
 
 @dataclass
@@ -112,6 +115,7 @@ class ContinuousEngine:
         self._counter = StepCounter()
         # Prefill pieces run (whole prompts, or chunks with max_step_tokens), for tests and benchmarks.
         self.prefill_chunks = 0
+        self._trace = EngineTrace(cfg.trace_path) if cfg.trace_path else None
         logger.info(
             "continuous engine on %s: %d KV pages of %d tokens (%d tokens, %.1f GiB), %d rows",
             self._runner.device,
@@ -179,9 +183,10 @@ class ContinuousEngine:
         digests = None
         if request.stream_key is not None and self._runner.stream_cache.enabled:
             digests = self._pool.submit(self._runner.window_digests, request.audio_16k)
-        self._requests[request.request_id] = _Request(
-            RequestOutput(item, budget, forced is not None), prepared, digests
-        )
+        entry = _Request(RequestOutput(item, budget, forced is not None), prepared, digests)
+        self._requests[request.request_id] = entry
+        if self._trace is not None:
+            prepared.future.add_done_callback(lambda _: setattr(entry, "prepared_ns", time.time_ns()))
         estimate = int(request.audio_s * _AUDIO_TOKENS_PER_S) + _TEMPLATE_TOKENS
         self._scheduler.add(
             request.request_id, item.enqueued_monotonic_s, budget, estimate, prepared, priority=request.priority
@@ -219,13 +224,17 @@ class ContinuousEngine:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._runner.close()
+        if self._trace is not None:
+            self._trace.close()
 
     def step(self) -> list[EngineOutput]:
         outputs: list[EngineOutput] = []
+        t0_ns = time.monotonic_ns()
         with torch.inference_mode():
             now_s = time.monotonic()
             self._runner.stream_cache.expire(now_s)
             plan = self._scheduler.schedule(now_s)
+            t_plan_ns = time.monotonic_ns()
             for preempted in plan.preempted:
                 # Its tokens still on their way are kept: the prefill that readmits it starts from them.
                 self._runner.release_row(preempted.row)
@@ -235,11 +244,27 @@ class ContinuousEngine:
             outputs.extend(self._rejected(r) for r in plan.rejected)
             if plan.prefills:
                 self._prefill_isolating_failures(plan.prefills, outputs)
+            t_prefill_ns = time.monotonic_ns()
             launched = self._launch_decode(plan)
+            t_launch_ns = time.monotonic_ns()
             # Read everything but the step just launched, so the host never waits on it.
             keep = 1 if launched else 0
             while len(self._pending) > keep:
                 outputs.extend(self._collect(self._pending.popleft()))
+            if self._trace is not None and (plan.prefills or launched or outputs):
+                self._trace.write(
+                    "step",
+                    t=t0_ns,
+                    plan_ms=(t_plan_ns - t0_ns) / 1e6,
+                    prefill_ms=(t_prefill_ns - t_plan_ns) / 1e6,
+                    launch_ms=(t_launch_ns - t_prefill_ns) / 1e6,
+                    collect_ms=(time.monotonic_ns() - t_launch_ns) / 1e6,
+                    prefills=len(plan.prefills),
+                    prefill_tokens=plan.prefill_tokens,
+                    rows=len(plan.decodes),
+                    waiting=self.num_waiting(),
+                    outputs=len(outputs),
+                )
             if not launched and not plan.prefills and self.num_running() and not self._pending:
                 # Nothing in flight but requests still marked running: cannot happen; fail them loudly.
                 for req in self._scheduler.running():
@@ -365,6 +390,28 @@ class ContinuousEngine:
         outputs: list[EngineOutput] = []
         for req in done:
             self._close_stream(req.item.request)
+            if self._trace is not None:
+                self._trace_request(req, now)
             self._finish(req.request_id)
             outputs.append(self._output.result(req, batch_size, now))
         return outputs
+
+    def _trace_request(self, out: RequestOutput, end_ns: int) -> None:
+        if self._trace is None:
+            return
+        entry = self._requests.get(out.request_id)
+        request = out.item.request
+        self._trace.write(
+            "req",
+            priority=request.priority.name,
+            audio_s=round(request.audio_s, 3),
+            stream=request.stream_key is not None,
+            enq=out.item.enqueued_ns,
+            prepared=entry.prepared_ns if entry is not None else 0,
+            start=out.start_ns,
+            first=out.first_token_ns,
+            end=end_ns,
+            tokens=len(out.tokens),
+            prompt=self._prompt_tokens(out.request_id),
+            encoded_s=round(self._runner.encoded_audio_s.get(out.request_id, -1.0), 3),
+        )
