@@ -20,6 +20,11 @@ from asr_server.worker import Inbox, State, Stop, ThreadWorker, Ticket, WorkerBo
 
 logger = logging.getLogger(__name__)
 
+# A step that could start nothing while nothing runs (the waiting requests' features are still being computed on
+# the core's preprocess threads): the thread waits this long for the inbox before stepping again, instead of
+# spinning on step() and holding the GIL those threads need.
+_NOTHING_READY_WAIT_S = 0.001
+
 _TEXTS = WorkerTexts(
     noun="engine",
     queue_full=(
@@ -83,6 +88,9 @@ class _Stepper(WorkerBody[EngineCore, WorkItem, DecodeResult]):
                 ticket = self._pending.pop(output.request_id, None)
                 if ticket is not None:
                     ticket.settle(_outcome(output))
+            if not outputs and core.num_running() == 0 and core.num_waiting():
+                if self._drain(core, inbox, block=True, timeout_s=_NOTHING_READY_WAIT_S):
+                    return
 
     def finish(self, core: EngineCore, error: Unavailable) -> None:
         self._fail_pending(core, error)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
 from asr_server.config import ContinuousConfig
@@ -40,6 +41,13 @@ from asr_server.errors import InvalidInput
 from asr_server.models.loading import LoadedAsrModel
 
 logger = logging.getLogger(__name__)
+
+# The attention backends the encoder and the prefill may use: every one but cuDNN's. cuDNN builds an execution
+# graph for each new shape (hundreds of ms of host time, with the GPU idle) and transformers prefers it on Hopper;
+# live streams give every prefill a new shape (clip lengths, batch composition), so with it an H200 served 64
+# streams at 5 engine steps a second and 3% GPU use (bench/run_gpu.sh streamdiag). Flash and memory-efficient
+# attention have no per-shape set-up.
+_PREFILL_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 _DEFAULT_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
@@ -263,6 +271,10 @@ class ModelRunner:
         Changes no state a retry depends on before its last stage (the row inserts): the prompts' state it sets
         up is rebuilt or still valid, and the pages are simply written again.
         """
+        with sdpa_kernel(_PREFILL_SDPA_BACKENDS):
+            return self._prefill(inputs)
+
+    def _prefill(self, inputs: Sequence[PrefillInput]) -> torch.Tensor:
         profiling = self._config.profile
         t0 = time.perf_counter()
         if profiling:
