@@ -55,7 +55,8 @@ def main() -> int:
 
     base = ContinuousConfig(max_running=8, page_size=16, kv_cache_tokens=4096)
     configs = {
-        "full pages, graphs": base,
+        "full pages, graphs (prefill beside the decodes)": base,
+        "full pages, graphs, prefill in the step": dataclasses.replace(base, async_prefill="off"),
         "lazy pages, graphs": dataclasses.replace(base, kv_reservation="lazy", kv_cache_tokens=1024),
         "torch features": dataclasses.replace(base, features="torch"),
         "reference features": dataclasses.replace(base, features="reference"),

@@ -59,6 +59,11 @@ class ContinuousConfig:
     kv_cache_dtype: str = "auto"
     # Benchmarks: synchronise after each phase and add up its time in ContinuousEngine.profile (slower).
     profile: bool = False
+    # Whole-prompt prefills (encoder + decoder) on a thread and a CUDA stream of their own, beside the decode
+    # steps, which then never wait for a prefill's host work (tens of ms of kernel launches per prefill; live
+    # streams send a prefill every few steps). "auto": on for CUDA with whole prompts and full page reservation;
+    # "on" also on the CPU (tests); chunked prefill and lazy pages always prefill in the step.
+    async_prefill: Literal["auto", "on", "off"] = "auto"
     # Benchmarks: append a JSON-lines timeline of every request and step here (trace.py); "" = off.
     trace_path: str = ""
     # KV pages per request: "full" reserves the prompt plus the whole token budget at admission (nothing is ever
@@ -360,6 +365,13 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ),
     (
         "engine.continuous",
+        "async_prefill",
+        "--async-prefill",
+        str,
+        "continuous: prefill on its own thread and CUDA stream beside the decode steps: auto (CUDA), on or off",
+    ),
+    (
+        "engine.continuous",
         "trace_path",
         "--bench-trace-path",
         str,
@@ -604,6 +616,7 @@ def validate(config: Config) -> None:
     c = e.continuous
     need(c.max_running >= 1, "--max-running-requests must be >= 1")
     need(c.kv_cache_dtype in ("auto", "fp8"), "--kv-cache-dtype must be auto or fp8")
+    need(c.async_prefill in ("auto", "on", "off"), "--async-prefill must be auto, on or off")
     need(c.kv_cache_tokens >= 0, "--kv-cache-tokens must be >= 0")
     need(0 < c.kv_cache_memory_fraction <= 1, "--kv-cache-memory-fraction must be in (0, 1]")
     need(c.max_context_tokens >= 256, "--max-context-tokens must be >= 256")

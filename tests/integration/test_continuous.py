@@ -101,9 +101,16 @@ def test_interims_with_new_prefixes_reuse_one_template_and_the_cache_is_bounded(
     # A stream's interims each carry a different continuation prefix; they must share the (language, context)
     # template (a miss costs a full reference run) and still equal the reference token for token.
     preparer = FastPreparer(loaded, max_templates=3)
-    prefixes = ["", "language English<asr_text>he", "language English<asr_text>hello wor", "language English<asr_text>hello world, how"]
+    prefixes = [
+        "",
+        "language English<asr_text>he",
+        "language English<asr_text>hello wor",
+        "language English<asr_text>hello world, how",
+    ]
     for i, prefix in enumerate(prefixes):
-        request = DecodeRequest("p", _request("p", 1.0 + i, 10, seed=i).audio_16k, DecodeOptions(None, "", 10), prefix_text=prefix)
+        request = DecodeRequest(
+            "p", _request("p", 1.0 + i, 10, seed=i).audio_16k, DecodeOptions(None, "", 10), prefix_text=prefix
+        )
         assert torch.equal(preparer(request).input_ids, prepare_single(loaded, request).input_ids)
     assert preparer.cached_templates == 1
     # Contexts are caller text: distinct ones evict the least recently used instead of growing the cache.
@@ -112,7 +119,11 @@ def test_interims_with_new_prefixes_reuse_one_template_and_the_cache_is_bounded(
     assert preparer.cached_templates == 3
 
 
-def test_random_arrivals_mixed_lengths_and_row_and_page_limits(loaded: LoadedAsrModel) -> None:
+_PREFILL_MODES = pytest.mark.parametrize("async_prefill", ["off", "on"])
+
+
+@_PREFILL_MODES
+def test_random_arrivals_mixed_lengths_and_row_and_page_limits(loaded: LoadedAsrModel, async_prefill: Any) -> None:
     rng = random.Random(7)
     requests = [
         _request(f"r{i}", seconds, max_new, seed=i)
@@ -122,7 +133,10 @@ def test_random_arrivals_mixed_lengths_and_row_and_page_limits(loaded: LoadedAsr
     ]
     expected = _reference(loaded, requests)
     # 3 rows and 24 pages of 16 tokens: admission is bounded by rows and by pages, and pages are reused.
-    engine = ContinuousEngine(loaded, ContinuousConfig(max_running=3, page_size=16, kv_cache_tokens=24 * 16))
+    engine = ContinuousEngine(
+        loaded, ContinuousConfig(max_running=3, page_size=16, kv_cache_tokens=24 * 16, async_prefill=async_prefill)
+    )
+    assert engine._async_prefill is (async_prefill == "on")
     pending = list(requests)
     outputs: list[EngineOutput] = []
     while pending or engine.num_waiting() or engine.num_running():
@@ -192,7 +206,11 @@ def test_chunked_prefill_with_a_small_step_budget_gives_the_reference_tokens(
     ]
     expected = _reference(loaded, requests)
     config = ContinuousConfig(
-        max_running=4, page_size=16, kv_cache_tokens=4096, max_step_tokens=24, features=features  # type: ignore[arg-type]
+        max_running=4,
+        page_size=16,
+        kv_cache_tokens=4096,
+        max_step_tokens=24,
+        features=features,  # type: ignore[arg-type]
     )
     engine = ContinuousEngine(loaded, config)
     assert (engine._preparer._torch is not None) == (features == "torch")
@@ -258,10 +276,13 @@ def test_forced_lengths_prefix_and_language(loaded: LoadedAsrModel) -> None:
     assert texts["l0"].language == "English"
 
 
-def test_cancellation_mid_decode_leaves_the_others_exact(loaded: LoadedAsrModel) -> None:
+@_PREFILL_MODES
+def test_cancellation_mid_decode_leaves_the_others_exact(loaded: LoadedAsrModel, async_prefill: Any) -> None:
     requests = [_request(f"c{i}", 1.0 + 0.5 * i, 25, seed=200 + i) for i in range(4)]
     expected = _reference(loaded, requests)
-    engine = ContinuousEngine(loaded, ContinuousConfig(max_running=4, page_size=16, kv_cache_tokens=4096))
+    engine = ContinuousEngine(
+        loaded, ContinuousConfig(max_running=4, page_size=16, kv_cache_tokens=4096, async_prefill=async_prefill)
+    )
     for request in requests:
         engine.add(_item(request))
     outputs: list[EngineOutput] = []
@@ -276,10 +297,13 @@ def test_cancellation_mid_decode_leaves_the_others_exact(loaded: LoadedAsrModel)
     assert len(engine._free_pages) == engine._cache.num_pages - 1
 
 
-def test_a_request_whose_prefill_fails_fails_alone(loaded: LoadedAsrModel) -> None:
+@_PREFILL_MODES
+def test_a_request_whose_prefill_fails_fails_alone(loaded: LoadedAsrModel, async_prefill: Any) -> None:
     requests = [_request(f"g{i}", 1.0 + 0.5 * i, 12, seed=300 + i) for i in range(3)]
     expected = _reference(loaded, [r for r in requests if r.request_id != "g1"])
-    engine = ContinuousEngine(loaded, ContinuousConfig(max_running=4, page_size=16, kv_cache_tokens=4096))
+    engine = ContinuousEngine(
+        loaded, ContinuousConfig(max_running=4, page_size=16, kv_cache_tokens=4096, async_prefill=async_prefill)
+    )
     preparer = engine._preparer
 
     def poisoned(request: DecodeRequest) -> PreparedInputs:
@@ -396,3 +420,49 @@ def test_fused_kernels_match_in_the_triton_interpreter(tiny_checkpoints: Any) ->
     assert "MATCH" in done.stdout, done.stdout + done.stderr[-2000:]
     assert "NAN-ISOLATED" in done.stdout, done.stdout + done.stderr[-2000:]
     assert "CHUNKED-MATCH" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+def test_async_prefill_runs_beside_decodes_and_an_abort_meanwhile_frees_its_row(loaded: LoadedAsrModel) -> None:
+    """Async prefill: while a prefill is held on its thread, the rows already running keep decoding (their
+    tokens grow), a request aborted meanwhile never gets a row when the prefill lands, and every result equals
+    the reference."""
+    import threading
+
+    requests = [_request(f"s{i}", 1.0 + 0.4 * i, 20, seed=500 + i) for i in range(4)]
+    expected = _reference(loaded, requests)
+    engine = ContinuousEngine(
+        loaded, ContinuousConfig(max_running=4, page_size=16, kv_cache_tokens=4096, async_prefill="on")
+    )
+    runner = engine._runner
+    gate = threading.Event()
+    original = runner.prefill_on_side
+    calls: list[list[str]] = []
+
+    def held(inputs: Any, after: Any) -> Any:
+        calls.append([item.work.request_id for item in inputs])
+        if len(calls) == 2:
+            assert gate.wait(30)
+        return original(inputs, after)
+
+    runner.prefill_on_side = held  # type: ignore[method-assign]
+    engine.add(_item(requests[0]))
+    outputs: list[EngineOutput] = []
+    while not engine._runner.num_live_rows():
+        outputs.extend(engine.step())
+    for request in requests[1:]:
+        engine.add(_item(request))
+    while len(calls) < 2:
+        outputs.extend(engine.step())
+    before = len(engine._requests["s0"].output.tokens)
+    for _ in range(5):
+        outputs.extend(engine.step())
+    assert len(engine._requests["s0"].output.tokens) > before  # decoding went on beside the held prefill
+    engine.abort("s2")
+    gate.set()
+    outputs.extend(_drain(engine))
+    got = _tokens(outputs)
+    assert set(got) == {"s0", "s1", "s3"}
+    assert all(got[rid] == expected[rid] for rid in got)
+    assert len(engine._free_pages) == engine._cache.num_pages - 1
+    assert len(engine._free_rows) == 4
+    engine.close()

@@ -511,3 +511,34 @@ def test_a_newcomer_without_room_for_a_token_stops_admission_for_the_step() -> N
     assert _chunks(plan) == [("a", 0, 4, 4)] and s.num_running() == 2 and s.num_waiting() == 1
     plan = s.schedule(0.0)  # 1 decode, then one's token (+ decode), then later's (+ decode)
     assert _chunks(plan) == [("one", 0, 1, 1), ("later", 0, 1, 1)] and plan.num_tokens == 5
+
+
+def test_deferred_prefill_decodes_only_once_reported_in_and_admits_nothing_while_one_runs() -> None:
+    """The engine's async prefill: an admitted request's rows stay out of the decode plan until the engine says
+    its prefill is in, and a plan made while a prefill runs admits no one (the running prefill owns the
+    prompts it covers); the positions then count from the prompt's end."""
+    s = Scheduler(
+        ContinuousConfig(max_running=4, page_size=PAGE, max_context_tokens=256),
+        KvPageManager(64, PAGE),
+        deferred_prefill=True,
+    )
+    _add(s, "a", prompt=20, budget=8)
+    plan = s.schedule(0.0)
+    assert _ids(plan) == ["a"] and plan.decodes == ()
+    _add(s, "b", prompt=10, budget=8, t=0.0)
+    held = s.schedule(1.0, admit=False)
+    assert held.prefills == () and held.decodes == () and s.num_waiting() == 1
+    s.prefilled("a")
+    plan = s.schedule(2.0, admit=False)
+    assert [(d.request_id, d.position) for d in plan.decodes] == [("a", 20)]
+    plan = s.schedule(3.0)
+    assert _ids(plan) == ["b"] and [d.request_id for d in plan.decodes] == ["a"]
+
+
+def test_deferred_prefill_needs_whole_prompts_and_full_reservation() -> None:
+    with pytest.raises(ValueError, match="whole prompts"):
+        Scheduler(
+            ContinuousConfig(max_running=4, page_size=PAGE, max_step_tokens=64),
+            KvPageManager(64, PAGE),
+            deferred_prefill=True,
+        )

@@ -28,7 +28,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +40,13 @@ from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
 from asr_server.config import ContinuousConfig
 from asr_server.engine.continuous.decoder import KvCache
 from asr_server.engine.continuous.kv_manager import KvPageManager
-from asr_server.engine.continuous.model_runner import HostTokens, ModelRunner, PrefillInput, resolve_features
+from asr_server.engine.continuous.model_runner import (
+    HostTokens,
+    ModelRunner,
+    PrefillComputed,
+    PrefillInput,
+    resolve_features,
+)
 from asr_server.engine.continuous.output import OutputStep, RequestOutput
 from asr_server.engine.continuous.prepare import FastPreparer
 from asr_server.engine.continuous.scheduler import DecodeWork, PrefillWork, Rejected, Scheduler, SchedulerOutput
@@ -86,6 +94,28 @@ class _Request:
 
 
 @dataclass
+class _SidePrefill:
+    """The prefill running on its thread (async prefill): what it covers and its outcome."""
+
+    works: tuple[PrefillWork, ...]
+    future: Future[PrefillComputed]
+
+
+# While only an async prefill is in flight (no row decoding), the engine thread waits for it this long per step
+# (releasing the GIL the prefill thread needs), then checks its inbox again.
+_SIDE_WAIT_S = 0.002
+
+
+def resolve_async_prefill(config: ContinuousConfig, cuda: bool) -> bool:
+    """Whether prefills run beside the decode steps: whole prompts with full page reservation only (chunked
+    prefill and lazy pages change a running request's prefill or pages from step to step), never when profiling
+    (its phase times synchronise each phase)."""
+    if config.async_prefill == "off" or config.max_step_tokens or config.kv_reservation != "full" or config.profile:
+        return False
+    return config.async_prefill == "on" or cuda
+
+
+@dataclass
 class _Pending:
     """The tokens of one launched unit on their way to the host, and whose they are (index into the tokens)."""
 
@@ -101,7 +131,15 @@ class ContinuousEngine:
         self.model_id = loaded.model_id
         self._runner = ModelRunner(loaded, cfg)
         self._kv = KvPageManager(self._runner.num_pages, cfg.page_size)
-        self._scheduler = Scheduler(cfg, self._kv)
+        self._async_prefill = resolve_async_prefill(cfg, self._runner.cuda)
+        self._scheduler = Scheduler(cfg, self._kv, deferred_prefill=self._async_prefill)
+        self._side_pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr-prefill") if self._async_prefill else None
+        )
+        self._side: _SidePrefill | None = None
+        # Runner calls that touch what a side prefill may be using (prompt states, the stream cache): held back
+        # while one runs, made as it is committed.
+        self._deferred: list[Callable[[], None]] = []
         self._output = OutputStep(loaded.processor, self._runner.eos_ids)
         on_device = resolve_features(cfg.features, self._runner.device) == "torch"
         self._preparer = FastPreparer(
@@ -117,13 +155,14 @@ class ContinuousEngine:
         self.prefill_chunks = 0
         self._trace = EngineTrace(cfg.trace_path) if cfg.trace_path else None
         logger.info(
-            "continuous engine on %s: %d KV pages of %d tokens (%d tokens, %.1f GiB), %d rows",
+            "continuous engine on %s: %d KV pages of %d tokens (%d tokens, %.1f GiB), %d rows%s",
             self._runner.device,
             self._kv.num_pages,
             cfg.page_size,
             self._kv.num_pages * cfg.page_size,
             self._runner.kv_gib(),
             cfg.max_running,
+            ", prefill beside the decode steps" if self._async_prefill else "",
         )
 
     # ---- what tests and benchmarks read ----
@@ -204,7 +243,14 @@ class ContinuousEngine:
         An aborted interim frees nothing: the session cancels its interim as the utterance closes, and the final
         that follows reuses the windows."""
         if request.stream_key is not None and request.priority is DecodePriority.FINAL:
-            self._runner.stream_cache.close(request.stream_key)
+            key = request.stream_key
+            self._runner_call(lambda: self._runner.stream_cache.close(key))
+
+    def _runner_call(self, call: Callable[[], None]) -> None:
+        if self._side is None:
+            call()
+        else:
+            self._deferred.append(call)
 
     def num_waiting(self) -> int:
         return self._scheduler.num_waiting()
@@ -223,6 +269,8 @@ class ContinuousEngine:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._side_pool is not None:
+            self._side_pool.shutdown(wait=True, cancel_futures=True)
         self._runner.close()
         if self._trace is not None:
             self._trace.close()
@@ -231,9 +279,10 @@ class ContinuousEngine:
         outputs: list[EngineOutput] = []
         t0_ns = time.monotonic_ns()
         with torch.inference_mode():
+            self._commit_side(outputs)
             now_s = time.monotonic()
-            self._runner.stream_cache.expire(now_s)
-            plan = self._scheduler.schedule(now_s)
+            self._runner_call(lambda: self._runner.stream_cache.expire(now_s))
+            plan = self._scheduler.schedule(now_s, admit=self._side is None)
             t_plan_ns = time.monotonic_ns()
             for preempted in plan.preempted:
                 # Its tokens still on their way are kept: the prefill that readmits it starts from them.
@@ -242,7 +291,9 @@ class ContinuousEngine:
             for growth in plan.grown:
                 self._runner.extend_pages(growth.row, growth.start, growth.pages)
             outputs.extend(self._rejected(r) for r in plan.rejected)
-            if plan.prefills:
+            if plan.prefills and self._async_prefill:
+                self._start_side(plan.prefills)
+            elif plan.prefills:
                 self._prefill_isolating_failures(plan.prefills, outputs)
             t_prefill_ns = time.monotonic_ns()
             launched = self._launch_decode(plan)
@@ -265,7 +316,10 @@ class ContinuousEngine:
                     waiting=self.num_waiting(),
                     outputs=len(outputs),
                 )
-            if not launched and not plan.prefills and self.num_running() and not self._pending:
+            if not launched and self._side is not None and not outputs:
+                # Only the side prefill runs: wait for it (the GIL goes to its thread) instead of spinning.
+                wait_futures([self._side.future], timeout=_SIDE_WAIT_S)
+            elif not launched and not plan.prefills and self.num_running() and not self._pending:
                 # Nothing in flight but requests still marked running: cannot happen; fail them loudly.
                 for req in self._scheduler.running():
                     self._finish(req.request_id)
@@ -280,7 +334,7 @@ class ContinuousEngine:
         running = self._scheduler.get(request_id)
         if running is not None:
             self._runner.release_row(running.row)
-        self._runner.drop_prompt(request_id)
+        self._runner_call(lambda: self._runner.drop_prompt(request_id))
         req = self._requests.pop(request_id, None)
         if req is not None:
             req.output.finished = True
@@ -299,6 +353,59 @@ class ContinuousEngine:
         return EngineOutput(rid, error=request_error(rid, rejected.stage, rejected.error))
 
     # ---- encoder + prefill ----
+
+    def _start_side(self, works: tuple[PrefillWork, ...]) -> None:
+        """Hands the admitted prompts to the prefill thread; their rows decode once it is committed."""
+        if self._side_pool is None:
+            raise RuntimeError("async prefill without its thread")
+        now = time.time_ns()
+        inputs = []
+        for work in works:
+            req = self._requests[work.request_id]
+            req.output.start_ns = req.output.start_ns or now
+            inputs.append(self._prefill_inputs(work, req))
+        self.prefill_chunks += len(works)
+        after = self._runner.prefill_ordering()
+        self._side = _SidePrefill(works, self._side_pool.submit(self._runner.prefill_on_side, inputs, after))
+
+    def _commit_side(self, outputs: list[EngineOutput]) -> None:
+        """The side prefill, once its thread is done: the rows of the requests still here start decoding (a
+        failed group is prefilled again request by request, in the step, so only the bad one fails)."""
+        side = self._side
+        if side is None or not side.future.done():
+            return
+        self._side = None
+        try:
+            computed = side.future.result()
+        except Exception:  # noqa: BLE001 - isolated below; the running requests go on
+            logger.exception("prefill of %d requests failed; prefilling them one by one", len(side.works))
+            self._runner.wait_side()
+            self._run_deferred()
+            for work in side.works:
+                if self._scheduler.get(work.request_id) is None:
+                    continue  # aborted meanwhile
+                try:
+                    self._prefill((work,))
+                except Exception as exc:  # noqa: BLE001 - this request fails alone
+                    self._fail_admitted(work.request_id, exc, outputs)
+                else:
+                    self._scheduler.prefilled(work.request_id)
+            return
+        # Aborted while it ran: its row and pages are already back (nothing was admitted meanwhile to reuse them).
+        keep = [k for k, i in enumerate(computed.done) if computed.inputs[i].work.request_id in self._requests]
+        first = self._runner.commit(computed, keep)
+        done = [self._requests[computed.inputs[computed.done[k]].work.request_id] for k in keep]
+        for req in done:
+            self._scheduler.prefilled(req.output.request_id)
+        self._counter.tokens(len(done))
+        if done:
+            self._pending.append(_Pending(self._runner.to_host(first), [(i, r.output) for i, r in enumerate(done)]))
+        self._run_deferred()
+
+    def _run_deferred(self) -> None:
+        calls, self._deferred = self._deferred, []
+        for call in calls:
+            call()
 
     def _prefill_isolating_failures(self, works: tuple[PrefillWork, ...], outputs: list[EngineOutput]) -> None:
         """Prefills the group; if that fails, each request again on its own, so only the bad one fails.

@@ -76,6 +76,18 @@ class HostTokens:
         return values
 
 
+@dataclass
+class PrefillComputed:
+    """A prefill's device results before its rows go into the decode buffers: the indices (into `inputs`) of
+    the prompts it finished, their first tokens and EOS flags; `ready` marks its work on the side stream."""
+
+    inputs: tuple[PrefillInput, ...]
+    done: list[int]
+    first: torch.Tensor
+    suppress: torch.Tensor
+    ready: torch.cuda.Event | None = None
+
+
 @dataclass(frozen=True)
 class PrefillInput:
     """One request's part of a prefill: what the scheduler planned, its prepared inputs (features None: the
@@ -129,6 +141,9 @@ class ModelRunner:
         if self.cuda:
             # Triton launches and graph captures use the thread's current device: make it this replica's.
             torch.cuda.set_device(self.device)
+            # The decode steps' stream (the engine thread's), and the one prefills beside them run on.
+            self._main_stream = torch.cuda.current_stream(self.device)
+            self._side_stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
         triton = config.kernels == "triton" or (config.kernels == "auto" and self.cuda)
         if config.kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"kv_cache_dtype must be auto or fp8, not {config.kv_cache_dtype!r}")
@@ -272,9 +287,69 @@ class ModelRunner:
         up is rebuilt or still valid, and the pages are simply written again.
         """
         with sdpa_kernel(_PREFILL_SDPA_BACKENDS):
-            return self._prefill(inputs)
+            computed = self._prefill(inputs)
+        return self._commit(computed, range(len(computed.done)))
 
-    def _prefill(self, inputs: Sequence[PrefillInput]) -> torch.Tensor:
+    # ---- prefill beside the decode steps (async_prefill) ----
+
+    def prefill_ordering(self) -> torch.cuda.Event | None:
+        """Engine thread, before an async prefill is handed to its thread: marks the work queued so far on the
+        decode stream, which the prefill waits for (a page it writes may still be written by a decode step of the
+        request that held it before: launched, its token dropped, but its KV write still to land)."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record()
+        return event
+
+    def prefill_on_side(self, inputs: Sequence[PrefillInput], after: torch.cuda.Event | None) -> PrefillComputed:
+        """The prefill thread: everything of `prefill` but the row inserts (`commit`, on the engine thread), on a
+        CUDA stream of its own, so decode steps run on meanwhile. Touches only the prompts of `inputs`, its own
+        stream's tensors and the KV pages those requests were given."""
+        with torch.inference_mode(), sdpa_kernel(_PREFILL_SDPA_BACKENDS):
+            if not self.cuda:
+                return self._prefill(inputs)
+            torch.cuda.set_device(self.device)
+            stream = self._side_stream
+            if after is not None:
+                stream.wait_event(after)
+            with torch.cuda.stream(stream):
+                computed = self._prefill(inputs)
+                computed.ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                computed.ready.record(stream)
+            # Read on the decode stream by the commit: the allocator must not hand their memory to later side
+            # work before that.
+            computed.first.record_stream(self._main_stream)
+            computed.suppress.record_stream(self._main_stream)
+            return computed
+
+    def wait_side(self) -> None:
+        """After a failed side prefill: its launched work is done before anything writes those pages again."""
+        if self.cuda:
+            self._side_stream.synchronize()
+
+    def commit(self, computed: PrefillComputed, keep: Sequence[int]) -> torch.Tensor:
+        """Engine thread: the rows of the finished prompts `keep` (indices into computed.done; requests aborted
+        meanwhile left out) go into the decode buffers, after the prefill's device work (an ordering on the
+        decode stream, no host wait). Their first tokens, on the device, in `keep` order."""
+        if computed.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(computed.ready)
+        return self._commit(computed, keep)
+
+    def _commit(self, computed: PrefillComputed, keep: Sequence[int]) -> torch.Tensor:
+        dev = self.device
+        keep = list(keep)
+        if len(keep) == len(computed.done):
+            first, suppress = computed.first, computed.suppress
+        else:
+            index = torch.tensor(keep, dtype=torch.long, device=dev)
+            first, suppress = computed.first.index_select(0, index), computed.suppress.index_select(0, index)
+        if keep:
+            items = [computed.inputs[computed.done[k]] for k in keep]
+            self._insert_rows(items, first, [item.work.total_tokens for item in items], suppress)
+        return first
+
+    def _prefill(self, inputs: Sequence[PrefillInput]) -> PrefillComputed:
         profiling = self._config.profile
         t0 = time.perf_counter()
         if profiling:
@@ -342,21 +417,15 @@ class ModelRunner:
             self._mark("prefill", t0)
         done = [i for i, item in enumerate(inputs) if item.work.completes]
         if len(done) == len(inputs):
-            first = after
+            first, done_suppress = after, suppress
         else:
-            first = after.index_select(0, torch.tensor(done, dtype=torch.long, device=dev))
-        if done:
-            self._insert_rows(
-                [inputs[i] for i in done],
-                first,
-                [inputs[i].work.total_tokens for i in done],
-                suppress.index_select(0, torch.tensor(done, dtype=torch.long, device=dev)),
-            )
+            index = torch.tensor(done, dtype=torch.long, device=dev)
+            first, done_suppress = after.index_select(0, index), suppress.index_select(0, index)
         for i in done:
             st = self._prompts.pop(inputs[i].work.request_id, None)
             if st is not None:
                 self._finish_prompt(inputs[i].work.request_id, st)
-        return first
+        return PrefillComputed(tuple(inputs), done, first, done_suppress)
 
     def _finish_prompt(self, request_id: str, st: _Prompt) -> None:
         """A prompt's prefill is done: its encoder work is recorded, and a keyed one's stable windows stored."""

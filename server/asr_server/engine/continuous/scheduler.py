@@ -179,7 +179,7 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: ContinuousConfig, kv: KvPageManager) -> None:
+    def __init__(self, config: ContinuousConfig, kv: KvPageManager, *, deferred_prefill: bool = False) -> None:
         if kv.page_size != config.page_size:
             raise ValueError(f"page sizes differ: config {config.page_size}, KV manager {kv.page_size}")
         self._config = config
@@ -191,6 +191,11 @@ class Scheduler:
         if config.kv_reservation not in ("full", "lazy"):
             raise ValueError(f"kv_reservation must be full or lazy, not {config.kv_reservation!r}")
         self._lazy = config.kv_reservation == "lazy"
+        # Whole prompts prefilled beside the decode steps (the engine's async prefill): an admitted request
+        # decodes only once the engine reports its prefill in (`prefilled`), never in the step that admitted it.
+        self._deferred = deferred_prefill
+        if deferred_prefill and (self._lazy or config.max_step_tokens):
+            raise ValueError("a deferred (async) prefill needs whole prompts and full page reservation")
         self._step_tokens = config.max_step_tokens
         if self._step_tokens and self._step_tokens <= self.num_rows:
             raise ValueError(
@@ -281,8 +286,15 @@ class Scheduler:
 
     # ---- one step ----
 
-    def schedule(self, now_monotonic_s: float) -> SchedulerOutput:
-        """This step's plan: the prefills of newly admitted requests, then one decode for every running row."""
+    def prefilled(self, request_id: str) -> None:
+        """Deferred prefill: the request's prompt is in its pages; it decodes from the next plan on."""
+        request = self._running.get(request_id)
+        if request is not None:
+            request.num_computed_tokens = request.prefill_tokens
+
+    def schedule(self, now_monotonic_s: float, *, admit: bool = True) -> SchedulerOutput:
+        """This step's plan: the prefills of newly admitted requests (none when `admit` is false: the engine's
+        async prefill still running), then one decode for every running row."""
         preempted: list[Preempted] = []
         grown: list[PageGrowth] = []
         if self._lazy:
@@ -291,7 +303,7 @@ class Scheduler:
         rejected: list[Rejected] = []
         if self._step_tokens:
             prefills, rejected = self._chunks(bool(preempted))
-        elif not preempted:
+        elif not preempted and admit:
             prefills, rejected = self._admit(now_monotonic_s)
         decodes = []
         for request in sorted(self._running.values(), key=lambda r: r.row):
@@ -467,7 +479,7 @@ class Scheduler:
             if not self.kv.can_allocate(need_pages) or over_prefill:
                 self._waiting.appendleft(request)
                 break
-            self._run(request, need_pages, num_computed_tokens=tokens)
+            self._run(request, need_pages, num_computed_tokens=0 if self._deferred else tokens)
             prompt_tokens += tokens
             prefills.append(PrefillWork(request.request_id, request.row, tuple(request.pages), 0, tokens, tokens))
         return prefills, rejected
