@@ -17,7 +17,8 @@
 #   bash bench/run_gpu.sh streamdiag # live streams ($DIAG_STREAMS, default 64) with the engine's timeline
 #                                    # (--bench-trace-path, summarised by bench/trace_report.py), py-spy of the
 #                                    # front and the engine process, and the GPU's utilisation, sampled
-#   bash bench/run_gpu.sh stream17   # live streams (bench/streaming_bench.py, $SPEECH WAV, 1/64/128/256 streams),
+#   bash bench/run_gpu.sh stream17   # live streams (bench/streaming_bench.py, $SPEECH WAV, 1/64/128/256 streams;
+#                                    # $FRONTS front processes, $CLIENTS client processes),
 #                                    # rows appended to $STREAM_RESULTS (bench/results/h200-streaming.json's shape)
 # Results go to $OUT (or bench/out) as JSON and logs; each load line is printed as it finishes.
 set -uo pipefail
@@ -183,7 +184,8 @@ for section in "$@"; do
       [ -d /tmp/rand-1.7b ] || $PY bench/build_random_checkpoint.py --size 1.7b --out /tmp/rand-1.7b --device cuda
       $PY bench/streaming_bench.py --serve "--model /tmp/rand-1.7b --engine continuous --bench-forced-tokens-per-audio-s 4 \
         --max-batch-wait-ms 0 --max-inference-batch-size 128 --max-running-requests 256 --max-live-streams-per-replica 1024 \
-        --no-reflection" --switch-interval-ms 0.5 --streams "${STREAMS:-1,64,128,256}" --duration-s "${STREAM_S:-25}" \
+        --no-reflection --front-processes ${FRONTS:-1} ${STREAM_SERVER_FLAGS:-}" --switch-interval-ms 0.5 \
+        --client-processes "${CLIENTS:-1}" --streams "${STREAMS:-1,64,128,256}" --duration-s "${STREAM_S:-25}" \
         --speech "$SPEECH" --label Qwen3-ASR-1.7B --commit "$COMMIT" --results-json "$STREAM_RESULTS" \
         --json "$OUT/stream17.json" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/table.txt"
       ;;
