@@ -185,7 +185,7 @@ for section in "$@"; do
       $PY bench/streaming_bench.py --serve "--model /tmp/rand-1.7b --engine continuous --bench-forced-tokens-per-audio-s 4 \
         --max-batch-wait-ms 0 --max-inference-batch-size 128 --max-running-requests 256 --max-live-streams-per-replica 1024 \
         --no-reflection --front-processes ${FRONTS:-1} ${STREAM_SERVER_FLAGS:-}" --switch-interval-ms 0.5 \
-        --client-processes "${CLIENTS:-1}" --streams "${STREAMS:-1,64,128,256}" --duration-s "${STREAM_S:-25}" \
+        --client-processes "${CLIENTS:-1}" --warmup-streams "${WARMUP_STREAMS:-0}" --streams "${STREAMS:-1,64,128,256}" --duration-s "${STREAM_S:-25}" \
         --speech "$SPEECH" --label Qwen3-ASR-1.7B --commit "$COMMIT" --results-json "$STREAM_RESULTS" \
         --json "$OUT/stream17.json" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/table.txt"
       ;;

@@ -261,6 +261,8 @@ async def main() -> tuple[argparse.Namespace, list[dict[str, Any]]]:
     parser.add_argument("--streams", default="1,16,64,128")
     parser.add_argument("--duration-s", type=int, default=30, help="audio per stream, sent in real time")
     parser.add_argument("--piece-ms", type=int, default=20)
+    parser.add_argument("--warmup-streams", type=int, default=0, help="a first level of this many streams, not kept")
+    parser.add_argument("--warmup-s", type=int, default=10, help="seconds of audio per warm-up stream")
     parser.add_argument("--client-processes", type=int, default=1, help="spread the streams over this many processes")
     parser.add_argument("--streams-per-channel", type=int, default=8, help="streams sharing one gRPC connection")
     parser.add_argument("--interval-ms", type=int, default=1000, help="interim_interval_ms; 0: no interims")
@@ -304,6 +306,12 @@ async def main() -> tuple[argparse.Namespace, list[dict[str, Any]]]:
         info = await stub.GetServerInfo(pb.GetServerInfoRequest())
         args.model_id = info.model_id
         print(f"server {target}: model {info.model_id}; {len(speech) / 16000:.0f} s of speech looped", flush=True)
+        if args.warmup_streams:
+            # Not recorded: a fresh server's first seconds (each front's first streams, the engine's first
+            # shapes) are not what a level measures.
+            warm = argparse.Namespace(**{**vars(args), "duration_s": args.warmup_s})
+            print("warm-up:", end=" ", flush=True)
+            await run_level(target, pcm, args.warmup_streams, warm)
         for streams in (int(s) for s in args.streams.split(",")):
             rows.append(await run_level(target, pcm, streams, args))
     return args, rows

@@ -47,9 +47,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for count in (int(s) for s in args.streams.split(",")):
         tick_s, passes = asyncio.run(run(count, args.seconds))
-        print(
-            f"| {count} | {tick_s * 1000:.2f} ms | {tick_s / 0.020:.0%} | {tick_s / count * 1e6:.1f} us | {passes} |"
-        )
+        print(f"| {count} | {tick_s * 1000:.2f} ms | {tick_s / 0.020:.0%} | {tick_s / count * 1e6:.1f} us | {passes} |")
 
 
 if __name__ == "__main__":

@@ -78,9 +78,27 @@ async def test_health_is_not_serving_until_loaded_then_serving_then_not_serving_
 async def test_sigterm_lets_the_call_in_flight_finish_and_exits_cleanly() -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "asr_server.cli", "serve", "--engine", "fake", "--host", "127.0.0.1", "--port", "0",
-         "--fake-batch-delay-ms", "1500", "--grace-period-s", "10", "--no-warmup"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "asr_server.cli",
+            "serve",
+            "--engine",
+            "fake",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--fake-batch-delay-ms",
+            "1500",
+            "--grace-period-s",
+            "10",
+            "--no-warmup",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 60)  # type: ignore[union-attr]
@@ -148,3 +166,16 @@ async def test_health_check_answers_not_serving_through_the_whole_drain_while_a_
         response = await in_flight
         assert response.transcripts[0].text
         await stopping
+
+
+async def test_serving_only_once_the_vad_has_made_its_first_passes() -> None:
+    """A fresh server reported SERVING while Silero was still loading and making torch's slow first passes: its
+    first live streams got their interims seconds late (3.4 s with the fake engine). Start waits for it now."""
+    server = AsrServer(fake_config())
+    await server.start()
+    try:
+        vad = server._servicer._vad  # type: ignore[union-attr]
+        assert vad._preloaded is not None and vad._preloaded.done() and vad._preloaded.exception() is None
+        assert server._serving
+    finally:
+        await server.stop(grace_s=1.0)

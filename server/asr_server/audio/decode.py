@@ -36,9 +36,7 @@ def decode_audio(
     `reserve` refuses: the bytes of the 16 kHz result, reserved before decoding; audio/budget.py).
     """
     check_message_bytes(len(data), limits.max_message_bytes)
-    return decode_payload(
-        data, fmt, max_audio_duration_s=limits.max_audio_duration_s, downmix=downmix, reserve=reserve
-    )
+    return decode_payload(data, fmt, max_audio_duration_s=limits.max_audio_duration_s, downmix=downmix, reserve=reserve)
 
 
 def decode_payload(

@@ -25,6 +25,7 @@ def samples_to_ms(samples: int) -> int:
 def ms_to_samples(ms: int) -> int:
     return ms * MODEL_SAMPLE_RATE_HZ // 1000
 
+
 # Raw encodings: the accepted rates cover telephony (8 kHz) to studio (48 kHz); the contract publishes them.
 MIN_RAW_SAMPLE_RATE_HZ = 8_000
 MAX_RAW_SAMPLE_RATE_HZ = 48_000

@@ -146,10 +146,7 @@ def _caller_request_id(metadata: Any) -> str | bytes | None:
 
 def _valid_request_id(value: str | bytes | None) -> bool:
     return (
-        isinstance(value, str)
-        and 0 < len(value) <= _MAX_REQUEST_ID_CHARS
-        and value.isascii()
-        and value.isprintable()
+        isinstance(value, str) and 0 < len(value) <= _MAX_REQUEST_ID_CHARS and value.isascii() and value.isprintable()
     )
 
 

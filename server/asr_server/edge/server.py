@@ -326,6 +326,7 @@ class AsrServer:
                     f"cannot load --model {self.config.model.model!r}: {_first_line(cause)}", exit_code=EXIT_MODEL
                 ) from exc
             raise
+        await servicer.warm_up()
         if not self._stopping:
             self._serving = True
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)

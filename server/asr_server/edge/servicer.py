@@ -77,6 +77,10 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         per_replica = config.streaming.max_live_streams_per_replica
         self._max_live_streams = per_replica * len(config.replica_devices)
 
+    async def warm_up(self) -> None:
+        """Before the server reports SERVING: the VAD loaded and past torch's slow first passes."""
+        await self._vad.ready()
+
     # ---- RPCs (edge.rpc gives each its span and answers its errors) ----
 
     async def Transcribe(  # noqa: N802 - gRPC method name
@@ -215,8 +219,10 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         self._draining = True
         sessions = list(self._sessions)
         flushed = await asyncio.gather(
-            *(s.drain("the server is shutting down; open utterances were flushed as finals; reconnect to continue")
-              for s in sessions)
+            *(
+                s.drain("the server is shutting down; open utterances were flushed as finals; reconnect to continue")
+                for s in sessions
+            )
         )
         logger.info("shutdown: %d open utterances of %d live streams flushed", sum(flushed), len(sessions))
         return sum(flushed)

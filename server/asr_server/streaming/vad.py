@@ -20,7 +20,7 @@ import importlib.util
 import threading
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -203,10 +203,24 @@ class VadBatcher:
         self._worker: asyncio.Task[None] | None = None
         self.passes = 0
         self.frames_done = 0
+        self._preloaded: Future[None] | None = None
         if preload and model is None:
-            # Loading takes a fraction of a second: start now, in the VAD thread, so the first stream
-            # does not wait for it.
-            self._executor.submit(self._get_model)
+            # Loading and torch's first passes take seconds on a fresh process (measured: the first streams of
+            # a new server got their interims 3.4 s late with the fake engine): done now, in the VAD thread, so
+            # the first stream does not wait for them.
+            self._preloaded = self._executor.submit(self._warm_up)
+
+    async def ready(self) -> None:
+        """Returns once the preloaded model has made its first passes (at once without a preload); raises what
+        loading it raised."""
+        if self._preloaded is not None:
+            await asyncio.wrap_future(self._preloaded)
+
+    def _warm_up(self) -> None:
+        model = self._get_model()
+        silence = np.zeros((1, CONTEXT_SAMPLES + FRAME_SAMPLES), dtype=np.float32)
+        for streams, frames in ((1, 1), (4, 3), (64, 1)):
+            model.run([(VadState(), np.repeat(silence, frames, axis=0)) for _ in range(streams)])
 
     def _get_model(self) -> VadModel:
         with self._model_lock:
