@@ -257,6 +257,14 @@ class Config:
         """The devices to run one engine replica on: --devices when given, else the single --device."""
         return self.engine.devices or (self.model.device,)
 
+    @property
+    def live_streams_per_front(self) -> int:
+        """The live streams one front process admits (0: no limit): --max-live-streams-per-replica x replicas,
+        shared over --front-processes (rounded up). The kernel spreads connections over the fronts about evenly
+        (SO_REUSEPORT); one count shared between processes would put a lock on every open."""
+        total = self.streaming.max_live_streams_per_replica * len(self.replica_devices)
+        return -(-total // self.server.front_processes)
+
 
 class ConfigError(ValueError):
     pass

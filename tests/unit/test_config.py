@@ -166,3 +166,23 @@ def test_bad_tls_flags_are_refused_with_one_line_naming_the_flag(tmp_path: Path)
         with pytest.raises(ConfigError, match=needle) as caught:
             parse_serve_config(argv, {})
         assert "\n" not in str(caught.value), argv
+
+
+def test_the_live_stream_cap_is_shared_out_over_the_front_processes() -> None:
+    one = parse_serve_config(["--max-live-streams-per-replica", "10", "--devices", "cuda:0,cuda:1"], {})
+    assert one.live_streams_per_front == 20
+    four = parse_serve_config(
+        ["--max-live-streams-per-replica", "10", "--devices", "cuda:0,cuda:1", "--front-processes", "3"], {}
+    )
+    assert four.live_streams_per_front == 7  # 20 over 3 fronts, rounded up
+    off = parse_serve_config(["--max-live-streams-per-replica", "0", "--front-processes", "2"], {})
+    assert off.live_streams_per_front == 0
+
+
+def test_async_prefill_and_the_bench_trace_flags() -> None:
+    config = parse_serve_config(["--async-prefill", "off", "--bench-trace-path", "/tmp/t.jsonl"], {})
+    assert config.engine.continuous.async_prefill == "off"
+    assert config.engine.continuous.trace_path == "/tmp/t.jsonl"
+    assert parse_serve_config([], {}).engine.continuous.async_prefill == "auto"
+    with pytest.raises(ConfigError, match="--async-prefill"):
+        parse_serve_config(["--async-prefill", "sometimes"], {})

@@ -74,8 +74,7 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         self._token_decoder: asyncio.Task[TokenDecoder | None] | None = None
         self._sessions: set[StreamingSession] = set()
         self._draining = False  # shutdown began: live streams are being flushed, no new one opens
-        per_replica = config.streaming.max_live_streams_per_replica
-        self._max_live_streams = per_replica * len(config.replica_devices)
+        self._max_live_streams = config.live_streams_per_front
 
     async def warm_up(self) -> None:
         """Before the server reports SERVING: the VAD loaded and past torch's slow first passes."""
@@ -286,7 +285,8 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         if self._max_live_streams and len(self._sessions) >= self._max_live_streams:
             raise LimitExceeded(
                 f"this server holds its capacity of {self._max_live_streams} live streams "
-                f"(--max-live-streams-per-replica x replicas); retry with backoff or on another replica",
+                f"(--max-live-streams-per-replica x replicas, shared over the front processes); retry with "
+                "backoff or on another replica",
                 retryable=True,
             )
         max_lag_ms = self._config.streaming.max_stream_lag_ms
