@@ -18,7 +18,8 @@
 #                                    # (--bench-trace-path, summarised by bench/trace_report.py), py-spy of the
 #                                    # front and the engine process, and the GPU's utilisation, sampled
 #   bash bench/run_gpu.sh stream17   # live streams (bench/streaming_bench.py, $SPEECH WAV, 1/64/128/256 streams;
-#                                    # $FRONTS front processes, $CLIENTS client processes),
+#                                    # $FRONTS front processes, $CLIENTS client processes); stream06: the 0.6B
+#                                    # at $STREAMS06; streamlong: memory over a long 256-stream run,
 #                                    # rows appended to $STREAM_RESULTS (bench/results/h200-streaming.json's shape)
 # Results go to $OUT (or bench/out) as JSON and logs; each load line is printed as it finishes.
 set -uo pipefail
@@ -103,6 +104,18 @@ table() {  # size (1.7b | 0.6b), model name: ours, then plain generate at the sa
   fi
 }
 
+streams() {  # size, label, levels: live streams over $FRONTS fronts from $CLIENTS client processes
+  local size=$1 label=$2 levels=$3 dir=/tmp/rand-$1
+  [ -d "$dir" ] || $PY bench/build_random_checkpoint.py --size "$size" --out "$dir" --device cuda
+  $PY bench/streaming_bench.py --serve "--model $dir --engine continuous --bench-forced-tokens-per-audio-s 4 \
+    --max-batch-wait-ms 0 --max-inference-batch-size 128 --max-running-requests 512 --max-live-streams-per-replica 2048 \
+    --no-reflection --front-processes ${FRONTS:-1} ${STREAM_SERVER_FLAGS:-}" --switch-interval-ms 0.5 \
+    --client-processes "${CLIENTS:-1}" --warmup-streams "${WARMUP_STREAMS:-0}" --streams "$levels" \
+    --duration-s "${STREAM_S:-25}" --speech "$SPEECH" --label "$label" --commit "$COMMIT" \
+    --results-json "$STREAM_RESULTS" --json "$OUT/stream-$size.json" 2>&1 | grep -v "Loading weights" \
+    | tee -a "$OUT/table.txt"
+}
+
 for section in "$@"; do
   case $section in
     setup)
@@ -180,48 +193,42 @@ for section in "$@"; do
       grep -E "engine process|ERROR|Traceback" "$OUT/server-$section.log" | head -10
       stop_server
       ;;
-    stream17)
+    stream17) streams 1.7b Qwen3-ASR-1.7B "${STREAMS:-1,64,128,256}" ;;
+    stream06) streams 0.6b Qwen3-ASR-0.6B "${STREAMS06:-256,400}" ;;
+    streamlong)
+      # Memory over a long run: $LONG_STREAMS streams for $LONG_S s; host RSS of every server process and the
+      # GPU's memory sampled every 15 s, the engine's KV pages in use from its timeline.
       [ -d /tmp/rand-1.7b ] || $PY bench/build_random_checkpoint.py --size 1.7b --out /tmp/rand-1.7b --device cuda
-      $PY bench/streaming_bench.py --serve "--model /tmp/rand-1.7b --engine continuous --bench-forced-tokens-per-audio-s 4 \
-        --max-batch-wait-ms 0 --max-inference-batch-size 128 --max-running-requests 256 --max-live-streams-per-replica 1024 \
-        --no-reflection --front-processes ${FRONTS:-1} ${STREAM_SERVER_FLAGS:-}" --switch-interval-ms 0.5 \
-        --client-processes "${CLIENTS:-1}" --warmup-streams "${WARMUP_STREAMS:-0}" --streams "${STREAMS:-1,64,128,256}" --duration-s "${STREAM_S:-25}" \
-        --speech "$SPEECH" --label Qwen3-ASR-1.7B --commit "$COMMIT" --results-json "$STREAM_RESULTS" \
-        --json "$OUT/stream17.json" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/table.txt"
-      ;;
-    streamdiag)
-      [ -d /tmp/rand-1.7b ] || $PY bench/build_random_checkpoint.py --size 1.7b --out /tmp/rand-1.7b --device cuda
-      rm -f "$OUT/trace.jsonl"
-      touch "$OUT/trace.jsonl"
-      start_server /tmp/rand-1.7b server-streamdiag.log --max-running-requests 256 \
-        --max-live-streams-per-replica 1024 --bench-trace-path "$OUT/trace.jsonl" || continue
-      for streams in ${DIAG_STREAMS:-64}; do
-        nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 250 >"$OUT/gpu-util-$streams.txt" &
-        SMI_PID=$!
-        from_line=$(( $(wc -l <"$OUT/trace.jsonl" 2>/dev/null || echo 0) + 1 ))
-        (
-          sleep "${DIAG_SPY_AT_S:-14}"
-          for pid in "$SERVER_PID" $(pgrep -P "$SERVER_PID"); do
-            /tmp/site/bin/py-spy dump -p "$pid" >"$OUT/pyspy-dump-$streams-$pid.txt" 2>&1
-            /tmp/site/bin/py-spy record -p "$pid" -d 8 -r 50 -f raw --threads -o "$OUT/pyspy-$streams-$pid.txt" \
-              >/dev/null 2>&1 &
-          done
-          wait
-        ) &
-        SPY_PID=$!
-        pidstat_out="$OUT/top-$streams.txt"
-        (sleep "${DIAG_SPY_AT_S:-14}"; top -b -H -n 2 -d 4 -w 200 | head -80 >"$pidstat_out") &
-        $PY bench/streaming_bench.py --target "localhost:$PORT" --streams "$streams" --duration-s "${STREAM_S:-25}" \
-          --speech "$SPEECH" --json "$OUT/streamdiag-$streams.json" ${DIAG_BENCH_FLAGS:-} 2>&1 | tee -a "$OUT/table.txt"
-        wait "$SPY_PID"
-        kill "$SMI_PID" 2>/dev/null
-        awk '{s+=$1; n++} END {if (n) printf "GPU utilisation mean %.0f%% over %d samples\n", s/n, n}' \
-          "$OUT/gpu-util-$streams.txt" | tee -a "$OUT/table.txt"
-        tail -n "+$from_line" "$OUT/trace.jsonl" >"$OUT/trace-$streams.jsonl"
-        $PY bench/trace_report.py "$OUT/trace-$streams.jsonl" --skip-s 3 | tee -a "$OUT/table.txt"
-      done
+      rm -f "$OUT/trace-long.jsonl"
+      start_server /tmp/rand-1.7b server-long.log --max-running-requests 512 --max-live-streams-per-replica 2048 \
+        --front-processes "${FRONTS:-4}" --bench-trace-path "$OUT/trace-long.jsonl" || continue
+      (
+        t0=$(date +%s)
+        while sleep 15; do
+          pids="$SERVER_PID $(pgrep -d ' ' -P "$SERVER_PID")"
+          rss=$(ps -o rss= -p "${pids// /,}" | awk '{s+=$1} END {printf "%.0f", s/1024}')
+          gpu=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits)
+          echo "t=$(( $(date +%s) - t0 ))s host_rss_mib=$rss gpu_mib=$gpu"
+        done
+      ) >"$OUT/memory-long.txt" &
+      MEM_PID=$!
+      $PY bench/streaming_bench.py --target "localhost:$PORT" --client-processes "${CLIENTS:-4}" \
+        --streams "${LONG_STREAMS:-256}" --duration-s "${LONG_S:-150}" --speech "$SPEECH" \
+        --json "$OUT/stream-long.json" 2>&1 | tee -a "$OUT/table.txt"
+      kill "$MEM_PID"
+      cat "$OUT/memory-long.txt" | tee -a "$OUT/table.txt"
+      $PY - "$OUT/trace-long.jsonl" <<'PYEOF' | tee -a "$OUT/table.txt"
+import json, sys
+steps = [json.loads(line) for line in open(sys.argv[1]) if '"k":"step"' in line]
+t0 = steps[0]["t"]
+by_30s = {}
+for s in steps:
+    by_30s.setdefault(int((s["t"] - t0) / 30e9), []).append(s.get("kv_used", 0))
+for k, used in sorted(by_30s.items()):
+    print(f"kv pages in use, {30 * k}-{30 * k + 30} s: max {max(used)}, mean {sum(used) / len(used):.0f}")
+PYEOF
       stop_server
-      rm -f "$OUT/trace.jsonl"
+      rm -f "$OUT/trace-long.jsonl"
       ;;
     table06) table 0.6b 0.6B ;;
     ratio)

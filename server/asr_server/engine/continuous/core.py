@@ -315,6 +315,7 @@ class ContinuousEngine:
                     rows=len(plan.decodes),
                     waiting=self.num_waiting(),
                     outputs=len(outputs),
+                    kv_used=self._kv.usable_pages - self._kv.num_free,
                 )
             if not launched and self._side is not None and not outputs:
                 # Only the side prefill runs: wait for it (the GIL goes to its thread) instead of spinning.
