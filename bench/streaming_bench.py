@@ -238,6 +238,8 @@ async def run_level(target: str, pcm: bytes, streams: int, args: argparse.Namesp
         "max_client_send_lag_ms": round(max(r.max_send_lag_s for r in results) * 1000),
         "errors": len(errors),
         "first_error": errors[0] if errors else "",
+        "front_processes": front_processes(args.serve),
+        "client_processes": workers,
     }
     print(
         f"streams={streams:4d}  finals={row['finals']:5d}/{finals_expected}  "
@@ -373,6 +375,14 @@ async def in_process_server(args: argparse.Namespace) -> AsyncIterator[str]:
 REAL_TIME_DECODE_P99_MS = 400
 
 
+def front_processes(serve_flags: str | None) -> int | None:
+    """--serve's --front-processes (1 when not given); None for a server this script did not start."""
+    if not serve_flags:
+        return None
+    flags = serve_flags.split()
+    return int(flags[flags.index("--front-processes") + 1]) if "--front-processes" in flags else 1
+
+
 def result_object(row: dict[str, Any], *, model: str, commit: str, date: str) -> dict[str, Any]:
     """One level as bench/results/h200-streaming.json records it."""
     decode, final, interim = row["final_decode_ms"], row["final_ms"], row["interim_ms"]
@@ -391,6 +401,9 @@ def result_object(row: dict[str, Any], *, model: str, commit: str, date: str) ->
             and decode[99] is not None
             and decode[99] <= REAL_TIME_DECODE_P99_MS
         ),
+        "front_processes": row.get("front_processes"),
+        "client_processes": row.get("client_processes"),
+        "duration_s": row["duration_s"],
         "date": date,
         "commit": commit,
     }
