@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not
 REPO = Path(__file__).resolve().parents[2]
 KEYS = {
     "model", "streams", "finals_expected", "finals", "decode_ms", "final_after_speech_ms", "interim_ms", "interims",
-    "real_time_held", "date", "commit",
+    "real_time_held", "date", "commit", "front_processes", "client_processes", "duration_s",
 }
 
 
