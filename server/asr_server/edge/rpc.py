@@ -74,7 +74,28 @@ def grpc_status(code: grpc.StatusCode, message: str, *, retry_after_s: float | N
         delay.FromNanoseconds(round(retry_after_s * 1e9))
         status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
     result: grpc.Status = rpc_status.to_status(status)
-    return result
+    pushback = _retry_pushback_ms(code, retry_after_s)
+    if pushback is None:
+        return result
+    return _Status(result.code, result.details, (*result.trailing_metadata, ("grpc-retry-pushback-ms", pushback)))
+
+
+def _retry_pushback_ms(code: grpc.StatusCode, retry_after_s: float | None) -> str | None:
+    """The same advice for gRPC's built-in retries (gRFC A6), which read the `grpc-retry-pushback-ms` trailer, not
+    RetryInfo: the delay when retrying helps, -1 ("do not retry") for a RESOURCE_EXHAUSTED that retrying cannot cure
+    (audio over a limit), so clients whose retry policy lists RESOURCE_EXHAUSTED for full queues stop at once."""
+    if retry_after_s is not None:
+        return str(max(0, round(retry_after_s * 1000)))
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return "-1"
+    return None
+
+
+@dataclass(frozen=True)
+class _Status(grpc.Status):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
 class RpcObserver(Protocol):
