@@ -101,7 +101,8 @@ class FakeLiveServicer(pb_grpc.AsrServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must carry config")
         self.configs.append(first.config)
         fmt = first.config.config.audio_format
-        width = {pb.AUDIO_ENCODING_LINEAR16: 2, pb.AUDIO_ENCODING_FLOAT32: 4}[fmt.encoding]
+        width = {pb.AUDIO_ENCODING_LINEAR16: 2, pb.AUDIO_ENCODING_FLOAT32: 4, pb.AUDIO_ENCODING_MULAW: 1,
+                 pb.AUDIO_ENCODING_ALAW: 1}[fmt.encoding]
         bytes_per_ms = fmt.sample_rate_hz * fmt.channel_count * width / 1000
         language = first.config.config.language or "English"
         next_interim_ms = self.interim_every_ms

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -157,11 +157,20 @@ def plan_alignments(
     return requests
 
 
-def stream_upload(job: Job, piece_bytes: int = STREAM_PIECE_BYTES) -> Iterator[pb.TranscribeStreamRequest]:
+Progress = Callable[[int], None]
+
+
+def stream_upload(
+    job: Job, piece_bytes: int = STREAM_PIECE_BYTES, progress: Progress | None = None
+) -> Iterator[pb.TranscribeStreamRequest]:
+    """The config, then the audio in pieces; `progress` is told each piece's size once gRPC has taken it."""
     yield pb.TranscribeStreamRequest(config=job.config)
     data = job.audio.data
     for start in range(0, len(data), piece_bytes):
-        yield pb.TranscribeStreamRequest(audio=data[start : start + piece_bytes])
+        piece = data[start : start + piece_bytes]
+        yield pb.TranscribeStreamRequest(audio=piece)
+        if progress is not None:
+            progress(len(piece))
 
 
 def live_config(

@@ -24,6 +24,7 @@ from asr_client._core import (
     DEFAULT_TARGET,
     ChannelMode,
     Job,
+    Progress,
     auth_metadata,
     channel_options,
     is_single_audio,
@@ -113,6 +114,7 @@ class AsyncAsrClient:
         max_new_tokens: int | None = None,
         channel_mode: Literal["downmix"] = "downmix",
         endpointing: pb.EndpointingConfig | None = None,
+        progress: Progress | None = None,
     ) -> list[ASRTranscription]: ...
 
     @overload
@@ -126,6 +128,7 @@ class AsyncAsrClient:
         max_new_tokens: int | None = None,
         channel_mode: Literal["separate"],
         endpointing: pb.EndpointingConfig | None = None,
+        progress: Progress | None = None,
     ) -> list[list[ASRTranscription]]: ...
 
     async def transcribe(
@@ -138,6 +141,7 @@ class AsyncAsrClient:
         max_new_tokens: int | None = None,
         channel_mode: ChannelMode = "downmix",
         endpointing: pb.EndpointingConfig | None = None,
+        progress: Progress | None = None,
     ) -> list[ASRTranscription] | list[list[ASRTranscription]]:
         """As `AsrClient.transcribe`; the inputs of a list are sent concurrently."""
         # Reading files, fetching URLs and resampling arrays block: keep them off the event loop.
@@ -146,7 +150,7 @@ class AsyncAsrClient:
             max_new_tokens=self._max_new_tokens if max_new_tokens is None else max_new_tokens,
             channel_mode=channel_mode, endpointing=endpointing,
         )
-        tasks = [asyncio.ensure_future(self._transcribe_one(job)) for job in jobs]
+        tasks = [asyncio.ensure_future(self._transcribe_one(job, progress)) for job in jobs]
         try:
             responses = await asyncio.gather(*tasks)
         finally:
@@ -332,18 +336,19 @@ class AsyncAsrClient:
             call.cancel()
         return None
 
-    async def _transcribe_one(self, job: Job) -> pb.TranscribeResponse:
+    async def _transcribe_one(self, job: Job, progress: Progress | None = None) -> pb.TranscribeResponse:
         try:
             if len(job.audio.data) <= self._stream_threshold_bytes:
                 method = "Transcribe"
                 request = pb.TranscribeRequest(config=job.config, audio=job.audio.data)
-                response: pb.TranscribeResponse = await self._stub.Transcribe(
-                    request, timeout=self._timeout_s, metadata=self._metadata
-                )
+                unary = self._stub.Transcribe(request, timeout=self._timeout_s, metadata=self._metadata)
+                if progress is not None:
+                    progress(len(job.audio.data))
+                response: pb.TranscribeResponse = await unary
             else:
                 method = "TranscribeStream"
                 response = await self._stub.TranscribeStream(
-                    stream_upload(job), timeout=self._timeout_s, metadata=self._metadata
+                    stream_upload(job, progress=progress), timeout=self._timeout_s, metadata=self._metadata
                 )
         except grpc.RpcError as exc:
             raise error_from_rpc(method, exc, timeout_s=self._timeout_s) from exc

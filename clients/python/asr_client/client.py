@@ -19,6 +19,7 @@ from asr_client._core import (
     DEFAULT_TARGET,
     ChannelMode,
     Job,
+    Progress,
     auth_metadata,
     channel_mode_pb,
     channel_options,
@@ -111,6 +112,7 @@ class AsrClient:
         max_new_tokens: int | None = None,
         channel_mode: Literal["downmix"] = "downmix",
         endpointing: pb.EndpointingConfig | None = None,
+        progress: Progress | None = None,
     ) -> list[ASRTranscription]: ...
 
     @overload
@@ -124,6 +126,7 @@ class AsrClient:
         max_new_tokens: int | None = None,
         channel_mode: Literal["separate"],
         endpointing: pb.EndpointingConfig | None = None,
+        progress: Progress | None = None,
     ) -> list[list[ASRTranscription]]: ...
 
     def transcribe(
@@ -136,6 +139,7 @@ class AsrClient:
         max_new_tokens: int | None = None,
         channel_mode: ChannelMode = "downmix",
         endpointing: pb.EndpointingConfig | None = None,
+        progress: Progress | None = None,
     ) -> list[ASRTranscription] | list[list[ASRTranscription]]:
         """Transcribes one audio input or a list of them; returns one `ASRTranscription` per input, in order.
 
@@ -151,13 +155,14 @@ class AsrClient:
         own: a list of one result per channel, `.channel_index` 0, 1, ..., for every input).
         `endpointing`: cut the audio into utterances at pauses, one `.segments` entry each (server defaults for an
         empty `EndpointingConfig()`).
+        `progress`: called with the number of audio bytes each time some were handed to gRPC (a progress bar).
         """
         jobs = plan_batch(
             audio, context, language, return_time_stamps, fetch_timeout_s=self._fetch_timeout_s,
             max_new_tokens=self._max_new_tokens if max_new_tokens is None else max_new_tokens,
             channel_mode=channel_mode, endpointing=endpointing,
         )
-        calls = [self._start(job) for job in jobs]
+        calls = [self._start(job, progress) for job in jobs]
         try:
             responses = [self._result(method, call) for method, call in calls]
         finally:
@@ -339,14 +344,15 @@ class AsrClient:
 
     # ---- internals ----
 
-    def _start(self, job: Job) -> tuple[str, grpc.Future[pb.TranscribeResponse]]:
+    def _start(self, job: Job, progress: Progress | None = None) -> tuple[str, grpc.Future[pb.TranscribeResponse]]:
         if len(job.audio.data) <= self._stream_threshold_bytes:
             request = pb.TranscribeRequest(config=job.config, audio=job.audio.data)
-            return "Transcribe", self._stub.Transcribe.future(
-                request, timeout=self._timeout_s, metadata=self._metadata
-            )
+            future = self._stub.Transcribe.future(request, timeout=self._timeout_s, metadata=self._metadata)
+            if progress is not None:
+                progress(len(job.audio.data))
+            return "Transcribe", future
         return "TranscribeStream", self._stub.TranscribeStream.future(
-            stream_upload(job), timeout=self._timeout_s, metadata=self._metadata
+            stream_upload(job, progress=progress), timeout=self._timeout_s, metadata=self._metadata
         )
 
     def _result(self, method: str, call: grpc.Future[pb.TranscribeResponse]) -> pb.TranscribeResponse:
