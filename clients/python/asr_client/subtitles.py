@@ -58,7 +58,6 @@ def _is_cjk(char: str) -> bool:
         0x3000 <= code <= 0x30FF  # CJK punctuation, hiragana, katakana
         or 0x3400 <= code <= 0x4DBF
         or 0x4E00 <= code <= 0x9FFF
-        or 0xAC00 <= code <= 0xD7AF  # Hangul syllables
         or 0xF900 <= code <= 0xFAFF
         or 0xFF00 <= code <= 0xFFEF  # full-width forms
         or 0x20000 <= code <= 0x2FFFF
@@ -80,9 +79,14 @@ def join_words(words: list[str]) -> str:
     return text
 
 
+def _is_wide(char: str) -> bool:
+    """Characters that subtitle guidelines count double-width: CJK and Hangul."""
+    return _is_cjk(char) or 0xAC00 <= ord(char) <= 0xD7AF
+
+
 def line_limit(text: str) -> int:
     letters = [c for c in text if not c.isspace()]
-    cjk = sum(1 for c in letters if _is_cjk(c))
+    cjk = sum(1 for c in letters if _is_wide(c))
     return MAX_CJK_LINE_CHARS if letters and cjk * 2 > len(letters) else MAX_LINE_CHARS
 
 
@@ -173,11 +177,13 @@ def _word_cues(transcript: str, items: list[ForcedAlignItem]) -> list[Cue]:
 
 
 def _split_text(text: str, parts: int) -> list[str]:
-    """`text` in `parts` pieces of about equal length, cut at spaces (CJK text without spaces: anywhere)."""
+    """`text` in at most `parts` pieces of about equal length, cut at spaces (CJK text without spaces: between any
+    two characters)."""
     if parts <= 1:
         return [text]
-    tokens = text.split(" ") if " " in text else list(text)
-    glue = " " if " " in text else ""
+    by_character = " " not in text and line_limit(text) == MAX_CJK_LINE_CHARS
+    tokens = list(text) if by_character else text.split(" ")
+    glue = "" if by_character else " "
     target = len(text) / parts
     pieces: list[str] = []
     current: list[str] = []
