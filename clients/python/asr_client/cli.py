@@ -196,7 +196,8 @@ def _describe(exc: BaseException) -> str:
 
 def _transcribe(client: AsrClient, args: argparse.Namespace) -> int:
     names: list[str] = args.files
-    with Progress(len(names)) as progress, ThreadPoolExecutor(min(MAX_CONCURRENT_FILES, len(names))) as pool:
+    workers = min(MAX_CONCURRENT_FILES, len(names))
+    with Progress(len(names), _total_bytes(names)) as progress, ThreadPoolExecutor(workers) as pool:
         outcomes = list(pool.map(lambda n: _transcribe_one(client, n, args, progress), names))
     for outcome in outcomes:
         if outcome.error:
@@ -207,6 +208,14 @@ def _transcribe(client: AsrClient, args: argparse.Namespace) -> int:
     else:
         _print_results(done, args)
     return EXIT_FILE_FAILED if len(done) < len(outcomes) else 0
+
+
+def _total_bytes(names: list[str]) -> int | None:
+    """What the files will upload (each is sent as it is), when all are local files; else unknown."""
+    try:
+        return sum(Path(n).stat().st_size for n in names)
+    except (OSError, ValueError):  # "-", URLs, base64, missing files: the bar counts without a total
+        return None
 
 
 def _shown(name: str) -> str:
@@ -256,7 +265,7 @@ class Progress:
     """A progress bar on stderr (tqdm) of the audio bytes uploaded and the files finished; only when stderr is a
     terminal, so pipes, logs and captured output stay clean."""
 
-    def __init__(self, files: int) -> None:
+    def __init__(self, files: int, total_bytes: int | None = None) -> None:
         self._files = files
         self._finished = 0
         self._lock = threading.Lock()
@@ -264,7 +273,7 @@ class Progress:
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+            self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
                              desc="uploading", dynamic_ncols=True, leave=False)
             self._bar.set_postfix_str(f"0/{files} files")
 
