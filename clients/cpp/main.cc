@@ -124,10 +124,25 @@ void Check(const grpc::Status& status, const char* call) {
   }
 }
 
+// gRPC's own retry policy (gRFC A6), the same in every client of this repository: a call that fails UNAVAILABLE
+// (a server restarting, a connection refused) or RESOURCE_EXHAUSTED (a full queue) is sent again, at most 4
+// attempts in all, after jittered exponential backoff from 0.2 s (at most 2 s). The server's
+// "grpc-retry-pushback-ms" trailer overrides the backoff (its RetryInfo delay) or stops the retries (-1: audio over
+// a limit, which no retry cures). A call is retried only until its first response header arrives, and a client
+// stream only while gRPC still holds what was sent (its retry buffer). StreamingRecognize is left out: live audio
+// is not replayed.
+// gRPC C++ retries by default (since 1.29) once a policy is configured.
+constexpr char kRetryServiceConfig[] = R"json({"methodConfig": [{"name": [{"service": "qwenasr.v1.AsrService", "method": "Transcribe"}, {"service": "qwenasr.v1.AsrService", "method": "TranscribeStream"}, {"service": "qwenasr.v1.AsrService", "method": "Align"}, {"service": "qwenasr.v1.AsrService", "method": "GetServerInfo"}, {"service": "grpc.health.v1.Health", "method": "Check"}], "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]}}]})json";
+
+std::shared_ptr<grpc::Channel> RetryingChannel(const std::string& target) {
+  grpc::ChannelArguments arguments;
+  arguments.SetServiceConfigJSON(kRetryServiceConfig);
+  return grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), arguments);
+}
+
 class Client {
  public:
-  Client(const std::string& target, std::string token)
-      : channel_(grpc::CreateChannel(target, grpc::InsecureChannelCredentials())), token_(std::move(token)) {}
+  Client(const std::string& target, std::string token) : channel_(RetryingChannel(target)), token_(std::move(token)) {}
 
   // A context with a 60 s deadline and, with a token, "authorization: Bearer TOKEN".
   std::unique_ptr<grpc::ClientContext> Context() const {

@@ -20,6 +20,7 @@ import (
 	"io"
 	"os"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/golang/protobuf/jsonpb"
@@ -31,6 +32,39 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
+
+// retryServiceConfig is gRPC's own retry policy (gRFC A6), the same in every client of this repository: a call
+// that fails UNAVAILABLE (a server restarting, a connection refused) or RESOURCE_EXHAUSTED (a full queue) is sent
+// again, at most 4 attempts in all, after jittered exponential backoff from 0.2 s (at most 2 s). The server's
+// "grpc-retry-pushback-ms" trailer overrides the backoff (its RetryInfo delay) or stops the retries (-1: audio over
+// a limit, which no retry cures). A call is retried only until its first response header arrives, and a client
+// stream only while gRPC still holds what was sent (its retry buffer). StreamingRecognize is left out: live audio
+// is not replayed.
+const retryServiceConfig = `{"methodConfig": [{
+  "name": [{"service": "qwenasr.v1.AsrService", "method": "Transcribe"},
+           {"service": "qwenasr.v1.AsrService", "method": "TranscribeStream"},
+           {"service": "qwenasr.v1.AsrService", "method": "Align"},
+           {"service": "qwenasr.v1.AsrService", "method": "GetServerInfo"},
+           {"service": "grpc.health.v1.Health", "method": "Check"}],
+  "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                  "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]}}]}`
+
+// enableRetries makes sure grpc-go retries: before 1.40 (Debian ships 1.33) it does only with GRPC_GO_RETRY=on
+// in the environment, read when the process starts, so the program runs itself again with it set. Newer grpc-go
+// retries by default and ignores the variable.
+func enableRetries() {
+	if os.Getenv("GRPC_GO_RETRY") != "" {
+		return
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return // retries stay off; every call still works
+	}
+	env := append(os.Environ(), "GRPC_GO_RETRY=on")
+	if err := syscall.Exec(self, os.Args, env); err != nil {
+		fmt.Fprintf(os.Stderr, "asr-client-go: cannot enable gRPC retries: %v\n", err)
+	}
+}
 
 const usage = "usage: asr-client-go [--target host:port] [--language L] [--token TOKEN] [--ca-file CA.pem] FILE.wav"
 
@@ -137,6 +171,7 @@ func min(a, b int) int {
 }
 
 func main() {
+	enableRetries()
 	flags := flag.NewFlagSet("asr-client-go", flag.ContinueOnError)
 	flags.SetOutput(io.Discard)
 	target := flags.String("target", "localhost:50051", "server address")
@@ -173,7 +208,7 @@ func main() {
 		}
 		transport = grpc.WithTransportCredentials(tlsCredentials)
 	}
-	conn, err := grpc.Dial(*target, transport)
+	conn, err := grpc.Dial(*target, transport, grpc.WithDefaultServiceConfig(retryServiceConfig))
 	if err != nil {
 		fail(2, "connect to %s: %v", *target, err)
 	}

@@ -30,6 +30,29 @@ class RpcError extends Error {
 // The last 14 bytes of the KSDATAFORMAT_SUBTYPE_* GUIDs; the first two are the format tag (1: PCM).
 const SUBTYPE_GUID_TAIL = Buffer.from([0, 0, 0, 0, 0x10, 0, 0x80, 0, 0, 0xaa, 0, 0x38, 0x9b, 0x71]);
 
+// gRPC's own retry policy (gRFC A6), the same in every client of this repository: a call that fails UNAVAILABLE
+// (a server restarting, a connection refused) or RESOURCE_EXHAUSTED (a full queue) is sent again, at most 4
+// attempts in all, after jittered exponential backoff from 0.2 s (at most 2 s). The server's
+// "grpc-retry-pushback-ms" trailer overrides the backoff (its RetryInfo delay) or stops the retries (-1: audio over
+// a limit, which no retry cures). A call is retried only until its first response header arrives, and a client
+// stream only while gRPC still holds what was sent (its retry buffer). StreamingRecognize is left out: live audio
+// is not replayed.
+// grpc-js retries by default (since 1.8) once a policy is configured.
+const RETRY_SERVICE_CONFIG = {
+  methodConfig: [{
+    name: ['Transcribe', 'TranscribeStream', 'Align', 'GetServerInfo']
+      .map((method) => ({ service: 'qwenasr.v1.AsrService', method }))
+      .concat([{ service: 'grpc.health.v1.Health', method: 'Check' }]),
+    retryPolicy: {
+      maxAttempts: 4,
+      initialBackoff: '0.2s',
+      maxBackoff: '2s',
+      backoffMultiplier: 2,
+      retryableStatusCodes: ['UNAVAILABLE', 'RESOURCE_EXHAUSTED'],
+    },
+  }],
+};
+
 // The 16-bit PCM samples of a WAV file, with its sample rate and channel count. Every length is checked against
 // the file's, so a short or malformed file is a UsageError. A data chunk that claims more bytes than the file has
 // (as streamed recordings do) is read to the end of the file.
@@ -115,8 +138,9 @@ async function main() {
   const { AsrService } = grpc.loadPackageDefinition(asrDef).qwenasr.v1;
   const { Health } = grpc.loadPackageDefinition(healthDef).grpc.health.v1;
   const credentials = grpc.credentials.createInsecure();
-  const client = new AsrService(args.target, credentials);
-  const health = new Health(args.target, credentials);
+  const options = { 'grpc.service_config': JSON.stringify(RETRY_SERVICE_CONFIG) };
+  const client = new AsrService(args.target, credentials, options);
+  const health = new Health(args.target, credentials, options);
   try {
     // "authorization: Bearer TOKEN" on every call, when there is a token.
     const metadata = () => {

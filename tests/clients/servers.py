@@ -101,7 +101,8 @@ class FakeLiveServicer(pb_grpc.AsrServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must carry config")
         self.configs.append(first.config)
         fmt = first.config.config.audio_format
-        width = {pb.AUDIO_ENCODING_LINEAR16: 2, pb.AUDIO_ENCODING_FLOAT32: 4}[fmt.encoding]
+        width = {pb.AUDIO_ENCODING_LINEAR16: 2, pb.AUDIO_ENCODING_FLOAT32: 4, pb.AUDIO_ENCODING_MULAW: 1,
+                 pb.AUDIO_ENCODING_ALAW: 1}[fmt.encoding]
         bytes_per_ms = fmt.sample_rate_hz * fmt.channel_count * width / 1000
         language = first.config.config.language or "English"
         next_interim_ms = self.interim_every_ms
@@ -166,6 +167,42 @@ class StreamRefusingServicer(pb_grpc.AsrServiceServicer):
     ) -> pb.TranscribeResponse:
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, self.MESSAGE)
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+
+class FlakyServicer(pb_grpc.AsrServiceServicer):
+    """A server that fails the first `failures` calls of Transcribe and of TranscribeStream with `code` (UNAVAILABLE:
+    a replica restarting), then answers "attempt N" (N counts that method's calls from 1). Records every attempt."""
+
+    def __init__(self, failures: int = 1, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+                 pushback_ms: str | None = None) -> None:
+        self.failures = failures
+        self.code = code
+        self.pushback_ms = pushback_ms
+        self.attempts: dict[str, int] = {"Transcribe": 0, "TranscribeStream": 0}
+        self._lock = threading.Lock()
+
+    def _attempt(self, method: str, context: grpc.ServicerContext) -> pb.TranscribeResponse:
+        with self._lock:
+            self.attempts[method] += 1
+            attempt = self.attempts[method]
+        if attempt <= self.failures:
+            if self.pushback_ms is not None:
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", self.pushback_ms),))
+            context.abort(self.code, f"{method} attempt {attempt} fails on purpose")
+        return pb.TranscribeResponse(transcripts=[pb.Transcript(text=f"attempt {attempt}", language="English")],
+                                     audio_duration_ms=1000)
+
+    def Transcribe(  # noqa: N802 - gRPC method name
+        self, request: pb.TranscribeRequest, context: grpc.ServicerContext
+    ) -> pb.TranscribeResponse:
+        return self._attempt("Transcribe", context)
+
+    def TranscribeStream(  # noqa: N802 - gRPC method name
+        self, request_iterator: Iterator[pb.TranscribeStreamRequest], context: grpc.ServicerContext
+    ) -> pb.TranscribeResponse:
+        for _ in request_iterator:
+            pass
+        return self._attempt("TranscribeStream", context)
 
 
 @contextlib.contextmanager

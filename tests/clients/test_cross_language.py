@@ -23,12 +23,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import trustme
 
-from asr_client import AsrClient, tls_credentials
-from tests.clients.servers import REPO_ROOT, StreamRefusingServicer, fake_live_server, server_process
+from asr_client import AsrClient, RawAudio, tls_credentials
+from tests.clients.servers import (
+    REPO_ROOT,
+    FlakyServicer,
+    StreamRefusingServicer,
+    fake_live_server,
+    server_process,
+)
 from tests.helpers import tone, wav_bytes
 
 pytestmark = pytest.mark.clients
@@ -148,8 +153,8 @@ def test_client_transcripts_equal_the_python_clients(
 ) -> None:
     with AsrClient(server) as python:
         (expected,) = python.transcribe(wav)
-        pcm = np.frombuffer(wav.read_bytes()[44:], "<i2")
-        (streamed,) = python.transcribe((pcm, 16_000))  # the raw PCM the other clients stream
+        # The raw PCM the other clients stream (an int16 array would be peak-normalised, as qwen-asr does).
+        (streamed,) = python.transcribe(RawAudio(wav.read_bytes()[44:], "linear16", 16_000))
     assert expected.text, "the Python client got no text"
     assert streamed.text == expected.text
 
@@ -208,6 +213,20 @@ def test_a_stream_the_server_ends_early_reports_the_servers_status(
     line = error_line(lang, result, exit_code=2)
     assert f"TranscribeStream failed: FAILED_PRECONDITION: {StreamRefusingServicer.MESSAGE}" in line
     assert "EOF" not in line
+
+
+@pytest.mark.parametrize("lang", LANGUAGES)
+def test_the_retry_policy_retries_unavailable(lang: str, client_commands: dict[str, list[str]], wav: Path) -> None:
+    """Every client's service-config retryPolicy: a server that fails the first Transcribe and the first
+    TranscribeStream with UNAVAILABLE (a replica restarting) is asked again, and the client prints the answers."""
+    servicer = FlakyServicer(failures=1)
+    with fake_live_server(servicer, health=True) as target:
+        result = run_client(client_commands[lang], target, wav)
+    assert result.returncode == 0, f"{lang} client failed:\n{result.stderr}"
+    output = json.loads(result.stdout)
+    assert transcript_of(output["unary"]) == ("attempt 2", "English", 1000)
+    assert transcript_of(output["stream"]) == ("attempt 2", "English", 1000)
+    assert servicer.attempts == {"Transcribe": 2, "TranscribeStream": 2}
 
 
 @pytest.fixture(scope="module")

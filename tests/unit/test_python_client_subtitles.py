@@ -27,13 +27,14 @@ def test_srt_numbers_cues_and_vtt_has_its_header() -> None:
         "English", "Hello there. How are you?",
         words(("Hello", 0.1, 0.4), ("there.", 0.5, 0.9), ("How", 1.2, 1.4), ("are", 1.45, 1.6), ("you?", 1.6, 2.05)),
     )
+    # The first cue lasts 0.8 s, under the minimum of 5/6 s: it is held until 0.933 s (the next starts at 1.2 s).
     assert to_srt(result) == (
-        "1\n00:00:00,100 --> 00:00:00,900\nHello there.\n\n"
+        "1\n00:00:00,100 --> 00:00:00,933\nHello there.\n\n"
         "2\n00:00:01,200 --> 00:00:02,050\nHow are you?\n"
     )
     assert to_vtt(result) == (
         "WEBVTT\n\n"
-        "00:00:00.100 --> 00:00:00.900\nHello there.\n\n"
+        "00:00:00.100 --> 00:00:00.933\nHello there.\n\n"
         "00:00:01.200 --> 00:00:02.050\nHow are you?\n"
     )
 
@@ -57,9 +58,10 @@ def test_without_words_segments_become_cues() -> None:
         43.0,
     )
     srt = to_srt(result).splitlines()
+    # A cue is on screen for at most 7 s, however long its segment.
     assert [line for line in srt if SRT_TIME.match(line)] == [
-        "00:00:00,000 --> 00:00:30,000",
-        "00:00:30,000 --> 00:00:42,500",
+        "00:00:00,000 --> 00:00:07,000",
+        "00:00:30,000 --> 00:00:37,000",
     ]
     vtt = to_vtt(ASRTranscription("English", "only text", None, [], 2.0)).splitlines()
     assert vtt[0] == "WEBVTT" and VTT_TIME.match(vtt[2]) and vtt[3] == "only text"

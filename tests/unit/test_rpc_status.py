@@ -21,9 +21,13 @@ from qwenasr.v1 import asr_pb2 as pb
 
 
 def details_of(status: grpc.Status) -> status_pb2.Status:
-    ((key, value),) = status.trailing_metadata
-    assert key == "grpc-status-details-bin"
+    (value,) = [v for k, v in status.trailing_metadata if k == "grpc-status-details-bin"]
     return status_pb2.Status.FromString(value)
+
+
+def pushback_of(status: grpc.Status) -> str | None:
+    values = [v for k, v in status.trailing_metadata if k == "grpc-retry-pushback-ms"]
+    return values[0] if values else None
 
 
 def retry_delay_s(status: grpc.Status) -> float | None:
@@ -62,6 +66,15 @@ def test_retry_info_only_where_retrying_can_succeed() -> None:
     assert details_of(full).message == "queue full"
     assert retry_delay_s(full) == 0.25
     assert retry_delay_s(rpc.grpc_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "too long")) is None
+
+
+def test_retry_pushback_tells_grpc_retries_the_same() -> None:
+    """gRPC's built-in retries (gRFC A6) read grpc-retry-pushback-ms, not RetryInfo: the delay where retrying
+    helps, -1 (do not retry) for a RESOURCE_EXHAUSTED that cannot be cured, nothing for the other codes."""
+    assert pushback_of(rpc.grpc_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", retry_after_s=0.25)) == "250"
+    assert pushback_of(rpc.grpc_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "too long")) == "-1"
+    assert pushback_of(rpc.grpc_status(grpc.StatusCode.UNAVAILABLE, "restarting", retry_after_s=1.0)) == "1000"
+    assert pushback_of(rpc.grpc_status(grpc.StatusCode.INVALID_ARGUMENT, "bad")) is None
 
 
 def test_a_huge_message_is_cut_to_what_a_client_can_receive() -> None:

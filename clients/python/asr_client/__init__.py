@@ -12,7 +12,7 @@ Over TLS: `AsrClient("asr.internal:443", tls_credentials(ca_file="ca.pem"))` (wi
 """
 
 from asr_client.aio import AsyncAsrClient
-from asr_client.audio import AudioLike
+from asr_client.audio import AudioLike, RawAudio
 from asr_client.client import DEFAULT_TARGET, AsrClient
 from asr_client.errors import (
     AsrError,
@@ -41,6 +41,7 @@ __all__ = [
     "ForcedAlignResult",
     "InvalidArgumentError",
     "OutOfRangeError",
+    "RawAudio",
     "ResourceExhaustedError",
     "Segment",
     "StreamingResult",

@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, overload
 
 import grpc
 import grpc.aio
@@ -22,7 +22,9 @@ from asr_client._core import (
     DEFAULT_LIVE_FORMAT,
     DEFAULT_STREAM_THRESHOLD_BYTES,
     DEFAULT_TARGET,
+    ChannelMode,
     Job,
+    Progress,
     auth_metadata,
     channel_options,
     is_single_audio,
@@ -40,6 +42,7 @@ from asr_client.results import (
     ForcedAlignResult,
     StreamingResult,
     align_result,
+    channel_transcriptions_from_pb,
     streaming_result_from_pb,
     transcription_from_pb,
 )
@@ -72,9 +75,11 @@ class AsyncAsrClient:
         timeout_s: float | None = 60.0,
         stream_threshold_bytes: int = DEFAULT_STREAM_THRESHOLD_BYTES,
         fetch_timeout_s: float = 30.0,
+        max_new_tokens: int = 0,
+        retries: bool = True,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        opts = channel_options(options)
+        opts = channel_options(options, retries=retries)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=opts)
         else:
@@ -85,6 +90,7 @@ class AsyncAsrClient:
         self._metadata = auth_metadata(auth_token)
         self._stream_threshold_bytes = stream_threshold_bytes
         self._fetch_timeout_s = fetch_timeout_s
+        self._max_new_tokens = max_new_tokens
 
     async def __aenter__(self) -> AsyncAsrClient:
         return self
@@ -97,25 +103,70 @@ class AsyncAsrClient:
     async def close(self) -> None:
         await self._channel.close(None)
 
+    @overload
     async def transcribe(
         self,
         audio: AudioLike | Sequence[AudioLike],
         context: str | Sequence[str] = "",
         language: str | None | Sequence[str | None] = None,
         return_time_stamps: bool = False,
-    ) -> list[ASRTranscription]:
+        *,
+        max_new_tokens: int | None = None,
+        channel_mode: Literal["downmix"] = "downmix",
+        endpointing: pb.EndpointingConfig | None = None,
+        progress: Progress | None = None,
+    ) -> list[ASRTranscription]: ...
+
+    @overload
+    async def transcribe(
+        self,
+        audio: AudioLike | Sequence[AudioLike],
+        context: str | Sequence[str] = "",
+        language: str | None | Sequence[str | None] = None,
+        return_time_stamps: bool = False,
+        *,
+        max_new_tokens: int | None = None,
+        channel_mode: Literal["separate"],
+        endpointing: pb.EndpointingConfig | None = None,
+        progress: Progress | None = None,
+    ) -> list[list[ASRTranscription]]: ...
+
+    async def transcribe(
+        self,
+        audio: AudioLike | Sequence[AudioLike],
+        context: str | Sequence[str] = "",
+        language: str | None | Sequence[str | None] = None,
+        return_time_stamps: bool = False,
+        *,
+        max_new_tokens: int | None = None,
+        channel_mode: ChannelMode = "downmix",
+        endpointing: pb.EndpointingConfig | None = None,
+        progress: Progress | None = None,
+    ) -> list[ASRTranscription] | list[list[ASRTranscription]]:
         """As `AsrClient.transcribe`; the inputs of a list are sent concurrently."""
-        # Reading files and fetching URLs blocks: keep it off the event loop.
+        # Reading files, fetching URLs and resampling arrays block: keep them off the event loop.
         jobs = await asyncio.to_thread(
-            plan_batch, audio, context, language, return_time_stamps, fetch_timeout_s=self._fetch_timeout_s
+            plan_batch, audio, context, language, return_time_stamps, fetch_timeout_s=self._fetch_timeout_s,
+            max_new_tokens=self._max_new_tokens if max_new_tokens is None else max_new_tokens,
+            channel_mode=channel_mode, endpointing=endpointing,
         )
-        tasks = [asyncio.ensure_future(self._transcribe_one(job)) for job in jobs]
+        tasks = [asyncio.ensure_future(self._transcribe_one(job, progress)) for job in jobs]
         try:
             responses = await asyncio.gather(*tasks)
         finally:
             for task in tasks:
                 task.cancel()
+        if channel_mode == "separate":
+            return [channel_transcriptions_from_pb(r, time_stamps=return_time_stamps) for r in responses]
         return [transcription_from_pb(r, time_stamps=return_time_stamps) for r in responses]
+
+    async def get_supported_languages(self) -> list[str]:
+        """As `AsrClient.get_supported_languages`."""
+        return [language.name for language in (await self.server_info()).languages]
+
+    async def get_supported_aligner_languages(self) -> list[str]:
+        """As `AsrClient.get_supported_aligner_languages`."""
+        return [language.name for language in (await self.server_info()).aligner_languages]
 
     async def align(
         self,
@@ -156,17 +207,21 @@ class AsyncAsrClient:
         interim_interval_ms: int = 0,
         single_utterance: bool = False,
         endpointing: pb.EndpointingConfig | None = None,
-        realtime: bool = True,
+        realtime: bool = False,
         frame_ms: int = 20,
         timeout_s: float | None = None,
+        max_new_tokens: int | None = None,
+        channel_mode: ChannelMode = "downmix",
     ) -> AsyncIterator[StreamingResult]:
-        """As `AsrClient.stream`; frames may also come from an async iterable (a microphone callback queue)."""
+        """As `AsrClient.stream` (`realtime` default False there too); frames may also come from an async iterable
+        (a microphone callback queue)."""
         if is_single_audio(audio):
             fmt, frames = await asyncio.to_thread(
                 pcm_frames,
                 audio,  # type: ignore[arg-type]
                 frame_ms,
                 fetch_timeout_s=self._fetch_timeout_s,
+                separate_channels=channel_mode == "separate",
             )
             source: Iterable[Frame] | AsyncIterable[Frame] = frames
         else:
@@ -180,6 +235,8 @@ class AsyncAsrClient:
             interim_interval_ms=interim_interval_ms,
             single_utterance=single_utterance,
             endpointing=endpointing,
+            max_new_tokens=self._max_new_tokens if max_new_tokens is None else max_new_tokens,
+            channel_mode=channel_mode,
         )
         failure: list[BaseException] = []
 
@@ -279,18 +336,19 @@ class AsyncAsrClient:
             call.cancel()
         return None
 
-    async def _transcribe_one(self, job: Job) -> pb.TranscribeResponse:
+    async def _transcribe_one(self, job: Job, progress: Progress | None = None) -> pb.TranscribeResponse:
         try:
             if len(job.audio.data) <= self._stream_threshold_bytes:
                 method = "Transcribe"
                 request = pb.TranscribeRequest(config=job.config, audio=job.audio.data)
-                response: pb.TranscribeResponse = await self._stub.Transcribe(
-                    request, timeout=self._timeout_s, metadata=self._metadata
-                )
+                unary = self._stub.Transcribe(request, timeout=self._timeout_s, metadata=self._metadata)
+                if progress is not None:
+                    progress(len(job.audio.data))
+                response: pb.TranscribeResponse = await unary
             else:
                 method = "TranscribeStream"
                 response = await self._stub.TranscribeStream(
-                    stream_upload(job), timeout=self._timeout_s, metadata=self._metadata
+                    stream_upload(job, progress=progress), timeout=self._timeout_s, metadata=self._metadata
                 )
         except grpc.RpcError as exc:
             raise error_from_rpc(method, exc, timeout_s=self._timeout_s) from exc

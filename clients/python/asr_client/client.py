@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, overload
 
 import grpc
 import numpy.typing as npt
@@ -17,8 +17,11 @@ from asr_client._core import (
     DEFAULT_LIVE_FORMAT,
     DEFAULT_STREAM_THRESHOLD_BYTES,
     DEFAULT_TARGET,
+    ChannelMode,
     Job,
+    Progress,
     auth_metadata,
+    channel_mode_pb,
     channel_options,
     is_single_audio,
     live_config,
@@ -34,6 +37,7 @@ from asr_client.results import (
     ForcedAlignResult,
     StreamingResult,
     align_result,
+    channel_transcriptions_from_pb,
     streaming_result_from_pb,
     transcription_from_pb,
 )
@@ -52,6 +56,10 @@ class AsrClient:
     for TLS and mTLS; None for a plaintext channel.
     `auth_token`: sent as "authorization: Bearer <token>" for servers started with --auth-token.
     `timeout_s`: the deadline of every call (None: none). A call past it raises `DeadlineExceededError`.
+    `max_new_tokens`: the most tokens generated per chunk of audio, as `Qwen3ASRModel.from_pretrained(...,
+    max_new_tokens=)`; 0: the server's default (`server_info().limits.default_max_new_tokens`).
+    `retries`: gRPC's own retries of calls that fail UNAVAILABLE or RESOURCE_EXHAUSTED (a restart, a full queue):
+    at most 4 attempts with exponential backoff from 0.2 s (see `asr_client._core.RETRY_POLICY`); False: none.
     """
 
     def __init__(
@@ -63,9 +71,11 @@ class AsrClient:
         timeout_s: float | None = 60.0,
         stream_threshold_bytes: int = DEFAULT_STREAM_THRESHOLD_BYTES,
         fetch_timeout_s: float = 30.0,
+        max_new_tokens: int = 0,
+        retries: bool = True,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        opts = channel_options(options)
+        opts = channel_options(options, retries=retries)
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=opts)
         else:
@@ -76,6 +86,7 @@ class AsrClient:
         self._metadata = auth_metadata(auth_token)
         self._stream_threshold_bytes = stream_threshold_bytes
         self._fetch_timeout_s = fetch_timeout_s
+        self._max_new_tokens = max_new_tokens
 
     def __enter__(self) -> AsrClient:
         return self
@@ -90,29 +101,86 @@ class AsrClient:
 
     # ---- the qwen_asr-shaped API ----
 
+    @overload
     def transcribe(
         self,
         audio: AudioLike | Sequence[AudioLike],
         context: str | Sequence[str] = "",
         language: str | None | Sequence[str | None] = None,
         return_time_stamps: bool = False,
-    ) -> list[ASRTranscription]:
+        *,
+        max_new_tokens: int | None = None,
+        channel_mode: Literal["downmix"] = "downmix",
+        endpointing: pb.EndpointingConfig | None = None,
+        progress: Progress | None = None,
+    ) -> list[ASRTranscription]: ...
+
+    @overload
+    def transcribe(
+        self,
+        audio: AudioLike | Sequence[AudioLike],
+        context: str | Sequence[str] = "",
+        language: str | None | Sequence[str | None] = None,
+        return_time_stamps: bool = False,
+        *,
+        max_new_tokens: int | None = None,
+        channel_mode: Literal["separate"],
+        endpointing: pb.EndpointingConfig | None = None,
+        progress: Progress | None = None,
+    ) -> list[list[ASRTranscription]]: ...
+
+    def transcribe(
+        self,
+        audio: AudioLike | Sequence[AudioLike],
+        context: str | Sequence[str] = "",
+        language: str | None | Sequence[str | None] = None,
+        return_time_stamps: bool = False,
+        *,
+        max_new_tokens: int | None = None,
+        channel_mode: ChannelMode = "downmix",
+        endpointing: pb.EndpointingConfig | None = None,
+        progress: Progress | None = None,
+    ) -> list[ASRTranscription] | list[list[ASRTranscription]]:
         """Transcribes one audio input or a list of them; returns one `ASRTranscription` per input, in order.
 
-        `audio`: a path, an http(s) URL, a ``data:audio/...;base64,`` URL, encoded file bytes, a
-        ``(numpy array, sample_rate)`` tuple, or a list of these (sent concurrently; the server batches them).
+        `audio`: a path, an http(s) URL, a ``data:audio/...;base64,`` URL or bare base64, encoded file bytes,
+        `RawAudio`, a ``(numpy array, sample_rate)`` tuple (normalised as `qwen_asr` does: see `asr_client.audio`),
+        or a list of these (sent concurrently; the server batches them).
         `context` and `language` (a name such as "English" or a code such as "en"; None: detect) are either
         one value for every input or a list as long as `audio` (else ValueError).
-        `return_time_stamps`: word timestamps in `.time_stamps` (the server needs its forced aligner).
+        `return_time_stamps`: word timestamps in `.time_stamps` (the server needs its forced aligner; without one
+        `FailedPreconditionError`, a `ValueError`).
+        `max_new_tokens`: per call, overriding the constructor's (None: that one).
+        `channel_mode`: "downmix" (channels averaged, one result per input) or "separate" (every channel on its
+        own: a list of one result per channel, `.channel_index` 0, 1, ..., for every input).
+        `endpointing`: cut the audio into utterances at pauses, one `.segments` entry each (server defaults for an
+        empty `EndpointingConfig()`).
+        `progress`: called with the number of audio bytes each time some were handed to gRPC (a progress bar).
         """
-        jobs = plan_batch(audio, context, language, return_time_stamps, fetch_timeout_s=self._fetch_timeout_s)
-        calls = [self._start(job) for job in jobs]
+        jobs = plan_batch(
+            audio, context, language, return_time_stamps, fetch_timeout_s=self._fetch_timeout_s,
+            max_new_tokens=self._max_new_tokens if max_new_tokens is None else max_new_tokens,
+            channel_mode=channel_mode, endpointing=endpointing,
+        )
+        calls = [self._start(job, progress) for job in jobs]
         try:
             responses = [self._result(method, call) for method, call in calls]
         finally:
             for _, call in calls:
                 call.cancel()  # no-op for finished calls; frees the others after a failure
+        if channel_mode == "separate":
+            return [channel_transcriptions_from_pb(r, time_stamps=return_time_stamps) for r in responses]
         return [transcription_from_pb(r, time_stamps=return_time_stamps) for r in responses]
+
+    def get_supported_languages(self) -> list[str]:
+        """The languages `transcribe(language=)` takes, by name, as `Qwen3ASRModel.get_supported_languages()`
+        (from the server's GetServerInfo: the model's 30)."""
+        return [language.name for language in self.server_info().languages]
+
+    def get_supported_aligner_languages(self) -> list[str]:
+        """The languages word timestamps and `align` cover, by name (the forced aligner's 11), as
+        `Qwen3ForcedAligner`'s supported languages; empty when the server has no aligner."""
+        return [language.name for language in self.server_info().aligner_languages]
 
     def align(
         self,
@@ -159,20 +227,29 @@ class AsrClient:
         interim_interval_ms: int = 0,
         single_utterance: bool = False,
         endpointing: pb.EndpointingConfig | None = None,
-        realtime: bool = True,
+        realtime: bool = False,
         frame_ms: int = 20,
         timeout_s: float | None = None,
+        max_new_tokens: int | None = None,
+        channel_mode: ChannelMode = "downmix",
     ) -> Iterator[StreamingResult]:
         """Live recognition over StreamingRecognize: yields interim (if asked) and final results as they come.
 
         `audio` is a file, URL, bytes or ``(array, rate)`` (decoded to PCM and sent in `frame_ms` frames), or an
         iterable of frames: bytes laid out as `audio_format` says (default LINEAR16, 16 kHz, mono) or numpy
-        arrays (converted to that encoding). `realtime` paces the upload like a live source. `timeout_s` is the
-        deadline of the whole stream (None: none). Raises `UnimplementedError` when the server does not serve
+        arrays (converted to that encoding).
+        `realtime` (default False, as `asr-client stream` without --realtime): False sends audio as fast as the
+        connection takes it (a live source's iterator paces itself by yielding frames as they are recorded);
+        True paces a recording like a live source, each frame once its time has passed. `timeout_s` is the
+        deadline of the whole stream (None: none). `channel_mode="separate"`: every channel recognised on its own;
+        each result's `channel_index` says which. Raises `UnimplementedError` when the server does not serve
         StreamingRecognize.
         """
+        separate = channel_mode == "separate"
         if is_single_audio(audio):
-            fmt, frames = pcm_frames(audio, frame_ms, fetch_timeout_s=self._fetch_timeout_s)  # type: ignore[arg-type]
+            fmt, frames = pcm_frames(
+                audio, frame_ms, fetch_timeout_s=self._fetch_timeout_s, separate_channels=separate  # type: ignore[arg-type]
+            )
             source: Iterable[Frame] = frames
         else:
             fmt, source = audio_format or DEFAULT_LIVE_FORMAT, audio  # type: ignore[assignment]
@@ -185,6 +262,8 @@ class AsrClient:
             interim_interval_ms=interim_interval_ms,
             single_utterance=single_utterance,
             endpointing=endpointing,
+            max_new_tokens=self._max_new_tokens if max_new_tokens is None else max_new_tokens,
+            channel_mode=channel_mode,
         )
         upload = _Upload(first, source, fmt, realtime)
         call = self._stub.StreamingRecognize(upload, timeout=timeout_s, metadata=self._metadata)
@@ -246,6 +325,7 @@ class AsrClient:
         context: str = "",
         return_word_timestamps: bool = False,
         max_new_tokens: int = 0,
+        channel_mode: ChannelMode = "downmix",
     ) -> pb.TranscribeResponse:
         """One Transcribe call (TranscribeStream for large audio) returning the full protobuf response."""
         config = pb.RecognitionConfig(
@@ -253,7 +333,8 @@ class AsrClient:
             language=language,
             context=context,
             return_word_timestamps=return_word_timestamps,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=max_new_tokens or self._max_new_tokens,
+            channel_mode=channel_mode_pb(channel_mode),
         )
         method, call = self._start(Job(PreparedAudio(bytes(audio), config.audio_format, "bytes"), config))
         return self._result(method, call)
@@ -263,14 +344,15 @@ class AsrClient:
 
     # ---- internals ----
 
-    def _start(self, job: Job) -> tuple[str, grpc.Future[pb.TranscribeResponse]]:
+    def _start(self, job: Job, progress: Progress | None = None) -> tuple[str, grpc.Future[pb.TranscribeResponse]]:
         if len(job.audio.data) <= self._stream_threshold_bytes:
             request = pb.TranscribeRequest(config=job.config, audio=job.audio.data)
-            return "Transcribe", self._stub.Transcribe.future(
-                request, timeout=self._timeout_s, metadata=self._metadata
-            )
+            future = self._stub.Transcribe.future(request, timeout=self._timeout_s, metadata=self._metadata)
+            if progress is not None:
+                progress(len(job.audio.data))
+            return "Transcribe", future
         return "TranscribeStream", self._stub.TranscribeStream.future(
-            stream_upload(job), timeout=self._timeout_s, metadata=self._metadata
+            stream_upload(job, progress=progress), timeout=self._timeout_s, metadata=self._metadata
         )
 
     def _result(self, method: str, call: grpc.Future[pb.TranscribeResponse]) -> pb.TranscribeResponse:

@@ -1,8 +1,10 @@
 """Errors raised by the client: one class per gRPC status that callers handle differently.
 
 Every error is an `AsrError` carrying the status `code` and the server's `details`. Some are also a built-in
-exception, so code written for the reference `qwen_asr` library keeps working: a bad argument is a `ValueError`,
-a deadline a `TimeoutError`, a method the server does not serve a `NotImplementedError`.
+exception, so code written for the reference `qwen_asr` library keeps working: what the reference raises as a
+`ValueError` (a bad argument: `InvalidArgumentError`; a feature the setup lacks, e.g. timestamps without a forced
+aligner: `FailedPreconditionError`) is one here too, a deadline a `TimeoutError`, a method the server does not
+serve a `NotImplementedError`. `except ValueError` in ported code catches both.
 
 Whether to retry is the server's word: it puts a `google.rpc.RetryInfo` in the status details of the errors that
 retrying can cure (a full queue, a restart), and `retryable` / `retry_delay_s` read it.
@@ -55,8 +57,9 @@ class OutOfRangeError(AsrError):
     `limits.stream_idle_timeout_ms`) and was ended; open a new stream when audio comes again."""
 
 
-class FailedPreconditionError(AsrError):
-    """The server runs without a feature the request needs, e.g. word timestamps without an aligner."""
+class FailedPreconditionError(AsrError, ValueError):
+    """The server runs without a feature the request needs, e.g. word timestamps without an aligner. Also a
+    `ValueError`: `qwen_asr` raises ValueError for `return_time_stamps=True` on a model loaded without one."""
 
 
 class ResourceExhaustedError(AsrError):

@@ -57,7 +57,8 @@ class ASRTranscription:
 
     `language` is e.g. "English", "Chinese,English" when it changes, or "" when no speech was found.
     `time_stamps` is set only when asked for (`return_time_stamps=True`); it is empty when the aligner does not
-    cover the language or nothing was recognised. `segments` and `duration` (seconds) are extras of this client.
+    cover the language or nothing was recognised. `segments`, `duration` (seconds) and `channel_index` (with
+    ``channel_mode="separate"``: the channel this result is of; else 0) are extras of this client.
     """
 
     language: str
@@ -65,6 +66,7 @@ class ASRTranscription:
     time_stamps: ForcedAlignResult | None = None
     segments: list[Segment] = field(default_factory=list)
     duration: float = 0.0
+    channel_index: int = 0
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,16 @@ def transcription_from_pb(response: pb.TranscribeResponse, *, time_stamps: bool)
     duration = seconds(response.audio_duration_ms)
     if not response.transcripts:
         return ASRTranscription("", "", ForcedAlignResult() if time_stamps else None, [], duration)
-    transcript = response.transcripts[0]
+    return _transcription(response.transcripts[0], duration, time_stamps=time_stamps)
+
+
+def channel_transcriptions_from_pb(response: pb.TranscribeResponse, *, time_stamps: bool) -> list[ASRTranscription]:
+    """One result per channel of a CHANNEL_MODE_SEPARATE response, in channel order."""
+    duration = seconds(response.audio_duration_ms)
+    return [_transcription(t, duration, time_stamps=time_stamps) for t in response.transcripts]
+
+
+def _transcription(transcript: pb.Transcript, duration: float, *, time_stamps: bool) -> ASRTranscription:
     segments = [Segment(seconds(s.start_ms), seconds(s.end_ms), s.text, s.language) for s in transcript.segments]
     return ASRTranscription(
         language=transcript.language,
@@ -104,6 +115,7 @@ def transcription_from_pb(response: pb.TranscribeResponse, *, time_stamps: bool)
         time_stamps=align_result(transcript.words) if time_stamps else None,
         segments=segments,
         duration=duration,
+        channel_index=transcript.channel_index,
     )
 
 

@@ -74,7 +74,28 @@ def grpc_status(code: grpc.StatusCode, message: str, *, retry_after_s: float | N
         delay.FromNanoseconds(round(retry_after_s * 1e9))
         status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
     result: grpc.Status = rpc_status.to_status(status)
-    return result
+    pushback = _retry_pushback_ms(code, retry_after_s)
+    if pushback is None:
+        return result
+    return _Status(result.code, result.details, (*result.trailing_metadata, ("grpc-retry-pushback-ms", pushback)))
+
+
+def _retry_pushback_ms(code: grpc.StatusCode, retry_after_s: float | None) -> str | None:
+    """The same advice for gRPC's built-in retries (gRFC A6), which read the `grpc-retry-pushback-ms` trailer, not
+    RetryInfo: the delay when retrying helps, -1 ("do not retry") for a RESOURCE_EXHAUSTED that retrying cannot cure
+    (audio over a limit), so clients whose retry policy lists RESOURCE_EXHAUSTED for full queues stop at once."""
+    if retry_after_s is not None:
+        return str(max(0, round(retry_after_s * 1000)))
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return "-1"
+    return None
+
+
+@dataclass(frozen=True)
+class _Status(grpc.Status):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
 class RpcObserver(Protocol):
@@ -158,15 +179,20 @@ def _request_id(metadata: Any) -> str:
     return uuid.uuid4().hex[:16]
 
 
-async def _start_request_id(context: grpc.aio.ServicerContext[Any, Any], span: Span) -> None:
-    """Makes the call's id current, puts it on the span and in the response header, then refuses an invalid one
-    the caller sent (after: the refusal's span and header carry the id the access log has)."""
+async def _start_request_id(context: grpc.aio.ServicerContext[Any, Any], span: Span, *, send_header: bool) -> None:
+    """Makes the call's id current, puts it on the span and (with `send_header`) in the response header, then
+    refuses an invalid one the caller sent (after: the refusal's span and header carry the id the access log has).
+
+    Unary-response calls send the header only with their response (`_send_request_id_header`), and a failure's
+    trailers carry the id instead (`_abort`): a call that has received headers is committed, and gRPC's own retries
+    (the clients' retryPolicy) could then never retry a full queue or an aligner restart."""
     metadata = context.invocation_metadata()
     record = _CURRENT_CALL.get()
     request_id = record.request_id if record is not None else _request_id(metadata)
     _REQUEST_ID.set(request_id)
     span.set_attribute(REQUEST_ID_SPAN_ATTRIBUTE, request_id)
-    await context.send_initial_metadata(((REQUEST_ID_METADATA, request_id),))
+    if send_header:
+        await _send_request_id_header(context)
     given = _caller_request_id(metadata)
     if given is not None and not _valid_request_id(given):
         shown = excerpt(given.decode("utf-8", "replace") if isinstance(given, bytes) else given)
@@ -174,6 +200,10 @@ async def _start_request_id(context: grpc.aio.ServicerContext[Any, Any], span: S
             f"metadata {REQUEST_ID_METADATA} {shown} is not a valid request id; accepted: 1 to "
             f"{_MAX_REQUEST_ID_CHARS} printable ASCII characters, or no {REQUEST_ID_METADATA} for a generated one"
         )
+
+
+async def _send_request_id_header(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    await context.send_initial_metadata(((REQUEST_ID_METADATA, _REQUEST_ID.get()),))
 
 
 def _refusal_reason(exc: AsrError) -> str:
@@ -354,7 +384,7 @@ def guarded(
         async def stream_behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             with rpc_span(method, context.invocation_metadata()) as span:
                 try:
-                    await _start_request_id(context, span)
+                    await _start_request_id(context, span, send_header=True)
                     _admit(refusal)
                     async with aclosing(inner_stream(_parsed(request, streaming_in), context)) as responses:
                         async for response in responses:
@@ -371,9 +401,11 @@ def guarded(
         async def unary_behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             with rpc_span(method, context.invocation_metadata()) as span:
                 try:
-                    await _start_request_id(context, span)
+                    await _start_request_id(context, span, send_header=False)
                     _admit(refusal)
-                    return await inner_unary(_parsed(request, streaming_in), context)
+                    response = await inner_unary(_parsed(request, streaming_in), context)
+                    await _send_request_id_header(context)
+                    return response
                 except (asyncio.CancelledError, grpc.aio.AbortError):
                     raise
                 except Exception as exc:  # noqa: BLE001 - every failure ends the call with a status
@@ -450,6 +482,10 @@ async def _abort(
         record.code, record.message, record.refused = status.code, status.details, refused
     span.set_attribute("rpc.grpc.status_code", status.code.value[0])
     span.set_status(StatusCode.ERROR, status.code.name)
+    trailing = tuple(status.trailing_metadata)
+    request_id = _REQUEST_ID.get()
+    if request_id:  # a failed unary call sent no header: its id travels in the trailers (see _start_request_id)
+        trailing += ((REQUEST_ID_METADATA, request_id),)
     # What context.abort_with_status does; grpc.aio's stubs lack it.
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    await context.abort(status.code, status.details, trailing)
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover

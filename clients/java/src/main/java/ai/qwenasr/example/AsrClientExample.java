@@ -7,6 +7,7 @@ import ai.qwenasr.v1.RecognitionConfig;
 import ai.qwenasr.v1.TranscribeRequest;
 import ai.qwenasr.v1.TranscribeResponse;
 import ai.qwenasr.v1.TranscribeStreamRequest;
+import com.google.gson.Gson;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
 import com.google.protobuf.ByteString;
@@ -30,6 +31,7 @@ import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.Arrays;
+import java.util.Map;
 import java.util.concurrent.CompletableFuture;
 import java.util.concurrent.TimeUnit;
 
@@ -44,6 +46,30 @@ import java.util.concurrent.TimeUnit;
  * status code and the server's message).
  */
 public final class AsrClientExample {
+  /**
+   * gRPC's own retry policy (gRFC A6), the same in every client of this repository: a call that fails UNAVAILABLE
+   * (a server restarting, a connection refused) or RESOURCE_EXHAUSTED (a full queue) is sent again, at most 4
+   * attempts in all, after jittered exponential backoff from 0.2 s (at most 2 s). The server's
+   * "grpc-retry-pushback-ms" trailer overrides the backoff (its RetryInfo delay) or stops the retries (-1: audio over
+   * a limit, which no retry cures). A call is retried only until its first response header arrives, and a client
+   * stream only while gRPC still holds what was sent (its retry buffer). StreamingRecognize is left out: live audio
+   * is not replayed.
+   */
+  static final String RETRY_SERVICE_CONFIG = "{\"methodConfig\": [{"
+      + "\"name\": [{\"service\": \"qwenasr.v1.AsrService\", \"method\": \"Transcribe\"},"
+      + " {\"service\": \"qwenasr.v1.AsrService\", \"method\": \"TranscribeStream\"},"
+      + " {\"service\": \"qwenasr.v1.AsrService\", \"method\": \"Align\"},"
+      + " {\"service\": \"qwenasr.v1.AsrService\", \"method\": \"GetServerInfo\"},"
+      + " {\"service\": \"grpc.health.v1.Health\", \"method\": \"Check\"}],"
+      + " \"retryPolicy\": {\"maxAttempts\": 4, \"initialBackoff\": \"0.2s\", \"maxBackoff\": \"2s\","
+      + " \"backoffMultiplier\": 2, \"retryableStatusCodes\": [\"UNAVAILABLE\", \"RESOURCE_EXHAUSTED\"]}}]}";
+
+  /** The service config as grpc-java takes it: nested maps and lists, numbers as Double (what Gson makes). */
+  @SuppressWarnings("unchecked")
+  static Map<String, ?> retryServiceConfig() {
+    return new Gson().fromJson(RETRY_SERVICE_CONFIG, Map.class);
+  }
+
   private static final String USAGE =
       "usage: AsrClientExample [--target host:port] [--language L] [--token TOKEN] FILE.wav";
 
@@ -209,7 +235,8 @@ public final class AsrClientExample {
       throw new UsageException(file + ": not a usable WAV file: " + e.getMessage());
     }
 
-    ManagedChannel managed = ManagedChannelBuilder.forTarget(target).usePlaintext().build();
+    ManagedChannel managed = ManagedChannelBuilder.forTarget(target).usePlaintext()
+        .defaultServiceConfig(retryServiceConfig()).enableRetry().build();
     try {
       Channel channel = managed;
       if (!token.isEmpty()) { // "authorization: Bearer TOKEN" on every call
