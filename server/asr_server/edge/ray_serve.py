@@ -33,12 +33,21 @@ logger = logging.getLogger(__name__)
 
 ASR_SERVICE = asr_pb2.DESCRIPTOR.services_by_name["AsrService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-# What Ray's proxy must register to route our methods (the `grpc_servicer_functions` of its gRPC options).
+# What Ray's proxy must register to route our methods (the `grpc_servicer_functions` of its gRPC options); the
+# last is not a service: it makes the proxy answer UNAVAILABLE for a dead replica's calls (edge/ray_proxy.py).
 GRPC_SERVICER_FUNCTIONS = (
     "qwenasr.v1.asr_pb2_grpc.add_AsrServiceServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "asr_server.edge.ray_proxy.add_replica_death_status_to_server",
 )
 DEPLOYMENT_NAME = "AsrReplica"
+# Ray's proxy routes a call to a replica on its own node (then its own zone) while one has room, not to the least
+# loaded one: a node's proxy would fill its node's replicas to max_ongoing_requests first. Set in the environment of
+# the processes that start Ray (the proxies inherit it), for power-of-two-choices over all replicas.
+ROUTING_ENVIRONMENT = {
+    "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0",
+    "RAY_SERVE_PROXY_PREFER_LOCAL_AZ_ROUTING": "0",
+}
 # Metadata Ray's proxy adds for its own routing; not the caller's, so not relayed to the replica's server.
 _PROXY_METADATA = frozenset({"application", "request_id", "multiplexed_model_id", "session_id", "user-agent"})
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
