@@ -41,7 +41,7 @@ def add_replica_death_status_to_server(servicer: Any, server: Any) -> None:
             PATCHED_RAY_VERSION,
         )
         return
-    original = proxy.get_grpc_response_status
+    original = proxy.get_grpc_response_status  # type: ignore[attr-defined]
     if getattr(original, "asr_replica_death", False):
         return  # this proxy process was set up once already
 
@@ -55,4 +55,4 @@ def add_replica_death_status_to_server(servicer: Any, server: Any) -> None:
         return original(exc, request_timeout_s, request_id)
 
     get_grpc_response_status.asr_replica_death = True  # type: ignore[attr-defined]
-    proxy.get_grpc_response_status = get_grpc_response_status
+    proxy.get_grpc_response_status = get_grpc_response_status  # type: ignore[attr-defined]

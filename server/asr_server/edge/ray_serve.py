@@ -258,18 +258,32 @@ class RayServeFile:
     app_name: str = "asr"
 
 
-def read_serve_file(path: Path) -> RayServeFile:
+def read_serve_file(path: Path, environ: Mapping[str, str]) -> RayServeFile:
+    """Reads and checks the file; its `server_args` are checked here, by the flags' parser, so that a bad flag
+    fails the command at once instead of failing every replica Ray starts."""
     import yaml
 
     raw = yaml.safe_load(path.read_text())
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping at the top")
+        raise ValueError("expected a mapping at the top")
+    unknown = set(raw) - {"grpc_port", "server_args", "deployment", "ray_address", "app_name"}
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}")
     deployment = raw.get("deployment") or {}
+    if not isinstance(deployment, dict):
+        raise ValueError("deployment must be a mapping")
+    try:
+        options = DeploymentOptions(**deployment)
+    except TypeError as exc:
+        raise ValueError(f"deployment: {exc}") from None
+    server_args = tuple(str(arg) for arg in raw.get("server_args") or ())
+    parse_serve_config([*server_args, "--host", "127.0.0.1", "--port", "0"], environ)
+    address = raw.get("ray_address")
     return RayServeFile(
         grpc_port=int(raw.get("grpc_port", 9000)),
-        server_args=tuple(str(arg) for arg in raw.get("server_args") or ()),
-        deployment=DeploymentOptions(**deployment),
-        ray_address=raw.get("ray_address"),
+        server_args=server_args,
+        deployment=options,
+        ray_address=str(address) if address else None,
         app_name=str(raw.get("app_name", "asr")),
     )
 
@@ -286,12 +300,16 @@ def start_serve(serve_file: RayServeFile) -> None:
     )
 
 
-def serve_from_file(path: Path) -> None:
-    """`asr-server ray serve --config PATH`: deploys, then blocks until SIGTERM or SIGINT."""
+def serve_from_file(serve_file: RayServeFile) -> None:
+    """`asr-server ray serve --config PATH`: deploys, then blocks until SIGTERM or SIGINT, then shuts Serve down
+    (each replica drains: AsrReplica.__del__)."""
     import ray
     from ray import serve
 
-    serve_file = read_serve_file(path)
+    # Inherited by the proxies of a cluster started here; a cluster joined (ray_address) needs them set where its
+    # nodes were started (docs/scale-out.md).
+    for name, value in ROUTING_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     ray.init(address=serve_file.ray_address)
     start_serve(serve_file)
     print(f"asr-server: Ray Serve gRPC proxy on port {serve_file.grpc_port}", flush=True)
