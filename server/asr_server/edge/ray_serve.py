@@ -175,8 +175,9 @@ class AsrReplica:
         return self.pid
 
     async def __del__(self) -> None:
-        # Ray calls this on scale-down, upgrade and shutdown (within graceful_shutdown_timeout_s): live streams
-        # flush their open utterances as finals and end UNAVAILABLE, other calls get the grace to finish.
+        # Ray calls this on scale-down, upgrade and shutdown, but only once the calls in flight are done (or at
+        # graceful_shutdown_timeout_s, when it kills the replica instead): live streams still open here flush
+        # their open utterances as finals and end UNAVAILABLE (docs/scale-out.md, "Left").
         await self._server.stop()
         await self._channel.close(grace=None)
 
