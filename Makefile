@@ -19,6 +19,7 @@ system-deps:
 client-deps:
 	bash clients/setup.sh
 
+# .[ray]: Ray Serve for tests/integration/test_ray_serve.py (~80 MB wheel; docs/scale-out.md).
 # torch==2.13.0 is the CPU build on this machine's disk (any other spec may pull a CUDA build of several GB).
 # The stubs are generated before the editable install so that setuptools finds the generated package.
 $(VENV)/.installed: pyproject.toml
@@ -27,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q grpcio-tools mypy-protobuf
 	bash scripts/gen_proto.sh $(PY)
-	$(PIP) install -q -e '.[dev,ja,ko]'
+	$(PIP) install -q -e '.[dev,ja,ko,ray]'
 	touch $@
 
 setup: system-deps client-deps $(VENV)/.installed proto

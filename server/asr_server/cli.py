@@ -46,8 +46,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add_sidecar_arguments(aligner)
 
+    ray_command = commands.add_parser(
+        "ray", help="scale out on Ray Serve (the optional extra .[ray]; docs/scale-out.md)"
+    ).add_subparsers(dest="ray_command", required=True)
+    ray_serve = ray_command.add_parser(
+        "serve", help="serve the gRPC API through Ray Serve's gRPC proxy, one engine per replica"
+    )
+    ray_serve.add_argument(
+        "--config", type=Path, required=True, help="the Ray Serve file, e.g. deploy/ray/serve.yaml"
+    )
+
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
+    if args.command == "ray":
+        return _ray_serve(args.config, ray_serve)
     if args.command == "build-tiny-checkpoint":
         from asr_server.models.tiny_checkpoint import build_all
 
@@ -95,6 +107,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.debug("start-up failed", exc_info=exc)
         print(f"asr-server: error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
+    return 0
+
+
+def _ray_serve(path: Path, parser: argparse.ArgumentParser) -> int:
+    try:
+        import ray  # noqa: F401 - only to say that the extra is missing, before anything else
+    except ImportError:
+        parser.error("Ray is not installed: pip install 'qwen-asr-server[ray]' (or `pip install .[ray]`)")
+    from asr_server.edge.ray_serve import read_serve_file, serve_from_file
+
+    try:
+        serve_file = read_serve_file(path, os.environ)
+    except (OSError, ValueError, ConfigError) as exc:
+        parser.error(f"--config {path}: {exc}")
+    serve_from_file(serve_file)
     return 0
 
 
