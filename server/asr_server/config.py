@@ -182,9 +182,10 @@ class StreamingConfig:
     trailing_silence_ms: int = 800
     # Speculative finals: once an open utterance has been silent this long, its final is decoded ahead of the
     # endpoint (and dropped if speech resumes), so it is ready when the trailing silence runs out. 240 ms: longer
-    # than most pauses inside speech (stop closures, hesitations between words: under 250 ms), so few speculations
-    # are wasted, and it still leaves 560 ms of the default 800 ms wait for the decode. At most half a stream's
-    # trailing silence (a 200 ms voice-bot stream speculates after 96 ms). 0: off. docs/streaming.md.
+    # than the gaps inside fluent speech (between words, stop closures: mostly under 200 ms), so only real pauses
+    # (a breath, a comma) waste a decode, and it leaves 560 ms of the default 800 ms wait for the decode. At most
+    # half a stream's trailing silence (a 200 ms voice-bot stream speculates after 96 ms). 0: off.
+    # docs/streaming.md says more.
     speculative_final_after_ms: int = 240
     # Wall-clock cap on one live stream, for load balancing: a gRPC stream stays on the replica it opened on, so a
     # fleet only rebalances as streams end. At the cap the open utterance is flushed as a final and the call ends
