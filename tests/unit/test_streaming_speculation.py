@@ -82,7 +82,7 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 
 
 class Stream:
-    def __init__(self, speculate_after_ms: int, *, interims: bool = True) -> None:
+    def __init__(self, speculate_after_ms: int, *, interims: bool = True, max_utterance_ms: int = 30_000) -> None:
         self.engine = GatedEngine()
         self.work: list[UtteranceWork] = []
         self.events: list[StreamEvent] = []
@@ -90,7 +90,11 @@ class Stream:
         self.session = StreamingSession(
             StreamingOptions(
                 transcribe=TranscribeOptions(language=None, context="", max_new_tokens=4096),
-                endpoint=EndpointSettings(trailing_silence_ms=TRAILING_MS, speculate_after_ms=speculate_after_ms),
+                endpoint=EndpointSettings(
+                    trailing_silence_ms=TRAILING_MS,
+                    max_utterance_ms=max_utterance_ms,
+                    speculate_after_ms=speculate_after_ms,
+                ),
                 interim_results=interims,
                 interim_interval_ms=1000,
             ),
@@ -205,6 +209,24 @@ async def test_speech_resuming_cancels_the_speculation_and_the_final_covers_the_
     await stream.finish()
     (work,) = stream.work
     assert (work.speculations, work.speculations_kept, work.speculations_discarded) == (2, 1, 1)
+
+
+async def test_a_max_length_cut_in_the_silence_discards_the_speculation() -> None:
+    stream = Stream(SPECULATE_MS, interims=False, max_utterance_ms=2_000)
+    await stream.feed(np.concatenate([silence(0.5), noise(1.4, seed=5), silence(0.4)]))
+    (speculative,) = stream.engine.finals
+    assert not stream.ended
+    await stream.feed(silence(0.3))  # the utterance reaches 2 s in its silence: cut there (forced), not ended
+    assert stream.engine.cancelled == [speculative]
+    assert len(stream.ended) == 1
+    await stream.finish()
+    first = stream.finals[0]
+    span = stream.span_audio(first.start_ms * 16, first.end_ms * 16)
+    # The cut utterance's final is decoded on its own, of its exact span, once.
+    (own,) = [r for r in stream.engine.finals if same_samples(r, span)]
+    assert own is not speculative
+    work = stream.work[0]
+    assert (work.speculations, work.speculations_kept, work.speculations_discarded) == (1, 0, 1)
 
 
 async def test_with_speculation_off_the_final_is_decoded_after_the_endpoint_as_before() -> None:

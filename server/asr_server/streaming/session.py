@@ -598,7 +598,7 @@ class StreamingSession:
         if current.decode.done():
             if not current.decode.cancelled() and current.decode.exception() is not None:
                 logger.warning(
-                    "a speculative final failed (%s); speech resumed, so the utterance's final decodes anew",
+                    "a speculative final failed (%s); it was discarded unused (the final decodes on its own)",
                     current.decode.exception(),
                 )
         else:
