@@ -185,6 +185,13 @@ class StreamingConfig:
     # Endpointing's trailing silence when a request leaves it 0 (docs/streaming.md says why 800 ms). Voice-bot and
     # IVR deployments whose callers cannot set it per stream set it here, down to 200 ms.
     trailing_silence_ms: int = 800
+    # Speculative finals: once an open utterance has been silent this long, its final is decoded ahead of the
+    # endpoint (and dropped if speech resumes), so it is ready when the trailing silence runs out. 240 ms: longer
+    # than the gaps inside fluent speech (between words, stop closures: mostly under 200 ms), so only real pauses
+    # (a breath, a comma) waste a decode, and it leaves 560 ms of the default 800 ms wait for the decode. At most
+    # half a stream's trailing silence (a 200 ms voice-bot stream speculates after 96 ms). 0: off.
+    # docs/streaming.md says more.
+    speculative_final_after_ms: int = 240
     # Wall-clock cap on one live stream, for load balancing: a gRPC stream stays on the replica it opened on, so a
     # fleet only rebalances as streams end. At the cap the open utterance is flushed as a final and the call ends
     # UNAVAILABLE with RetryInfo 0 s and the processed_audio_ms to resume from. 0 (default): no cap, because a
@@ -449,6 +456,13 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
         int,
         "endpointing: silence that ends an utterance when the request leaves it 0 (100..10000)",
     ),
+    (
+        "streaming",
+        "speculative_final_after_ms",
+        "--speculative-final-after-ms",
+        int,
+        "live streams: decode a final ahead of the endpoint after this much silence (0: off; 0..10000)",
+    ),
     ("tracing", "exporter", "--tracing", str, "none, console or otlp"),
     ("tracing", "otlp_endpoint", "--otlp-endpoint", str, "OTLP gRPC endpoint"),
     ("tracing", "service_name", "--service-name", str, "service.name of spans"),
@@ -683,6 +697,10 @@ def validate(config: Config) -> None:
     need(config.streaming.max_stream_lag_ms >= 0, "--max-stream-lag-ms must be >= 0")
     need(config.streaming.max_duration_s >= 0, "--max-stream-duration-s must be >= 0 (0: no cap)")
     need(100 <= config.streaming.trailing_silence_ms <= 10_000, "--trailing-silence-ms must be 100..10000")
+    need(
+        0 <= config.streaming.speculative_final_after_ms <= 10_000,
+        "--speculative-final-after-ms must be 0..10000 (0: off)",
+    )
     need(config.aligner.mode in ("spawn", "connect"), "--aligner-mode must be spawn or connect")
     need(config.aligner.max_batch_size >= 1, "--aligner-max-batch-size must be >= 1")
     need(config.aligner.max_batch_wait_ms >= 0, "--aligner-max-batch-wait-ms must be >= 0")

@@ -20,6 +20,17 @@ def test_the_trailing_silence_default_can_be_set_down_to_200_ms_by_flag_or_envir
     assert parse_serve_config([], {"ASR_TRAILING_SILENCE_MS": "300"}).streaming.trailing_silence_ms == 300
 
 
+def test_speculative_finals_default_to_240_ms_are_set_by_flag_or_environment_and_validated() -> None:
+    assert parse_serve_config([], {}).streaming.speculative_final_after_ms == 240
+    assert parse_serve_config(["--speculative-final-after-ms", "0"], {}).streaming.speculative_final_after_ms == 0
+    env = {"ASR_SPECULATIVE_FINAL_AFTER_MS": "160"}
+    assert parse_serve_config([], env).streaming.speculative_final_after_ms == 160
+    # With a 200 ms trailing silence the default still starts (at most half the trailing silence: per stream).
+    assert parse_serve_config(["--trailing-silence-ms", "200"], {}).streaming.speculative_final_after_ms == 240
+    with pytest.raises(ConfigError, match="--speculative-final-after-ms"):
+        parse_serve_config(["--speculative-final-after-ms", "-1"], {})
+
+
 def test_flags_win_over_environment_which_wins_over_defaults() -> None:
     env = {"ASR_PORT": "7000", "ASR_MAX_INFERENCE_BATCH_SIZE": "8", "ASR_NO_WARMUP": "1"}
     config = parse_serve_config(["--port", "9000", "--model", "/models/x"], env)

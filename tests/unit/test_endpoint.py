@@ -93,3 +93,78 @@ def test_an_utterance_never_starts_before_the_previous_one_ended() -> None:
 def test_settings_are_checked(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         EndpointSettings(**bad)  # type: ignore[arg-type]
+
+
+# ---- pending_end: the span a speculative final decodes ----
+
+
+def _random_probs(rng: np.random.Generator, frames: int) -> np.ndarray:
+    """Runs of speech, silence and in-between values (hysteresis band), of lengths around the settings' scales."""
+    out: list[np.ndarray] = []
+    total = 0
+    while total < frames:
+        kind = rng.integers(4)
+        n = int(rng.integers(1, 40))
+        if kind == 0:
+            p = rng.uniform(0.5, 1.0, n)
+        elif kind == 1:
+            p = rng.uniform(0.0, 0.35, n)
+        elif kind == 2:
+            p = rng.uniform(0.35, 0.5, n)
+        else:
+            p = rng.uniform(0.0, 1.0, n)
+        out.append(p.astype(np.float32))
+        total += n
+    return np.concatenate(out)[:frames]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_pending_end_is_the_span_the_endpoint_then_gives(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    settings = EndpointSettings(
+        trailing_silence_ms=int(rng.integers(100, 1000)),
+        max_utterance_ms=int(rng.choice([1_000, 3_000, 30_000])),
+        end_pad_ms=int(rng.choice([0, 16, 32, 50, 100])),  # a pad of a frame or more: the min() in _speech_end
+        speculate_after_ms=int(rng.integers(1, 600)),
+    )
+    p = _random_probs(rng, 3000)
+    energies = rng.uniform(0.0, 1.0, p.shape[0]).astype(np.float32)
+    endpointer = Endpointer(settings)
+    seen: list[tuple[int, int]] = []  # pending_end after each frame since it appeared, with no speech in between
+    checked = 0
+    for i in range(p.shape[0]):
+        for event in endpointer.push(p[i : i + 1], energies[i : i + 1]):
+            if isinstance(event, UtteranceEnded) and not event.forced:
+                # Speculation shows no later than the frame before the endpoint, and never changes until it.
+                assert seen, f"no pending_end before {event}"
+                assert set(seen) == {(event.start_sample, event.end_sample)}, (seen, event)
+                checked += 1
+            seen = []
+        pending = endpointer.pending_end
+        if pending is None:
+            seen = []
+        else:
+            assert endpointer.open_start == pending[0]
+            seen.append(pending)
+    assert checked > 0
+
+
+def test_pending_end_is_off_by_default_and_capped_at_half_the_trailing_silence() -> None:
+    assert EndpointSettings().speculate_after_frames == 0
+    assert EndpointSettings(trailing_silence_ms=800, speculate_after_ms=240).speculate_after_frames == 8
+    assert EndpointSettings(trailing_silence_ms=200, speculate_after_ms=240).speculate_after_frames == 3  # 7 // 2
+    endpointer = Endpointer(EndpointSettings(trailing_silence_ms=320))
+    endpointer.push(probs((0.9, 10), (0.0, 9)))
+    assert endpointer.open_start is not None and endpointer.pending_end is None
+
+
+def test_pending_end_clears_when_speech_resumes() -> None:
+    endpointer = Endpointer(EndpointSettings(trailing_silence_ms=320, speculate_after_ms=96))  # 10 and 3 frames
+    endpointer.push(probs((0.9, 10), (0.0, 2)))
+    assert endpointer.pending_end is None
+    endpointer.push(probs((0.0, 1)))
+    assert endpointer.pending_end == (0, 9 * F + 256)
+    endpointer.push(probs((0.9, 1)))
+    assert endpointer.pending_end is None
+    endpointer.push(probs((0.0, 3)))
+    assert endpointer.pending_end == (0, 13 * F + 256)

@@ -212,10 +212,13 @@ _SPEECH_EVENTS: dict[SpeechEventKind, pb.SpeechEventType.ValueType] = {
 
 
 def endpoint_settings_from_pb(
-    msg: pb.EndpointingConfig, limits_max_chunk_s: int, default_trailing_silence_ms: int
+    msg: pb.EndpointingConfig,
+    limits_max_chunk_s: int,
+    default_trailing_silence_ms: int,
+    speculate_after_ms: int = 0,
 ) -> EndpointSettings:
     """0 means the default for every field (trailing silence: the server's --trailing-silence-ms); the contract
-    publishes the accepted ranges."""
+    publishes the accepted ranges. `speculate_after_ms`: live streams' --speculative-final-after-ms (server-side)."""
     defaults = EndpointSettings()
     trailing = int(msg.trailing_silence_ms) or default_trailing_silence_ms
     if not 100 <= trailing <= 10_000:
@@ -238,7 +241,12 @@ def endpoint_settings_from_pb(
     # An utterance is decoded in one piece, exactly as a unary call decodes audio up to max_chunk_s: keep
     # it within that, so a final always equals the unary result for its audio.
     max_utterance = min(max_utterance, limits_max_chunk_s * 1000)
-    return EndpointSettings(trailing_silence_ms=trailing, max_utterance_ms=max_utterance, speech_threshold=threshold)
+    return EndpointSettings(
+        trailing_silence_ms=trailing,
+        max_utterance_ms=max_utterance,
+        speech_threshold=threshold,
+        speculate_after_ms=speculate_after_ms,
+    )
 
 
 def streaming_config_from_pb(
@@ -257,7 +265,12 @@ def streaming_config_from_pb(
     )
     return audio_format, StreamingOptions(
         transcribe=options,
-        endpoint=endpoint_settings_from_pb(msg.config.endpointing, max_chunk_s, config.streaming.trailing_silence_ms),
+        endpoint=endpoint_settings_from_pb(
+            msg.config.endpointing,
+            max_chunk_s,
+            config.streaming.trailing_silence_ms,
+            config.streaming.speculative_final_after_ms,
+        ),
         interim_results=msg.interim_results,
         interim_interval_ms=interval,
         single_utterance=msg.single_utterance,

@@ -9,6 +9,9 @@ Frames are the VAD's 32 ms frames, numbered from the stream's start; positions a
 - Inside an utterance a frame is silence only below `speech_threshold - 0.15` (Silero's own hysteresis), so a
   wobbling probability does not chop words. The utterance closes once silence has lasted `trailing_silence_ms`;
   it ends at the start of its last frame at or above `speech_threshold`, plus `end_pad_ms`.
+- Speculation (`speculate_after_ms`, 0: off): once silence inside an open utterance has lasted that long (at most
+  half the trailing silence), `pending_end` tells the span the utterance will get if the silence goes on to the
+  endpoint, so its final can be decoded ahead; it is None again as soon as speech resumes (or the utterance ends).
 - An utterance that reaches `max_utterance_ms` is closed at its quietest point in its second half (lowest
   energy over a 96 ms window; the later one on a tie), and the rest of it opens the next utterance at once.
 Silero reacts about one frame late at both edges (measured on espeak-ng speech: its probability crosses 0.5
@@ -42,6 +45,8 @@ class EndpointSettings:
     min_speech_ms: int = 96
     start_pad_ms: int = 32
     end_pad_ms: int = 16
+    # Silence after which `pending_end` is published (the session starts a speculative final); 0: never.
+    speculate_after_ms: int = 0
 
     def __post_init__(self) -> None:
         # Built from validated requests and server config; a bad value here is a programming error.
@@ -49,10 +54,21 @@ class EndpointSettings:
             raise ValueError(f"speech_threshold must be in (0, 1), got {self.speech_threshold}")
         if self.max_utterance_ms < 4 * FRAME_MS or self.trailing_silence_ms < FRAME_MS:
             raise ValueError(f"endpoint settings too small: {self}")
+        if self.speculate_after_ms < 0:
+            raise ValueError(f"speculate_after_ms must be >= 0, got {self.speculate_after_ms}")
 
     @property
     def trailing_silence_frames(self) -> int:
         return max(1, -(-self.trailing_silence_ms // FRAME_MS))
+
+    @property
+    def speculate_after_frames(self) -> int:
+        """Silent frames before `pending_end` shows, 0: never. At most half the trailing silence, so a stream with
+        a short trailing silence (a voice bot's 200 ms) still gets its final ahead of the endpoint."""
+        if self.speculate_after_ms <= 0:
+            return 0
+        wanted = max(1, -(-self.speculate_after_ms // FRAME_MS))
+        return max(1, min(wanted, self.trailing_silence_frames // 2))
 
     @property
     def min_speech_frames(self) -> int:
@@ -122,6 +138,25 @@ class Endpointer:
         return self._back_dated(self._frame - len(self._recent))
 
     @property
+    def pending_end(self) -> tuple[int, int] | None:
+        """(start_sample, end_sample) the open utterance gets from its UtteranceEnded if the current silence lasts
+        to the endpoint, once it has lasted `speculate_after_frames`; None while speaking, idle, or off.
+
+        Exact by construction: push() closes the utterance on frame `_silence_from + trailing_silence_frames - 1`,
+        i.e. with `_frame == _silence_from + trailing_silence_frames`, and ends it at
+        `max(_speech_end(_frame), _start + FRAME_SAMPLES)`; `_start`, `_last_speech` and `_silence_from` only change
+        on a speech frame (which clears this) or at a max-length cut (a forced end, never a match). So the value
+        is computed here with the frame count the endpoint will have, not the current one (which matters only for
+        an end pad of a frame or more, where the min() in _speech_end would still grow)."""
+        frames = self.settings.speculate_after_frames
+        if self._start is None or self._silence_from is None or not frames:
+            return None
+        if self._frame - self._silence_from < frames:
+            return None
+        at_endpoint = self._silence_from + self.settings.trailing_silence_frames
+        return self._start, max(self._speech_end(at_endpoint), self._start + FRAME_SAMPLES)
+
+    @property
     def frames_seen(self) -> int:
         return self._frame
 
@@ -157,7 +192,7 @@ class Endpointer:
                 self._silence_from is not None
                 and frame + 1 - self._silence_from >= self.settings.trailing_silence_frames
             ):
-                end = max(self._speech_end(), self._start + FRAME_SAMPLES)
+                end = max(self._speech_end(self._frame), self._start + FRAME_SAMPLES)
                 events.append(UtteranceEnded(self._start, end))
                 self._close(end)
                 continue
@@ -165,8 +200,9 @@ class Endpointer:
                 events.extend(self._split())
         return events
 
-    def _speech_end(self) -> int:
-        return min(self._last_speech * FRAME_SAMPLES + self.settings.end_pad_samples, self._frame * FRAME_SAMPLES)
+    def _speech_end(self, frames: int) -> int:
+        """Where the open utterance's speech ends, padded, within the first `frames` frames."""
+        return min(self._last_speech * FRAME_SAMPLES + self.settings.end_pad_samples, frames * FRAME_SAMPLES)
 
     def _idle_frame(self, frame: int, p: float, threshold: float, low: float, events: list[EndpointEvent]) -> None:
         if self._candidate is None:
@@ -232,7 +268,7 @@ class Endpointer:
         if self._start is None:
             return None
         if self._silence_from is not None:
-            end = self._speech_end()
+            end = self._speech_end(self._frame)
         else:
             end = total_samples
         end = max(self._start + 1, min(end, total_samples))

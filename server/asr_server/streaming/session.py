@@ -13,6 +13,12 @@ Per channel (one for a downmix, one per channel with ChannelMode.SEPARATE):
 - When an utterance closes, its final decode is exactly the unary path for its 16 kHz samples
   (Transcriber.decode_piece, no prefix), then the aligner when word timestamps are asked for. Finals are
   decoded concurrently but emitted in utterance order.
+- Speculative finals (EndpointSettings.speculate_after_ms, 0: off): once the open utterance's silence has lasted
+  that long, the endpointer tells the span the utterance will get if the silence lasts to the endpoint
+  (Endpointer.pending_end), and that span's final decode starts at once: the very call the final makes. If the
+  endpoint then fires with that span, the final takes that decode's result (it is the same decode of the same
+  samples, so the same result); if speech resumes first, or the utterance is cut at max_utterance_ms, it is
+  cancelled (the engine drops it). No interims are decoded while a speculation is held: its final supersedes them.
 Cost per utterance is bounded: at most (length / interval) interims of at most max_utterance_ms audio each,
 plus one final of its own audio.
 """
@@ -32,7 +38,7 @@ import numpy.typing as npt
 
 from asr_server.audio.assembler import StreamAssembler, StreamResampler
 from asr_server.audio.formats import AudioFormat, AudioLimits, ms_to_samples, samples_to_ms
-from asr_server.engine.types import DecodePriority
+from asr_server.engine.types import DecodePriority, DecodeResult
 from asr_server.errors import DEFAULT_RETRY_AFTER_S, AsrError, InvalidInput, Unavailable
 from asr_server.results import ChannelMode, Word, WordTimestampsStatus
 from asr_server.streaming.endpoint import Endpointer, EndpointEvent, EndpointSettings, SpeechStarted, UtteranceEnded
@@ -108,6 +114,11 @@ class UtteranceWork:
     interim_decodes: int
     interim_samples: int
     skipped_interims: int
+    # Speculative finals of this utterance: started, the one its final used (0 or 1), and those cancelled because
+    # speech resumed (or the utterance was cut at max_utterance_ms).
+    speculations: int = 0
+    speculations_kept: int = 0
+    speculations_discarded: int = 0
 
 
 class _AudioBuffer:
@@ -174,6 +185,22 @@ class _Channel:
     interims_skipped: int = 0
     # single_utterance: this channel has had its utterance (or had none open when another channel's ended).
     done: bool = False
+    # The open utterance's speculative final, its counts, and how many were discarded (each one renames the
+    # utterance's stream key: see _discard_speculation).
+    speculation: _Speculation | None = None
+    speculations: int = 0
+    speculations_kept: int = 0
+    speculations_discarded: int = 0
+    key_generation: int = 0
+
+
+@dataclass(frozen=True)
+class _Speculation:
+    """A final decode started ahead of the endpoint for the open utterance's samples [start, end)."""
+
+    start: int
+    end: int
+    decode: asyncio.Task[DecodeResult]
 
 
 class StreamingSession:
@@ -289,6 +316,8 @@ class StreamingSession:
                 ended = channel.endpointer.flush(channel.buffer.end)
                 if ended is not None:
                     self._close_utterance(channel, ended)
+        for channel in self._channels:
+            self._discard_speculation(channel)  # none is left unless a channel ended without its final
         await self._drain_finals()
         self._out.put_nowait(None)
 
@@ -329,6 +358,7 @@ class StreamingSession:
             if channel.interim_task is not None:
                 channel.interim_task.cancel()
                 channel.interim_task = None
+            self._discard_speculation(channel)
             if channel.emitter is not None:
                 channel.emitter.cancel()
             while not channel.finals.empty():
@@ -371,6 +401,7 @@ class StreamingSession:
                 self._on_endpoint(channel, event)
                 if self._stopped and not self._flushing:
                     return  # single utterance: nothing after the first final
+            self._maybe_speculate(channel)
         # Keep the open utterance, or what a future one could be back-dated into.
         channel.buffer.drop_before(channel.endpointer.keep_from)
 
@@ -382,6 +413,7 @@ class StreamingSession:
             self._close_utterance(channel, event)
 
     def _close_utterance(self, channel: _Channel, ended: UtteranceEnded) -> None:
+        speculated, stream_key = self._take_speculation(channel, ended)
         audio = channel.buffer.slice(ended.start_sample, ended.end_sample)
         index = channel.utterance_index
         channel.utterance_index += 1
@@ -394,15 +426,23 @@ class StreamingSession:
                     channel.interim_count,
                     channel.interim_samples,
                     channel.interims_skipped,
+                    channel.speculations,
+                    channel.speculations_kept,
+                    channel.speculations_discarded,
                 )
             )
+        channel.speculations = channel.speculations_kept = channel.speculations_discarded = 0
+        channel.key_generation = 0
         self._reset_interim(channel, ended.end_sample)
         self._emit(SpeechEvent(SpeechEventKind.ENDED, samples_to_ms(ended.end_sample), channel.index, 0))
         task = asyncio.get_running_loop().create_task(
-            self._final(channel.index, index, ended.start_sample, ended.end_sample, audio)
+            self._final(channel.index, index, ended.start_sample, ended.end_sample, audio, stream_key, speculated)
         )
         if channel.emitter is None:
             channel.emitter = asyncio.get_running_loop().create_task(self._emit_finals(channel))
+        if speculated is not None:
+            # A final cancelled before its first step never awaits the speculation: it must not run on alone.
+            task.add_done_callback(lambda _: speculated.cancel())
         channel.finals_decoding += 1
         task.add_done_callback(lambda _: _final_done(channel))
         channel.finals.put_nowait((task, asyncio.get_running_loop().time()))
@@ -427,19 +467,34 @@ class StreamingSession:
         self._finishing = asyncio.get_running_loop().create_task(self.finish())
 
     def _stream_key(self, channel_index: int, utterance_index: int) -> str:
-        return f"{self._stream_id}/{channel_index}/{utterance_index}"
+        key = f"{self._stream_id}/{channel_index}/{utterance_index}"
+        channel = self._channels[channel_index]
+        if channel.utterance_index == utterance_index and channel.key_generation:
+            key += f"/{channel.key_generation}"  # after a discarded speculation (_discard_speculation)
+        return key
+
+    async def _decode_final(self, audio: npt.NDArray[np.float32], stream_key: str) -> DecodeResult:
+        """A final's decode, and a speculative final's: the unary path for the utterance's samples."""
+        # Ahead of every interim and of recorded audio in the engine's queue: its caller waits since speech ended.
+        return await self._transcriber.decode_piece(
+            audio, self.options.transcribe, priority=DecodePriority.FINAL, stream_key=stream_key
+        )
 
     async def _final(
-        self, channel_index: int, utterance_index: int, start: int, end: int, audio: npt.NDArray[np.float32]
+        self,
+        channel_index: int,
+        utterance_index: int,
+        start: int,
+        end: int,
+        audio: npt.NDArray[np.float32],
+        stream_key: str,
+        speculated: asyncio.Task[DecodeResult] | None = None,
     ) -> StreamResult:
         options = self.options.transcribe
-        # Ahead of every interim and of recorded audio in the engine's queue: its caller waits since speech ended.
-        result = await self._transcriber.decode_piece(
-            audio,
-            options,
-            priority=DecodePriority.FINAL,
-            stream_key=self._stream_key(channel_index, utterance_index),
-        )
+        if speculated is not None:
+            result = await speculated  # the same _decode_final of the same samples, started before the endpoint
+        else:
+            result = await self._decode_final(audio, stream_key)
         words: tuple[Word, ...] = ()
         status = WordTimestampsStatus.NOT_REQUESTED
         if options.return_word_timestamps:
@@ -498,6 +553,61 @@ class StreamingSession:
     def _emit(self, event: StreamEvent) -> None:
         self._out.put_nowait(dataclasses.replace(event, processed_ms=self.processed_ms))
 
+    # ---- speculative finals ----
+
+    def _maybe_speculate(self, channel: _Channel) -> None:
+        """After a piece went through endpointing: a speculative final for the span the open utterance will get if
+        its silence lasts to the endpoint, started once that span is known; dropped as soon as it no longer is."""
+        pending = channel.endpointer.pending_end
+        current = channel.speculation
+        if current is not None and (current.start, current.end) == pending:
+            return
+        self._discard_speculation(channel)  # speech resumed (pending is None), or the span moved on
+        if pending is None or self._stopped or channel.done:
+            return
+        start, end = pending
+        if end > channel.buffer.end:
+            return  # an end pad longer than the silence so far: the audio is not all here yet (next piece)
+        audio = channel.buffer.slice(start, end)
+        decode = asyncio.get_running_loop().create_task(
+            self._decode_final(audio, self._stream_key(channel.index, channel.utterance_index))
+        )
+        channel.speculation = _Speculation(start, end, decode)
+        channel.speculations += 1
+
+    def _take_speculation(
+        self, channel: _Channel, ended: UtteranceEnded
+    ) -> tuple[asyncio.Task[DecodeResult] | None, str]:
+        """The closing utterance's speculative decode if it decoded exactly its span (then its final uses it), and
+        the stream key its final decodes under otherwise."""
+        current = channel.speculation
+        span = (ended.start_sample, ended.end_sample)
+        if current is not None and not ended.forced and (current.start, current.end) == span:
+            channel.speculation = None
+            channel.speculations_kept += 1
+            return current.decode, self._stream_key(channel.index, channel.utterance_index)
+        self._discard_speculation(channel)
+        return None, self._stream_key(channel.index, channel.utterance_index)
+
+    def _discard_speculation(self, channel: _Channel) -> None:
+        current = channel.speculation
+        if current is None:
+            return
+        channel.speculation = None
+        channel.speculations_discarded += 1
+        if current.decode.done():
+            if not current.decode.cancelled() and current.decode.exception() is not None:
+                logger.warning(
+                    "a speculative final failed (%s); it was discarded unused (the final decodes on its own)",
+                    current.decode.exception(),
+                )
+        else:
+            current.decode.cancel()  # the engine drops it (aborted), queued or running
+        # The engine closes an utterance's cached encoder windows when a FINAL-priority decode under its key is
+        # done or aborted, and keeps no more under that key: the utterance's later interims and its final use a
+        # new one, so they can cache and reuse windows again.
+        channel.key_generation += 1
+
     # ---- interims ----
 
     def _reset_interim(self, channel: _Channel, start: int) -> None:
@@ -519,6 +629,8 @@ class StreamingSession:
         end = min(channel.buffer.end, self._processed_samples())
         if end - channel.interim_from < self._interval_samples or end - start < _MIN_INTERIM_SAMPLES:
             return
+        if channel.speculation is not None:
+            return  # its final is being decoded already, for the same audio: it supersedes an interim
         if channel.interim_task is not None or channel.finals_decoding:
             # Still queued or running (or this channel's last final is): do not pile up work, and never make a
             # final wait behind this stream's own interims; the next interim takes the newest audio.
