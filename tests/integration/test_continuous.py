@@ -176,8 +176,8 @@ def test_lazy_pages_with_preemption_by_recompute_give_the_reference_tokens(
     schedule = engine._scheduler.schedule
     preempted: list[str] = []
 
-    def counting(now_s: float) -> Any:
-        plan = schedule(now_s)
+    def counting(now_s: float, **kwargs: Any) -> Any:
+        plan = schedule(now_s, **kwargs)
         preempted.extend(p.request_id for p in plan.preempted)
         return plan
 
@@ -217,8 +217,8 @@ def test_chunked_prefill_with_a_small_step_budget_gives_the_reference_tokens(
     schedule = engine._scheduler.schedule
     plans: list[Any] = []
 
-    def recording(now_s: float) -> Any:
-        plans.append(schedule(now_s))
+    def recording(now_s: float, **kwargs: Any) -> Any:
+        plans.append(schedule(now_s, **kwargs))
         return plans[-1]
 
     engine._scheduler.schedule = recording  # type: ignore[method-assign]
