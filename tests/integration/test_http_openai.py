@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -20,6 +21,9 @@ from typing import Any
 import numpy as np
 import openai
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from prometheus_client import generate_latest
 
 from asr_server.config import Config, ContinuousConfig, EngineConfig, ModelConfig
 from asr_server.edge.server import AsrServer
@@ -29,6 +33,7 @@ from asr_server.transcription import AlignBackend, AlignmentResult
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 from tests.helpers import fake_config, running_server, tone, wav_bytes, with_limits, with_server
+from tests.integration.test_tracing import exporter  # noqa: F401 - the fixture
 
 TOKEN = "s3cret"
 
@@ -317,3 +322,37 @@ async def test_draining_answers_503_and_lets_the_running_request_finish() -> Non
     assert "shutting down" in error_of(refused.value)["message"]
     assert health == (503, {"status": "draining"})
     assert finished.text
+
+
+async def test_a_request_has_its_span_metrics_and_access_line(
+    exporter: InMemorySpanExporter,  # noqa: F811 - the fixture imported above
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    audio = wav_bytes(tone(2.0, seed=9))
+    caplog.set_level(logging.INFO, logger="asr_server.access")
+    async with http_server(fake_config()) as (server, _, client):
+        await client.audio.transcriptions.create(
+            model="m",
+            file=("a.wav", audio),
+            extra_headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01", "x-request-id": "req-42"},
+        )
+        with pytest.raises(openai.BadRequestError):
+            await client.audio.transcriptions.create(model="m", file=("a.wav", audio), language="xx")
+        scrape = generate_latest(server.metrics.registry).decode()
+    spans = [s for s in exporter.get_finished_spans() if s.name == "POST /v1/audio/transcriptions"]
+    assert len(spans) == 2 and all(s.kind is SpanKind.SERVER for s in spans)
+    good = next(s for s in spans if s.attributes is not None and s.attributes["http.response.status_code"] == 200)
+    assert good.context is not None and f"{good.context.trace_id:032x}" == trace_id
+    assert good.attributes is not None and good.attributes["asr.request_id"] == "req-42"
+    batches = [s for s in exporter.get_finished_spans() if s.name == "asr.engine_batch"]
+    assert any(b.parent is not None and b.parent.span_id == good.context.span_id for b in batches)
+    route = 'route="/v1/audio/transcriptions"'
+    assert f'asr_http_requests_total{{{route},status_code="200"}} 1.0' in scrape
+    assert f'asr_http_requests_total{{{route},status_code="400"}} 1.0' in scrape
+    assert 'asr_audio_seconds_total{grpc_method="/v1/audio/transcriptions"} 2.0' in scrape
+    lines = [
+        r.getMessage() for r in caplog.records if r.name == "asr_server.access" and r.getMessage().startswith("http ")
+    ]
+    assert len(lines) == 2 and "status_code=200" in lines[0] and "request_id=req-42" in lines[0]
+    assert "status_code=400" in lines[1] and "unknown language" in lines[1]
