@@ -13,6 +13,12 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -27,12 +33,14 @@ from prometheus_client import generate_latest
 
 from asr_server.config import Config, ContinuousConfig, EngineConfig, ModelConfig
 from asr_server.edge.server import AsrServer
+from asr_server.engine.fake import FakeEngine
 from asr_server.models.tiny_checkpoint import TinyCheckpoints
 from asr_server.results import Word
 from asr_server.transcription import AlignBackend, AlignmentResult
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 from tests.helpers import fake_config, running_server, tone, wav_bytes, with_limits, with_server
+from tests.integration.test_metrics_access_log import _free_port, _scrape
 from tests.integration.test_tracing import exporter  # noqa: F401 - the fixture
 
 TOKEN = "s3cret"
@@ -356,3 +364,61 @@ async def test_a_request_has_its_span_metrics_and_access_line(
     ]
     assert len(lines) == 2 and "status_code=200" in lines[0] and "request_id=req-42" in lines[0]
     assert "status_code=400" in lines[1] and "unknown language" in lines[1]
+
+
+async def test_while_the_model_loads_health_and_requests_answer_503_starting() -> None:
+    release = threading.Event()
+
+    def slow_load() -> FakeEngine:
+        release.wait(10)
+        return FakeEngine(max_batch_size=4)
+
+    server = AsrServer(with_server(fake_config(), http_port=0), core_factory=slow_load)
+    starting = asyncio.create_task(server.start())
+    try:
+        while server.http_port == 0:
+            await asyncio.sleep(0.01)
+        port = server.http_port
+        assert await asyncio.to_thread(raw_request, port, "GET", "/health") == (503, {"status": "starting"})
+        status, body = await asyncio.to_thread(
+            raw_request, port, "POST", "/v1/audio/transcriptions", file=("a.wav", wav_bytes(tone(1.0)))
+        )
+        assert status == 503 and "starting" in body["error"]["message"] and body["error"]["type"] == "server_error"
+        release.set()
+        await starting
+        assert await asyncio.to_thread(raw_request, port, "GET", "/health") == (200, {"status": "serving"})
+    finally:
+        release.set()
+        await server.stop(grace_s=1.0)
+
+
+async def test_sigterm_lets_the_http_request_in_flight_finish_and_exits_cleanly() -> None:
+    # uvicorn's own serve() would replace the server's SIGTERM handler; the front must leave it alone.
+    metrics_port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "asr_server.cli", "serve", "--engine", "fake", "--host", "127.0.0.1", "--port", "0",
+         "--http-port", "0", "--metrics-port", str(metrics_port), "--fake-batch-delay-ms", "1500",
+         "--grace-period-s", "10", "--no-warmup"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )  # fmt: skip
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 60)  # type: ignore[union-attr]
+        match = re.search(r"http port (\d+)", line)
+        if match is None:
+            process.kill()
+            raise AssertionError(f"no HTTP port in {line!r}; stderr:\n{process.communicate()[1][-4000:]}")
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{match.group(1)}/v1", api_key="x", max_retries=0)
+        in_flight = asyncio.create_task(
+            client.audio.transcriptions.create(model="m", file=("a.wav", wav_bytes(tone(1.0, seed=2))))
+        )
+        # SIGTERM once the request is in the engine (its batch takes 1.5 s).
+        while _scrape(metrics_port).get(("asr_engine_in_flight_requests", frozenset({("replica", "0")})), 0) < 1:
+            await asyncio.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        result = await in_flight
+        assert result.text
+        assert await asyncio.wait_for(asyncio.to_thread(process.wait), 30) == 0
+        await client.close()
+    finally:
+        if process.poll() is None:
+            process.kill()

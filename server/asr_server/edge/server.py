@@ -538,7 +538,9 @@ async def _serve_until_signalled(config: Config) -> None:
         if start in done:
             start.result()
             started = True
-            print(f"asr-server: serving {server.engine.model_id} on port {server.port}", flush=True)
+            # The HTTP port is written "http port N", not "on port N": scripts read the gRPC port by that phrase.
+            http = f"; OpenAI-compatible HTTP API: http port {server.http_port}" if server.http_port else ""
+            print(f"asr-server: serving {server.engine.model_id} on port {server.port}{http}", flush=True)
             await stop_wait
     finally:
         # Also after a failed start: the port, the engine thread and a spawned aligner sidecar are released.
