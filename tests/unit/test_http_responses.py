@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from starlette.datastructures import FormData
 
@@ -9,6 +11,7 @@ from asr_server.config import Config
 from asr_server.edge.http.app import InvalidField, parse_transcription_form
 from asr_server.edge.http.errors import Unauthenticated, http_error
 from asr_server.edge.http.responses import srt_text, sse_events, text_deltas, verbose_json_body, vtt_text
+from asr_server.edge.http.server import listening_socket
 from asr_server.errors import FailedPrecondition, InvalidInput, LimitExceeded, Unavailable
 from asr_server.results import ChannelTranscript, Segment, TranscriptionResult, Word, WordTimestampsStatus
 from asr_server.transcription import merge_segments
@@ -121,3 +124,11 @@ def test_the_error_map(error: Exception, status: int, code: str, retry_after: st
     mapped = http_error(error)  # type: ignore[arg-type]
     assert (mapped.status_code, mapped.body()["error"]["code"]) == (status, code)
     assert mapped.headers().get("Retry-After") == retry_after
+
+
+def test_the_http_socket_says_tcp_so_asyncio_turns_nagle_off() -> None:
+    # asyncio sets TCP_NODELAY only where sock.proto is IPPROTO_TCP (accepted sockets inherit it); with proto 0 each
+    # keep-alive response waited ~40 ms for the client's delayed ACK.
+    sock = listening_socket("127.0.0.1", 0)
+    with sock:
+        assert sock.proto == socket.IPPROTO_TCP
