@@ -422,3 +422,29 @@ async def test_sigterm_lets_the_http_request_in_flight_finish_and_exits_cleanly(
     finally:
         if process.poll() is None:
             process.kill()
+
+
+async def test_a_client_that_goes_away_frees_its_queued_work() -> None:
+    cores: list[FakeEngine] = []
+
+    def factory() -> FakeEngine:
+        cores.append(FakeEngine(max_batch_size=1, batch_delay_ms=400))
+        return cores[-1]
+
+    config = with_server(fake_config(max_inference_batch_size=1, max_batch_wait_ms=0), http_port=0)
+    async with running_server(config, core_factory=factory) as (server, channel):
+        stub = pb_grpc.AsrServiceStub(channel)
+        first = asyncio.ensure_future(stub.Transcribe(pb.TranscribeRequest(audio=wav_bytes(tone(1.0, seed=1)))))
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="x", max_retries=0)
+        doomed = asyncio.create_task(
+            client.audio.transcriptions.create(model="m", file=("a.wav", wav_bytes(tone(1.0, seed=2))))
+        )
+        while server.engine.in_flight < 2:  # the HTTP request's piece waits behind the first
+            await asyncio.sleep(0.01)
+        doomed.cancel()  # the SDK closes the connection
+        await first
+        while server.engine.in_flight > 0:
+            await asyncio.sleep(0.01)
+        await client.close()
+    # The abandoned request's audio never reached a batch.
+    assert len(cores[0].batches) == 1

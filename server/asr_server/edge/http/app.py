@@ -13,9 +13,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from opentelemetry.trace import Span, StatusCode
 from starlette.applications import Starlette
@@ -37,7 +37,7 @@ from asr_server.edge.http.responses import RESPONSE_FORMATS, ResponseFormat
 from asr_server.errors import AsrError, InvalidInput, LimitExceeded, Unavailable, excerpt
 from asr_server.languages import resolve_language
 from asr_server.metrics import HttpOutcome
-from asr_server.results import ChannelMode
+from asr_server.results import ChannelMode, TranscriptionResult
 from asr_server.tracing import http_span
 from asr_server.transcription import TranscribeOptions, Transcriber
 
@@ -56,6 +56,8 @@ _MAX_FIELDS = 32
 # instead of a reset connection; past it the connection is closed.
 _DRAIN_BYTES = 64 * 1024 * 1024
 _GRANULARITIES = ("word", "segment")
+
+T = TypeVar("T")
 
 ServingState = Literal["starting", "serving", "draining", "unavailable"]
 
@@ -407,20 +409,9 @@ class _Handlers:
             parsed = parse_transcription_form(form, audio, self._ctx.config)
         finally:
             await form.close()
-        with held_for_call(self._ctx.decoded_budget) as reserve:
-            try:
-                decoded = await asyncio.to_thread(
-                    decode_audio,
-                    parsed.audio,
-                    AudioFormat(Encoding.FILE, 0, 0),
-                    limits=self._audio_limits,
-                    downmix=True,
-                    reserve=reserve,
-                )
-            except InvalidInput as exc:
-                raise InvalidField("file", str(exc)) from exc
-            call.audio_s = decoded.duration_ms / 1000
-            result = await self._ctx.transcriber.transcribe(decoded, parsed.options)
+        # A client that goes away frees its queued work at once, as a cancelled gRPC call does (uvicorn itself
+        # lets the handler run on).
+        result = await _unless_disconnected(request.receive, self._transcribe(parsed, call))
         if parsed.stream:
             # The whole transcript is ready before the first event: one delta per decoded piece, then done.
             events = list(responses.sse_events(result))
@@ -438,6 +429,22 @@ class _Handlers:
             return _json(body)
         return _json(responses.json_body(result))
 
+    async def _transcribe(self, parsed: TranscriptionForm, call: _Call) -> TranscriptionResult:
+        with held_for_call(self._ctx.decoded_budget) as reserve:
+            try:
+                decoded = await asyncio.to_thread(
+                    decode_audio,
+                    parsed.audio,
+                    AudioFormat(Encoding.FILE, 0, 0),
+                    limits=self._audio_limits,
+                    downmix=True,
+                    reserve=reserve,
+                )
+            except InvalidInput as exc:
+                raise InvalidField("file", str(exc)) from exc
+            call.audio_s = decoded.duration_ms / 1000
+            return await self._ctx.transcriber.transcribe(decoded, parsed.options)
+
     async def models(self, request: Request, call: _Call) -> Response:
         model = {
             "id": self._ctx.model_id(),
@@ -450,6 +457,26 @@ class _Handlers:
     async def health(self, request: Request, call: _Call) -> Response:
         state = self._ctx.state()
         return _json({"status": state}, status_code=200 if state == "serving" else 503)
+
+
+async def _unless_disconnected(receive: Receive, work: Coroutine[Any, Any, T]) -> T:
+    """`work`'s result; cancelled, and ClientDisconnect raised, when the client disconnects first (the body has
+    been read: the next ASGI message is the disconnect)."""
+    task = asyncio.create_task(work)
+    watcher = asyncio.create_task(_disconnect(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClientDisconnect()
+    finally:
+        watcher.cancel()
+        task.cancel()
+
+
+async def _disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _iterate(events: list[str]) -> AsyncIterator[str]:
