@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import http.client
 import json
 import logging
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -41,6 +43,7 @@ from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 from tests.helpers import fake_config, running_server, tone, wav_bytes, with_limits, with_server
 from tests.integration.test_metrics_access_log import _free_port, _scrape
+from tests.integration.test_tls import Pki, pki, tls_config  # noqa: F401 - pki: the fixture
 from tests.integration.test_tracing import exporter  # noqa: F401 - the fixture
 
 TOKEN = "s3cret"
@@ -87,6 +90,7 @@ def raw_request(
     json_body: object = None,
     token: str = "",
     file: tuple[str, bytes] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """One request by the standard library (for what the SDK will not send: a form without a file, JSON), blocking:
     run it in a thread. Returns the status and the JSON body."""
@@ -109,9 +113,10 @@ def raw_request(
             )
         data = b"".join(parts) + f"--{boundary}--\r\n".encode()
         headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, headers=headers, method=method)
+    scheme = "https" if tls is not None else "http"
+    request = urllib.request.Request(f"{scheme}://127.0.0.1:{port}{path}", data=data, headers=headers, method=method)
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=30, context=tls) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         with exc:
@@ -448,3 +453,27 @@ async def test_a_client_that_goes_away_frees_its_queued_work() -> None:
         await client.close()
     # The abandoned request's audio never reached a batch.
     assert len(cores[0].batches) == 1
+
+
+@pytest.mark.parametrize("mtls", [False, True], ids=["tls", "mtls"])
+async def test_the_http_port_serves_the_grpc_ports_certificate(pki: Pki, mtls: bool) -> None:  # noqa: F811
+    config = with_server(tls_config(pki, mtls=mtls, auth_token=TOKEN), http_port=0)
+    trusting = ssl.create_default_context(cafile=pki.path("server-ca.pem"))
+    async with running_server(config) as (server, _):
+        port = server.http_port
+
+        async def health(context: ssl.SSLContext | None) -> tuple[int, dict[str, Any]]:
+            return await asyncio.to_thread(raw_request, port, "GET", "/health", tls=context)
+
+        if mtls:
+            with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+                await health(trusting)  # no client certificate
+            pki.client_cert.configure_cert(trusting)
+        assert await health(trusting) == (200, {"status": "serving"})
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            await health(None)  # plain HTTP to a TLS port
+        status, body = await asyncio.to_thread(
+            raw_request, port, "POST", "/v1/audio/transcriptions", file=("a.wav", wav_bytes(tone(1.0, seed=3))),
+            token=TOKEN, tls=trusting,
+        )  # fmt: skip
+        assert status == 200 and body["text"]

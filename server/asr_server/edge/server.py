@@ -376,14 +376,15 @@ class AsrServer:
             observers=(self.metrics, AccessLog()),
             created_s=int(time.time()),
         )
-        front = HttpFront(build_app(context), self.config.server.host, port)
+        front = HttpFront(build_app(context), self.config.server.host, port, self.config.tls)
         try:
             self.http_port = await front.start()
         except OSError as exc:
             problem = bind_problem(self.config.server.host, port).replace("--port", "--http-port")
             raise StartupError(problem or f"HTTP port {port} cannot be opened: {exc}", exit_code=EXIT_PORT) from exc
         self._http = front
-        logger.info("OpenAI-compatible HTTP API on http://%s:%d/v1", self.config.server.host, self.http_port)
+        scheme = "https" if self.config.tls.enabled else "http"
+        logger.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", scheme, self.config.server.host, self.http_port)
 
     def _http_state(self) -> ServingState:
         if self._stopping:

@@ -11,9 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
+
+from asr_server.config import TlsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +43,9 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 class HttpFront:
-    def __init__(self, app: ASGIApp, host: str, port: int) -> None:
+    def __init__(self, app: ASGIApp, host: str, port: int, tls: TlsConfig | None = None) -> None:
         self._app = app
+        self._tls = tls
         self._host = host
         self._port = port
         self._server: uvicorn.Server | None = None
@@ -61,6 +66,7 @@ class HttpFront:
             lifespan="off",
             timeout_graceful_shutdown=_SHUTDOWN_S,
             server_header=False,
+            **_tls_settings(self._tls),
         )
         config.load()
         server = uvicorn.Server(config)
@@ -81,3 +87,14 @@ class HttpFront:
         if self._loop_task is not None:
             await self._loop_task
         await server.shutdown(sockets=[self._socket] if self._socket is not None else None)
+
+
+def _tls_settings(tls: TlsConfig | None) -> dict[str, Any]:
+    """The server's --tls-* files as uvicorn's settings: the same certificate as the gRPC port, client
+    certificates required with --tls-require-client-cert. Read once at start (no rotation on this port)."""
+    if tls is None or not tls.enabled:
+        return {}
+    settings: dict[str, Any] = {"ssl_certfile": tls.cert_file, "ssl_keyfile": tls.key_file}
+    if tls.require_client_cert:
+        settings.update(ssl_ca_certs=tls.client_ca_file, ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return settings
