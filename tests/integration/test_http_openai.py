@@ -213,6 +213,9 @@ async def test_every_format_equals_grpc_transcribe_on_the_tiny_checkpoint(tiny_c
         models = await client.models.list()
         info = await stub.GetServerInfo(pb.GetServerInfoRequest())
         assert [m.id for m in models.data] == [info.model_id]
+        assert (await client.models.retrieve(info.model_id)).id == info.model_id
+        with pytest.raises(openai.NotFoundError):
+            await client.models.retrieve("whisper-1")
 
 
 def error_of(exc: openai.APIStatusError) -> dict[str, Any]:

@@ -446,13 +446,22 @@ class _Handlers:
             return await self._ctx.transcriber.transcribe(decoded, parsed.options)
 
     async def models(self, request: Request, call: _Call) -> Response:
-        model = {
+        return _json({"object": "list", "data": [self._model()]})
+
+    async def model(self, request: Request, call: _Call) -> Response:
+        asked = str(request.path_params["model_id"])
+        model = self._model()
+        if asked != model["id"]:
+            raise NotFound(f"no model {excerpt(asked)}: this server serves {excerpt(str(model['id']))}")
+        return _json(model)
+
+    def _model(self) -> dict[str, Any]:
+        return {
             "id": self._ctx.model_id(),
             "object": "model",
             "created": self._ctx.created_s,
             "owned_by": "qwen-asr-server",
         }
-        return _json({"object": "list", "data": [model]})
 
     async def health(self, request: Request, call: _Call) -> Response:
         state = self._ctx.state()
@@ -495,6 +504,7 @@ def build_app(ctx: HttpContext) -> Starlette:
     routes = [
         observed.route("POST", TRANSCRIPTIONS_ROUTE, handlers.transcriptions),
         observed.route("GET", MODELS_ROUTE, handlers.models),
+        observed.route("GET", MODELS_ROUTE + "/{model_id:path}", handlers.model),
         observed.route("GET", HEALTH_ROUTE, handlers.health, open_=True),
     ]
 
