@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
-from opentelemetry.trace import Span, StatusCode
+from opentelemetry.trace import StatusCode
 from starlette.applications import Starlette
 from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.exceptions import HTTPException
@@ -307,16 +307,20 @@ class _Observed:
         with http_span(method, path, request.headers) as span:
             span.set_attribute("asr.request_id", call.request_id)
             try:
-                if not open_:
+                if open_:
+                    response = await handler(request, call)
+                else:
                     self._check_token(request.headers)
                     state = self._ctx.state()
                     if state != "serving":
                         raise Unavailable(_REFUSALS[state])
-                self._ctx.in_flight.enter()
-                try:
-                    response = await handler(request, call)
-                finally:
-                    self._ctx.in_flight.leave()
+                    # Checked and counted with no await in between: a request admitted before the drain began is
+                    # one the drain waits for.
+                    self._ctx.in_flight.enter()
+                    try:
+                        response = await handler(request, call)
+                    finally:
+                        self._ctx.in_flight.leave()
             except ClientDisconnect:
                 error = HttpError(499, "invalid_request_error", "client_closed", "the client went away")
                 response = Response(status_code=499)
@@ -327,7 +331,7 @@ class _Observed:
             span.set_attribute("http.response.status_code", response.status_code)
             if response.status_code >= 500:
                 span.set_status(StatusCode.ERROR, str(response.status_code))
-            self._finish(request, method, path, call, response.status_code, started, error, span)
+            self._finish(request, method, path, call, response.status_code, started, error)
         return response
 
     def _check_token(self, headers: Headers) -> None:
@@ -350,7 +354,6 @@ class _Observed:
         status_code: int,
         started: float,
         error: HttpError | None,
-        span: Span,
     ) -> None:
         client = request.client
         outcome = HttpOutcome(
