@@ -169,6 +169,9 @@ class ServerConfig:
     # processes; N > 1 a parent that supervises the engine processes and N fronts (the engine process is then on,
     # for the fake engine too). More fronts when one front's core is the limit (~128 live streams per core).
     front_processes: int = 1
+    # The OpenAI-compatible HTTP API (POST /v1/audio/transcriptions, docs/http.md) on this port beside the gRPC one,
+    # in the same process over the same engines. None (unset): not served; 0 picks a free port (tests), as --port 0.
+    http_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -299,6 +302,13 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
         "--front-processes",
         int,
         "gRPC front processes sharing the port (SO_REUSEPORT); > 1 forces the engine process on",
+    ),
+    (
+        "server",
+        "http_port",
+        "--http-port",
+        int,
+        "OpenAI-compatible HTTP API (/v1/audio/transcriptions) on this port; unset: off, 0: a free port",
     ),
     ("model", "model", "--model", str, "hub id or local directory (-hf or original layout)"),
     ("model", "dtype", "--dtype", str, "auto, bfloat16, float16 or float32"),
@@ -672,6 +682,7 @@ def validate(config: Config) -> None:
         config.server.metrics_port == 0 or config.server.metrics_port != config.server.port,
         "--metrics-port must differ from --port",
     )
+    _validate_http_port(config)
     need(
         not (config.model.device_map and len(e.devices) > 1),
         "--devices (one replica per device) and --device-map (one model split over devices) exclude each other",
@@ -710,6 +721,19 @@ def validate(config: Config) -> None:
         "--aligner-mode connect needs --aligner-address",
     )
     _validate_mesh(config)
+
+
+def _validate_http_port(config: Config) -> None:
+    server = config.server
+    if server.http_port is None:
+        return
+    if not 0 <= server.http_port <= 65535:
+        raise ConfigError("--http-port must be 0..65535 (0: a free port; leave it unset for no HTTP API)")
+    if server.http_port and server.http_port in (server.port, server.metrics_port or -1):
+        raise ConfigError("--http-port must differ from --port and --metrics-port")
+    if server.front_processes > 1:
+        # Each front would need the HTTP port too (SO_REUSEPORT as the gRPC port); not built yet.
+        raise ConfigError("--http-port is served by one front process: use it with --front-processes 1")
 
 
 def _validate_mesh(config: Config) -> None:

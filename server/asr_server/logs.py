@@ -13,7 +13,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
-from asr_server.metrics import RpcOutcome
+from asr_server.metrics import HttpOutcome, RpcOutcome
 
 LogFormat = Literal["text", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
@@ -87,6 +87,26 @@ class AccessLog:
             return
         text = " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
         self._logger.log(level, "rpc %s", text, extra={_ACCESS_FIELDS: fields})
+
+    def http_finished(self, outcome: HttpOutcome) -> None:
+        """One line per request of the HTTP front, "http ..." beside the RPCs' "rpc ..."."""
+        fields: dict[str, Any] = {
+            "method": outcome.method,
+            "route": outcome.route,
+            "peer": outcome.peer,
+            "status_code": outcome.status_code,
+            "duration_ms": round(outcome.duration_s * 1000, 1),
+            "audio_ms": round(outcome.audio_s * 1000),
+            "request_bytes": outcome.request_bytes,
+            "request_id": outcome.request_id,
+        }
+        if outcome.message:
+            fields["status_message"] = outcome.message
+        level = logging.ERROR if outcome.status_code >= 500 and outcome.status_code != 503 else logging.INFO
+        if not self._logger.isEnabledFor(level):
+            return
+        text = " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
+        self._logger.log(level, "http %s", text, extra={_ACCESS_FIELDS: fields})
 
 
 def _text_value(value: object) -> str:

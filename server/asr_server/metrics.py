@@ -20,6 +20,9 @@ Series (py-grpc-prometheus names for the gRPC ones, so existing dashboards work)
   a reset);
 - `asr_aligner_in_flight_requests` (alignments sent to the sidecar and not answered: its queue plus its batch) and
   `asr_aligner_restarts_total` (sidecar restarts, spawn mode), with an aligner configured;
+- the HTTP front (--http-port): `asr_http_requests_total{route, status_code}` and `asr_http_request_duration_seconds
+  {route}` (histogram); its audio counts in `asr_audio_seconds_total` and its refusals in `asr_refused_total` with
+  `grpc_method` set to the route (e.g. "/v1/audio/transcriptions") and `grpc_code` to the HTTP status code;
 - `asr_stream_final_delay_seconds` (histogram): per live stream, its worst delay of a final after its utterance
   ended; `asr_stream_lagging_finals_total`: finals later than --max-stream-lag-ms (the ones also logged).
 
@@ -63,6 +66,22 @@ class RpcOutcome:
     message: str = ""
     # Why a refused call was refused ("capacity", "limit", "unavailable"); "" when it was not refused.
     refused: str = ""
+
+
+@dataclass(frozen=True)
+class HttpOutcome:
+    """One finished request of the HTTP front (the access log reads the same record)."""
+
+    method: str
+    route: str
+    status_code: int
+    duration_s: float
+    audio_s: float
+    request_bytes: int
+    peer: str
+    request_id: str
+    message: str = ""  # the error message of a failed request
+    refused: str = ""  # as RpcOutcome.refused
 
 
 @dataclass(frozen=True)
@@ -209,6 +228,19 @@ class ServerMetrics:
             "finals that came later than --max-stream-lag-ms after their utterance ended",
             registry=self.registry,
         )
+        self._http_requests = Counter(
+            "asr_http_requests_total",
+            "HTTP requests of the OpenAI-compatible front, by route and status code",
+            ["route", "status_code"],
+            registry=self.registry,
+        )
+        self._http_duration = Histogram(
+            "asr_http_request_duration_seconds",
+            "time from an HTTP request's arrival to its response",
+            ["route"],
+            buckets=_HANDLING_BUCKETS_S,
+            registry=self.registry,
+        )
         self.registry.register(_LiveCollector(live_streams, engine_load, aligner_load))
 
     def rpc_started(self, service: str, method: str, rpc_type: str) -> None:
@@ -225,6 +257,14 @@ class ServerMetrics:
             self._audio.labels(outcome.method).inc(outcome.audio_s)
         if outcome.refused:
             self._refused.labels(outcome.method, outcome.code, outcome.refused).inc()
+
+    def http_finished(self, outcome: HttpOutcome) -> None:
+        self._http_requests.labels(outcome.route, str(outcome.status_code)).inc()
+        self._http_duration.labels(outcome.route).observe(outcome.duration_s)
+        if outcome.audio_s > 0 and outcome.status_code < 400:
+            self._audio.labels(outcome.route).inc(outcome.audio_s)
+        if outcome.refused:
+            self._refused.labels(outcome.route, str(outcome.status_code), outcome.refused).inc()
 
     def stream_ended(self, max_final_delay_s: float) -> None:
         self._final_delay.observe(max_final_delay_s)

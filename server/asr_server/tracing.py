@@ -6,7 +6,7 @@ Spans carry sizes and timings only: never audio, never text.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 from opentelemetry import trace
 from opentelemetry.propagate import extract
@@ -46,5 +46,18 @@ def rpc_span(method: str, metadata: Iterable[tuple[str, str | bytes]] | None) ->
         context=parent,
         kind=SpanKind.SERVER,
         attributes={"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method},
+    ) as span:
+        yield span
+
+
+@contextlib.contextmanager
+def http_span(method: str, route: str, headers: Mapping[str, str]) -> Iterator[Span]:
+    """A SERVER span for one HTTP request (the OpenAI-compatible front), child of the caller's W3C traceparent."""
+    parent = extract(dict(headers))
+    with _tracer.start_as_current_span(
+        f"{method} {route}",
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes={"http.request.method": method, "http.route": route},
     ) as span:
         yield span

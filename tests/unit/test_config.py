@@ -70,11 +70,21 @@ def test_continuous_feature_and_chunked_prefill_flags() -> None:
         (["--trailing-silence-ms", "20000"], "--trailing-silence-ms must be 100..10000"),
         (["--front-processes", "0"], "--front-processes must be in"),
         (["--front-processes", "2", "--engine-process", "off"], "--front-processes > 1 needs the engine"),
+        (["--http-port", "70000"], "--http-port must be 0..65535"),
+        (["--http-port", "50051"], "--http-port must differ from --port"),
+        (["--http-port", "8000", "--metrics-port", "8000"], "--http-port must differ"),
+        (["--http-port", "8000", "--front-processes", "2"], "--http-port is served by one front process"),
     ],
 )
 def test_bad_values_are_refused_with_the_flag_named(argv: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace("-", r"\-")):
         parse_serve_config(argv, {})
+
+
+def test_the_http_port_is_off_unless_given_and_0_picks_a_free_one() -> None:
+    assert parse_serve_config([], {}).server.http_port is None
+    assert parse_serve_config([], {"ASR_HTTP_PORT": "0"}).server.http_port == 0
+    assert parse_serve_config(["--http-port", "8000"], {"ASR_HTTP_PORT": "9000"}).server.http_port == 8000
 
 
 def test_several_front_processes_turn_the_engine_process_on_even_for_the_fake_engine() -> None:

@@ -5,7 +5,8 @@ Every import counts, also one inside a function: a lazy import still ties the tw
   the command-line entry point above it (`cli`), which starts the server;
 - no circle among the package's modules;
 - `audio/` imports nothing of the server but itself and `errors` (the leaf module of domain error types);
-- `engine/` imports neither `edge/` nor `streaming/`.
+- `engine/` imports neither `edge/` nor `streaming/`;
+- the HTTP edge (`edge/http/`) imports neither gRPC nor protobuf, nor the gRPC edge's modules.
 """
 
 from __future__ import annotations
@@ -112,6 +113,32 @@ def test_the_engine_imports_neither_the_edge_nor_streaming() -> None:
         if _in(module, "engine")
         for target in targets
         if _in(target, "edge") or _in(target, "streaming")
+    )
+    assert offenders == []
+
+
+def _third_party_imports(path: Path) -> Iterator[str]:
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            yield node.module
+
+
+def test_the_http_edge_knows_no_grpc() -> None:
+    http_modules = {name: path for name, path in _modules().items() if _in(name, "edge.http")}
+    assert "asr_server.edge.http.app" in http_modules  # guards the selection itself
+    offenders = sorted(
+        f"{module} -> {target}"
+        for module, path in http_modules.items()
+        for target in _third_party_imports(path)
+        if target.split(".")[0] in ("grpc", "grpc_status", "qwenasr") or target.startswith("google.")
+    )
+    offenders += sorted(
+        f"{module} -> {target}"
+        for module in http_modules
+        for target in _graph()[module]
+        if _in(target, "edge") and not _in(target, "edge.http")
     )
     assert offenders == []
 

@@ -10,8 +10,10 @@ Thread-safe: decoding runs in worker threads, releases happen on the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
+from collections.abc import Callable, Iterator
 
 from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
 from asr_server.errors import LimitExceeded, Unavailable
@@ -94,3 +96,17 @@ class BudgetHold:
             self._released = True
             nbytes, self._bytes = self._bytes, 0
         self._budget._give(nbytes)
+
+
+@contextlib.contextmanager
+def held_for_call(budget: DecodedAudioBudget | None) -> Iterator[Callable[[int], None] | None]:
+    """The reserve callback for one call's decoding (None: no budget); what it reserved is released when the call
+    is done with its audio (its answer sent, or it failed or was cancelled). One helper for every edge."""
+    if budget is None:
+        yield None
+        return
+    hold = budget.hold()
+    try:
+        yield hold.reserve
+    finally:
+        hold.release()

@@ -14,6 +14,7 @@ import logging
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +24,8 @@ from grpc_reflection.v1alpha import reflection
 
 from asr_server.aligner.managed import WORD_TIMESTAMPS_HEALTH_SERVICE, ManagedAligner
 from asr_server.config import Config, ConnectionConfig
+from asr_server.edge.http.app import HttpContext, ServingState, build_app
+from asr_server.edge.http.server import HttpFront
 from asr_server.edge.rpc import ObservingInterceptor, RpcInterceptor, with_behaviour
 from asr_server.edge.servicer import AsrServicer
 from asr_server.edge.tls import ReloadingCertificates, server_credentials
@@ -246,6 +249,9 @@ class AsrServer:
             live_streams=self._live_streams, engine_load=self._engine_load, aligner_load=self._aligner_load
         )
         self._metrics_endpoint: MetricsEndpoint | None = None
+        # The OpenAI-compatible HTTP front (--http-port), over this server's transcriber; None when not served.
+        self._http: HttpFront | None = None
+        self.http_port = 0
 
     async def start(self) -> int:
         """Opens the port (health NOT_SERVING), loads and warms the engine, then reports SERVING."""
@@ -307,6 +313,9 @@ class AsrServer:
         self._server = server
         if self.config.server.metrics_port:
             self._metrics_endpoint = self._serve_metrics()
+        if self.config.server.http_port is not None:
+            # Open before the engine loads, as the gRPC port: /health answers 503 "starting" meanwhile.
+            await self._serve_http(self.config.server.http_port, servicer)
         logger.info("listening on port %d; loading the engine", self.port)
         if isinstance(self.aligner, ManagedAligner):
             # The sidecar loads in its own process while the engine loads here.
@@ -356,6 +365,34 @@ class AsrServer:
             raise StartupError(f"metrics port {port} cannot be opened ({exc.strerror or exc}); --metrics-port") from exc
         logger.info("Prometheus metrics on http://%s:%d/metrics", self.config.server.host, endpoint.port)
         return endpoint
+
+    async def _serve_http(self, port: int, servicer: AsrServicer) -> None:
+        context = HttpContext(
+            config=self.config,
+            transcriber=self.transcriber,
+            model_id=lambda: self.engine.model_id or self.config.model.model,
+            state=self._http_state,
+            in_flight=self._in_flight,
+            decoded_budget=servicer.decoded_budget,
+            observers=(self.metrics, AccessLog()),
+            created_s=int(time.time()),
+        )
+        front = HttpFront(build_app(context), self.config.server.host, port, self.config.tls)
+        try:
+            self.http_port = await front.start()
+        except OSError as exc:
+            problem = bind_problem(self.config.server.host, port).replace("--port", "--http-port")
+            raise StartupError(problem or f"HTTP port {port} cannot be opened: {exc}", exit_code=EXIT_PORT) from exc
+        self._http = front
+        scheme = "https" if self.config.tls.enabled else "http"
+        logger.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", scheme, self.config.server.host, self.http_port)
+
+    def _http_state(self) -> ServingState:
+        if self._stopping:
+            return "draining"
+        if not self._serving:
+            return "starting"
+        return "serving" if self.engine.state == "ready" else "unavailable"
 
     @property
     def metrics_port(self) -> int:
@@ -452,6 +489,10 @@ class AsrServer:
                 draining.cancel()
             # Our calls are done (or out of time): this ends the rest, health Watch streams included, at once.
             await self._server.stop(None)
+        if self._http is not None:
+            # After the drain (its requests counted in _in_flight and answered 503 "draining" while it lasts).
+            await self._http.stop()
+            self._http = None
         await self.engine.stop()
         if isinstance(self.aligner, ManagedAligner):
             await self.aligner.stop()
@@ -499,7 +540,9 @@ async def _serve_until_signalled(config: Config) -> None:
         if start in done:
             start.result()
             started = True
-            print(f"asr-server: serving {server.engine.model_id} on port {server.port}", flush=True)
+            # The HTTP port is written "http port N", not "on port N": scripts read the gRPC port by that phrase.
+            http = f"; OpenAI-compatible HTTP API: http port {server.http_port}" if server.http_port else ""
+            print(f"asr-server: serving {server.engine.model_id} on port {server.port}{http}", flush=True)
             await stop_wait
     finally:
         # Also after a failed start: the port, the engine thread and a spawned aligner sidecar are released.

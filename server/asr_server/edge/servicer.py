@@ -17,7 +17,7 @@ from opentelemetry import trace
 
 from asr_server.alignment import align_text, check_align_text
 from asr_server.audio.assembler import StreamAssembler
-from asr_server.audio.budget import BYTES_PER_MIB, DecodedAudioBudget
+from asr_server.audio.budget import BYTES_PER_MIB, DecodedAudioBudget, held_for_call
 from asr_server.audio.decode import DecodedAudio, container_formats, decode_audio
 from asr_server.audio.formats import MAX_CHANNEL_COUNT, MAX_RAW_SAMPLE_RATE_HZ, MIN_RAW_SAMPLE_RATE_HZ, AudioLimits
 from asr_server.config import Config
@@ -227,6 +227,11 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         return sum(flushed)
 
     @property
+    def decoded_budget(self) -> DecodedAudioBudget | None:
+        """The bound on decoded audio in flight (--max-decoded-audio-mb), shared with the HTTP front."""
+        return self._decoded_budget
+
+    @property
     def live_streams(self) -> int:
         """StreamingRecognize calls open now."""
         return len(self._sessions)
@@ -376,14 +381,8 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
     def _budget_hold(self) -> Iterator[Callable[[int], None] | None]:
         """The reserve callback for one call's decoding; what it reserved is released when the call is done with
         its audio (the transcript sent, or the call failed or was cancelled)."""
-        if self._decoded_budget is None:
-            yield None
-            return
-        hold = self._decoded_budget.hold()
-        try:
-            yield hold.reserve
-        finally:
-            hold.release()
+        with held_for_call(self._decoded_budget) as reserve:
+            yield reserve
 
     async def _finish(
         self,
