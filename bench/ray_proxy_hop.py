@@ -60,8 +60,12 @@ async def _measure(target: str, request: pb.TranscribeRequest, calls: int, concu
 
         await asyncio.gather(*(caller(calls // concurrency) for _ in range(concurrency)))
     quantiles = statistics.quantiles(latencies, n=100)
-    return {"p50_ms": round(statistics.median(latencies), 2), "p99_ms": round(quantiles[98], 2),
-            "calls": len(latencies), "concurrency": concurrency}
+    return {
+        "p50_ms": round(statistics.median(latencies), 2),
+        "p99_ms": round(quantiles[98], 2),
+        "calls": len(latencies),
+        "concurrency": concurrency,
+    }
 
 
 def main() -> None:
@@ -79,7 +83,9 @@ def main() -> None:
     port = _free_port()
     direct = subprocess.Popen(
         [sys.executable, "-m", "asr_server.cli", "serve", *server_args, "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert direct.stdout is not None
@@ -99,10 +105,13 @@ def main() -> None:
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     grpc_port = _free_port()
-    ray_serve.start_serve(ray_serve.RayServeFile(
-        grpc_port=grpc_port, server_args=tuple(server_args),
-        deployment=ray_serve.DeploymentOptions(num_replicas=1, num_cpus=1),
-    ))
+    ray_serve.start_serve(
+        ray_serve.RayServeFile(
+            grpc_port=grpc_port,
+            server_args=tuple(server_args),
+            deployment=ray_serve.DeploymentOptions(num_replicas=1, num_cpus=1),
+        )
+    )
     try:
         target = f"127.0.0.1:{grpc_port}"
         results["ray"] = [asyncio.run(_measure(target, request, args.calls, c)) for c in (1, args.concurrency)]
