@@ -24,7 +24,8 @@ Series (py-grpc-prometheus names for the gRPC ones, so existing dashboards work)
   {route}` (histogram); its audio counts in `asr_audio_seconds_total` and its refusals in `asr_refused_total` with
   `grpc_method` set to the route (e.g. "/v1/audio/transcriptions") and `grpc_code` to the HTTP status code;
 - `asr_stream_final_delay_seconds` (histogram): per live stream, its worst delay of a final after its utterance
-  ended; `asr_stream_lagging_finals_total`: finals later than --max-stream-lag-ms (the ones also logged).
+  ended; `asr_stream_lagging_finals_total`: finals later than --max-stream-lag-ms (the ones also logged);
+  `asr_stream_speculative_finals_total{outcome}`: speculative finals kept or discarded.
 
 Each `ServerMetrics` has its own registry, so several servers in one process (tests) do not collide, and the
 process's default registry (which prometheus_client fills at import) is not served.
@@ -228,6 +229,13 @@ class ServerMetrics:
             "finals that came later than --max-stream-lag-ms after their utterance ended",
             registry=self.registry,
         )
+        self._speculations = Counter(
+            "asr_stream_speculative_finals_total",
+            "live utterances' finals decoded speculatively at the first trailing silence: kept (ready at the "
+            "endpoint) or discarded (speech resumed: wasted work)",
+            ["outcome"],
+            registry=self.registry,
+        )
         self._http_requests = Counter(
             "asr_http_requests_total",
             "HTTP requests of the OpenAI-compatible front, by route and status code",
@@ -271,6 +279,12 @@ class ServerMetrics:
 
     def final_lagged(self) -> None:
         self._lagging.inc()
+
+    def utterance_closed(self, speculations_kept: int, speculations_discarded: int) -> None:
+        if speculations_kept:
+            self._speculations.labels("kept").inc(speculations_kept)
+        if speculations_discarded:
+            self._speculations.labels("discarded").inc(speculations_discarded)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> MetricsEndpoint:
         """Starts prometheus_client's own HTTP server (a daemon thread) on `port`; 0 picks a free port."""

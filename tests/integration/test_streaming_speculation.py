@@ -41,14 +41,19 @@ async def test_the_final_arrives_sooner_after_the_endpoint_and_is_the_same_final
     audio, _ = synthesize_sentences(["The quick brown fox jumps over the lazy dog."], silence_s=1.2)
     data = pcm16(audio)
     received: dict[int, Received] = {}
+    kept: dict[int, float | None] = {}
     for speculate_ms in (0, 240):
-        async with running_server(_config(speculate_ms)) as (_, channel):
+        async with running_server(_config(speculate_ms)) as (server, channel):
             stub = pb_grpc.AsrServiceStub(channel)
             # Real time: the 560 ms between the speculation and the endpoint pass as they would on a live call.
             received[speculate_ms] = await run_stream(stub, stream_config(), data, piece_ms=20, realtime=1.0)
+            kept[speculate_ms] = server.metrics.registry.get_sample_value(
+                "asr_stream_speculative_finals_total", {"outcome": "kept"}
+            )
     off, on = received[0], received[240]
     assert [(f.text, f.start_ms, f.end_ms) for f in on.finals] == [(f.text, f.start_ms, f.end_ms) for f in off.finals]
     assert len(on.finals) == 1 and on.finals[0].text
+    assert kept == {0: None, 240: 1.0}  # the metric counts the speculation the final used
     off_s, on_s = _decode_after_endpoint_s(off), _decode_after_endpoint_s(on)
     # Off: one whole decode after the endpoint. On: what is left of the decode that started 560 ms earlier.
     assert off_s >= DECODE_MS / 1000 * 0.9, off_s

@@ -28,7 +28,7 @@ from asr_server.results import ChannelMode
 from asr_server.streaming.endpoint import EndpointSettings
 from asr_server.streaming.prefix import FakeTokenDecoder, TokenDecoder, load_hf_token_decoder
 from asr_server.streaming.segmenter import UtterancePlanner
-from asr_server.streaming.session import IdleTimeout, StreamingSession
+from asr_server.streaming.session import IdleTimeout, StreamingSession, UtteranceWork
 from asr_server.streaming.vad import VadBatcher
 from asr_server.transcription import TranscribeOptions, Transcriber
 from qwenasr.v1 import asr_pb2 as pb
@@ -43,6 +43,8 @@ class StreamObserver(Protocol):
     def stream_ended(self, max_final_delay_s: float) -> None: ...
 
     def final_lagged(self) -> None: ...
+
+    def utterance_closed(self, speculations_kept: int, speculations_discarded: int) -> None: ...
 
 
 class AsrServicer(pb_grpc.AsrServiceServicer):
@@ -305,9 +307,14 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             max_lag_ms=max_lag_ms,
             on_lag=self._on_lag,
             max_duration_s=self._config.streaming.max_duration_s,
+            on_utterance_work=self._on_utterance_work,
         )
         self._sessions.add(session)
         return session
+
+    def _on_utterance_work(self, work: UtteranceWork) -> None:
+        if self._stream_observer is not None:
+            self._stream_observer.utterance_closed(work.speculations_kept, work.speculations_discarded)
 
     def _on_lag(self, delay_ms: float) -> None:
         logger.warning(
