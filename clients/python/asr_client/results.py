@@ -49,13 +49,15 @@ class Segment:
     end_time: float
     text: str
     language: str
+    language_code: str = ""  # BCP-47, e.g. "en"
 
 
 @dataclass(frozen=True)
 class ASRTranscription:
     """One result per audio input, as `qwen_asr.Qwen3ASRModel.transcribe` returns them.
 
-    `language` is e.g. "English", "Chinese,English" when it changes, or "" when no speech was found.
+    `language` is e.g. "English", "Chinese,English" when it changes, or "" when no speech was found;
+    `language_code` the same as BCP-47 codes ("en", "zh,en"; a server older than that field sends "").
     `time_stamps` is set only when asked for (`return_time_stamps=True`); it is empty when the aligner does not
     cover the language or nothing was recognised. `segments` and `duration` (seconds) are extras of this client.
     """
@@ -65,6 +67,7 @@ class ASRTranscription:
     time_stamps: ForcedAlignResult | None = None
     segments: list[Segment] = field(default_factory=list)
     duration: float = 0.0
+    language_code: str = ""
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class StreamingResult:
     stability: float
     time_stamps: ForcedAlignResult | None = None
     processed_time: float = 0.0
+    language_code: str = ""  # BCP-47, e.g. "en"
 
 
 def seconds(ms: int) -> float:
@@ -97,13 +101,17 @@ def transcription_from_pb(response: pb.TranscribeResponse, *, time_stamps: bool)
     if not response.transcripts:
         return ASRTranscription("", "", ForcedAlignResult() if time_stamps else None, [], duration)
     transcript = response.transcripts[0]
-    segments = [Segment(seconds(s.start_ms), seconds(s.end_ms), s.text, s.language) for s in transcript.segments]
+    segments = [
+        Segment(seconds(s.start_ms), seconds(s.end_ms), s.text, s.language, s.language_code)
+        for s in transcript.segments
+    ]
     return ASRTranscription(
         language=transcript.language,
         text=transcript.text,
         time_stamps=align_result(transcript.words) if time_stamps else None,
         segments=segments,
         duration=duration,
+        language_code=transcript.language_code,
     )
 
 
@@ -120,4 +128,5 @@ def streaming_result_from_pb(response: pb.StreamingRecognizeResponse, *, time_st
         stability=result.stability,
         time_stamps=align_result(result.words) if time_stamps and result.is_final else None,
         processed_time=seconds(response.processed_audio_ms),
+        language_code=result.language_code,
     )

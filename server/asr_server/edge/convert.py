@@ -12,7 +12,13 @@ from asr_server.alignment import TextAlignment
 from asr_server.audio.formats import AudioFormat, Encoding
 from asr_server.config import Config
 from asr_server.errors import InvalidInput
-from asr_server.languages import ALIGNER_LANGUAGES, ASR_LANGUAGES, resolve_language
+from asr_server.languages import (
+    ALIGNER_LANGUAGES,
+    ASR_LANGUAGES,
+    language_codes,
+    resolve_language,
+    split_languages,
+)
 from asr_server.results import (
     ChannelMode,
     ChannelTranscript,
@@ -100,6 +106,7 @@ def segment_to_pb(segment: Segment) -> pb.Segment:
         text=segment.text,
         language=segment.language,
         words=[word_to_pb(w) for w in segment.words],
+        language_code=_joined_code(segment.language),
     )
 
 
@@ -111,7 +118,15 @@ def transcript_to_pb(transcript: ChannelTranscript) -> pb.Transcript:
         words=[word_to_pb(w) for w in transcript.words],
         segments=[segment_to_pb(s) for s in transcript.segments],
         word_timestamps_status=status_to_pb(transcript.word_timestamps_status),
+        language_code=_joined_code(transcript.language),
+        languages=split_languages(transcript.language),
+        language_codes=language_codes(transcript.language),
     )
+
+
+def _joined_code(language: str) -> str:
+    """A result's language as codes, joined as its names are: "Chinese,English" -> "zh,en"."""
+    return ",".join(language_codes(language))
 
 
 def status_to_pb(status: WordTimestampsStatus) -> pb.WordTimestampsStatus.ValueType:
@@ -291,4 +306,5 @@ def stream_result_to_pb(result: StreamResult) -> pb.StreamingResult:
         end_ms=_clamp_u32(result.end_ms),
         words=[word_to_pb(w) for w in result.words],
         word_timestamps_status=status_to_pb(result.word_timestamps_status),
+        language_code=_joined_code(result.language),
     )
