@@ -182,9 +182,12 @@ class Transcriber:
             raise FailedPrecondition("word timestamps need the forced aligner; start the server with --aligner-model")
         if not text.strip():
             return AlignedPiece((), WordTimestampsStatus.NO_TEXT, 0.0)
-        # A detected "Chinese,English" piece is aligned when its first language is covered.
-        first = language.split(",")[0] if language else ""
-        if not first or not aligner_supports(first):
+        # A detected "Chinese,English" piece is aligned when its first language is covered. Text with no language
+        # detected is aligned too, as both references do (transformers' split_words_for_alignment(text, None),
+        # qwen-asr's default tokenizer): CJK per character, other scripts on spaces. Only a known language outside
+        # the aligner's 11 has no words: LANGUAGE_NOT_SUPPORTED then means just that.
+        first = language.split(",")[0].strip() if language else ""
+        if first and not aligner_supports(first):
             return AlignedPiece((), WordTimestampsStatus.LANGUAGE_NOT_SUPPORTED, 0.0)
         with _tracer.start_as_current_span("asr.align") as span:
             span.set_attribute("asr.audio_s", audio_16k.shape[0] / MODEL_SAMPLE_RATE_HZ)
