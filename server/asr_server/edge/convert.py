@@ -223,6 +223,7 @@ _SPEECH_EVENTS: dict[SpeechEventKind, pb.SpeechEventType.ValueType] = {
     SpeechEventKind.STARTED: pb.SPEECH_EVENT_TYPE_SPEECH_STARTED,
     SpeechEventKind.ENDED: pb.SPEECH_EVENT_TYPE_SPEECH_ENDED,
     SpeechEventKind.END_OF_SINGLE_UTTERANCE: pb.SPEECH_EVENT_TYPE_END_OF_SINGLE_UTTERANCE,
+    SpeechEventKind.SPEECH_START_TIMEOUT: pb.SPEECH_EVENT_TYPE_SPEECH_START_TIMEOUT,
 }
 
 
@@ -267,6 +268,12 @@ def streaming_config_from_pb(
             f"interim_interval_ms {msg.interim_interval_ms} is out of range; accepted: 200 to 10000, or 0 for the "
             "default (1000)"
         )
+    speech_start_timeout_ms = int(msg.speech_start_timeout_ms)
+    if speech_start_timeout_ms and not 100 <= speech_start_timeout_ms <= 3_600_000:
+        raise InvalidInput(
+            f"speech_start_timeout_ms {msg.speech_start_timeout_ms} is out of range; accepted: 100 to 3600000, or 0 "
+            "for none"
+        )
     max_chunk_s = (
         config.limits.max_chunk_with_timestamps_s if options.return_word_timestamps else config.limits.max_chunk_s
     )
@@ -276,6 +283,7 @@ def streaming_config_from_pb(
         interim_results=msg.interim_results,
         interim_interval_ms=interval,
         single_utterance=msg.single_utterance,
+        speech_start_timeout_ms=speech_start_timeout_ms,
     )
 
 
