@@ -53,8 +53,10 @@ class Timing:
     total_ms: float = 0.0
     audio_decode_ms: float = 0.0
     queue_wait_ms: float = 0.0
-    inference_ms: float = 0.0
-    alignment_ms: float = 0.0
+    inference_ms: float = 0.0  # summed work: each engine batch that carried a piece, once
+    alignment_ms: float = 0.0  # wall time: while at least one of the request's alignments was in flight
+    alignment_work_ms: float = 0.0  # summed work: every alignment's own time, added up over pieces and channels
+    inference_wall_ms: float = 0.0  # wall time: while at least one engine batch carrying a piece ran
     # From the audio's hand-over to the engine to its first generated token (earliest chunk); None: not reported.
     first_token_ms: float | None = None
 

@@ -146,6 +146,8 @@ def result_to_pb(result: TranscriptionResult, *, total_ms: float, audio_decode_m
             inference_ms=_clamp_u32(timing.inference_ms),
             alignment_ms=_clamp_u32(timing.alignment_ms),
             first_token_ms=0 if timing.first_token_ms is None else max(1, _clamp_u32(timing.first_token_ms)),
+            alignment_work_ms=_clamp_u32(timing.alignment_work_ms),
+            inference_wall_ms=_clamp_u32(timing.inference_wall_ms),
         ),
     )
 
@@ -161,6 +163,7 @@ def alignment_to_pb(
             total_ms=_clamp_u32(result.total_ms),
             audio_decode_ms=_clamp_u32(audio_decode_ms),
             alignment_ms=_clamp_u32(result.alignment_ms),
+            alignment_work_ms=_clamp_u32(result.alignment_ms),  # one alignment: its work is its wall time
         ),
         aligner_model_id=aligner_model_id,
         request_id=request_id,
