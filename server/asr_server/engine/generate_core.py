@@ -84,6 +84,24 @@ def parse_transcription(processor: Any, request: DecodeRequest, ids: list[int]) 
     return str(parsed.get("transcription") or ""), str(language)
 
 
+def asr_text_token_id(processor: Any) -> int | None:
+    """The id of `<asr_text>`, the token after which the model writes the transcription; None if unknown."""
+    token_id = processor.tokenizer.convert_tokens_to_ids("<asr_text>")
+    unknown = processor.tokenizer.unk_token_id
+    return int(token_id) if isinstance(token_id, int) and token_id != unknown else None
+
+
+def text_token_span(ids: list[int], asr_text_id: int | None, eos_ids: frozenset[int]) -> tuple[int, int]:
+    """[start, end) of the generated tokens that spell the transcription: after the first `<asr_text>` (a detected
+    language's tag; with a forced language or a continuation prefix the prompt holds it, and the text starts at 0),
+    before the first EOS."""
+    start = 0
+    if asr_text_id is not None and asr_text_id in ids:
+        start = ids.index(asr_text_id) + 1
+    end = next((i for i in range(start, len(ids)) if ids[i] in eos_ids), len(ids))
+    return start, end
+
+
 def collate(prepared: list[PreparedInputs], pad_token_id: int) -> dict[str, Any]:
     """Left-pads prompts, right-pads features with zeros (exactly what a single run's mel padding holds)."""
     import torch
@@ -131,6 +149,7 @@ class GenerateEngine:
         if eos is None:
             eos = config.eos_token_id
         self._eos_ids = frozenset(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+        self._asr_text_id = asr_text_token_id(loaded.processor)
 
     def warmup(self) -> None:
         from asr_server.engine.types import DecodeOptions
@@ -203,14 +222,21 @@ class GenerateEngine:
         inputs["input_features"] = inputs["input_features"].to(model.dtype)
         max_new = max(self._budget(r) for r in requests)
         forced = [r.forced_num_tokens for r in requests if r.forced_num_tokens is not None]
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new}
+        # output_logits: the raw logits of every step, from which each chosen token's log-probability is read (the
+        # continuous engine computes the same inside its decode step).
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new, "output_logits": True, "return_dict_in_generate": True}
         if forced:
             # Benchmarks: random weights never emit a sensible EOS, so make every row run its full budget.
             kwargs["min_new_tokens"] = max_new
         with torch.inference_mode():
-            sequences = model.generate(**inputs, **kwargs)
-        prompt_len = inputs["input_ids"].shape[1]
-        new_tokens = sequences[:, prompt_len:].cpu().tolist()
+            generated = model.generate(**inputs, **kwargs)
+            prompt_len = inputs["input_ids"].shape[1]
+            new = generated.sequences[:, prompt_len:]
+            # (batch, steps): log-softmax of each step's logits at the token chosen there.
+            logits = torch.stack(generated.logits, dim=1).float()
+            chosen = logits.gather(2, new[:, :, None])[:, :, 0]
+            step_logprobs = (chosen - torch.logsumexp(logits, dim=-1)).cpu().tolist()
+        new_tokens = new.cpu().tolist()
         end_ns = time.time_ns()
         rows = [self._trim(ids, self._budget(r)) for ids, r in zip(new_tokens, requests, strict=True)]
         stats = BatchStats(
@@ -222,9 +248,18 @@ class GenerateEngine:
         )
         self._counter.step(len(batch), stats.generated_tokens)
         outputs = []
-        for work, ids in zip(batch, rows, strict=True):
+        for work, ids, logprobs in zip(batch, rows, step_logprobs, strict=True):
             text, language = parse_transcription(self._loaded.processor, work.request, ids)
-            result = DecodeResult(work.request.request_id, text, language, tuple(ids), work.enqueued_ns, stats)
+            result = DecodeResult(
+                work.request.request_id,
+                text,
+                language,
+                tuple(ids),
+                work.enqueued_ns,
+                stats,
+                token_logprobs=tuple(logprobs[: len(ids)]),
+                text_tokens=text_token_span(ids, self._asr_text_id, self._eos_ids),
+            )
             outputs.append(EngineOutput(work.request.request_id, result=result))
         return outputs
 
