@@ -131,6 +131,31 @@ def collate(prepared: list[PreparedInputs], pad_token_id: int) -> dict[str, Any]
     }
 
 
+class ChosenLogprobs:
+    """A logits processor for greedy `generate` (the last in its list, so it sees the scores the token is chosen
+    from): per step, each row's log-softmax at its argmax, i.e. the greedy token's log-probability. Two (batch,)
+    tensors a step stay on the device until the end."""
+
+    def __init__(self) -> None:
+        self._steps: list[Any] = []
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        scores32 = scores.float()
+        self._steps.append(scores32.max(dim=-1).values - torch.logsumexp(scores32, dim=-1))
+        return scores
+
+    def per_row(self) -> list[list[float]]:
+        """(batch, steps) log-probabilities as lists; rows that ended early continue with padding's values."""
+        import torch
+
+        if not self._steps:
+            return []
+        values: list[list[float]] = torch.stack(self._steps, dim=1).cpu().tolist()
+        return values
+
+
 class GenerateEngine:
     """EngineCore running `model.generate` on padded batches of up to max_batch_size requests."""
 
@@ -222,21 +247,18 @@ class GenerateEngine:
         inputs["input_features"] = inputs["input_features"].to(model.dtype)
         max_new = max(self._budget(r) for r in requests)
         forced = [r.forced_num_tokens for r in requests if r.forced_num_tokens is not None]
-        # output_logits: the raw logits of every step, from which each chosen token's log-probability is read (the
-        # continuous engine computes the same inside its decode step).
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new, "output_logits": True, "return_dict_in_generate": True}
+        # Each chosen token's log-probability, read at every step (the continuous engine computes the same inside its
+        # decode step). Not output_logits: steps x batch x vocabulary logits would be gigabytes for a large batch.
+        chosen = ChosenLogprobs()
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new, "logits_processor": [chosen]}
         if forced:
             # Benchmarks: random weights never emit a sensible EOS, so make every row run its full budget.
             kwargs["min_new_tokens"] = max_new
         with torch.inference_mode():
-            generated = model.generate(**inputs, **kwargs)
-            prompt_len = inputs["input_ids"].shape[1]
-            new = generated.sequences[:, prompt_len:]
-            # (batch, steps): log-softmax of each step's logits at the token chosen there.
-            logits = torch.stack(generated.logits, dim=1).float()
-            chosen = logits.gather(2, new[:, :, None])[:, :, 0]
-            step_logprobs = (chosen - torch.logsumexp(logits, dim=-1)).cpu().tolist()
-        new_tokens = new.cpu().tolist()
+            sequences = model.generate(**inputs, **kwargs)
+        prompt_len = inputs["input_ids"].shape[1]
+        new_tokens = sequences[:, prompt_len:].cpu().tolist()
+        step_logprobs = chosen.per_row()
         end_ns = time.time_ns()
         rows = [self._trim(ids, self._budget(r)) for ids, r in zip(new_tokens, requests, strict=True)]
         stats = BatchStats(
