@@ -28,6 +28,11 @@ class Word:
         return Word(self.text, self.start_ms + offset_ms, self.end_ms + offset_ms)
 
 
+def mean_probability(probs: tuple[float, ...]) -> float:
+    """A result's confidence: the arithmetic mean of its text tokens' probabilities; 0.0 for none (unknown)."""
+    return sum(probs) / len(probs) if probs else 0.0
+
+
 @dataclass(frozen=True)
 class Segment:
     start_ms: int
@@ -36,6 +41,12 @@ class Segment:
     language: str
     words: tuple[Word, ...] = ()
     word_timestamps_status: WordTimestampsStatus = WordTimestampsStatus.NOT_REQUESTED
+    # The probability the model gave each token that spells `text` (DecodeResult.text_token_probs).
+    token_probs: tuple[float, ...] = ()
+
+    @property
+    def confidence(self) -> float:
+        return mean_probability(self.token_probs)
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,11 @@ class ChannelTranscript:
     words: tuple[Word, ...]
     segments: tuple[Segment, ...]
     word_timestamps_status: WordTimestampsStatus
+
+    @property
+    def confidence(self) -> float:
+        """The mean over every text token of every segment (a long segment weighs more than a short one)."""
+        return mean_probability(tuple(p for s in self.segments for p in s.token_probs))
 
 
 @dataclass(frozen=True)

@@ -269,6 +269,7 @@ class Transcriber:
                 language=result.language,
                 words=piece.words,
                 word_timestamps_status=piece.status,
+                token_probs=result.text_token_probs,
             )
             for span, result, piece in zip(spans, results, aligned, strict=True)
         ]

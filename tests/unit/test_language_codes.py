@@ -49,7 +49,7 @@ def test_streaming_results_carry_the_code() -> None:
     assert stream_result_to_pb(result).language_code == "fr"
 
 
-def test_the_python_client_exposes_the_codes() -> None:
+def test_the_python_client_exposes_the_codes_and_confidence() -> None:
     from asr_client.results import streaming_result_from_pb, transcription_from_pb
     from qwenasr.v1 import asr_pb2 as pb
 
@@ -59,11 +59,16 @@ def test_the_python_client_exposes_the_codes() -> None:
                 text="你好 hello",
                 language="Chinese,English",
                 language_code="zh,en",
-                segments=[pb.Segment(text="你好", language="Chinese", language_code="zh")],
+                confidence=0.75,
+                segments=[pb.Segment(text="你好", language="Chinese", language_code="zh", confidence=0.5)],
             )
         ]
     )
     result = transcription_from_pb(response, time_stamps=False)
     assert (result.language_code, result.segments[0].language_code) == ("zh,en", "zh")
-    streamed = pb.StreamingRecognizeResponse(result=pb.StreamingResult(language="French", language_code="fr"))
-    assert streaming_result_from_pb(streamed, time_stamps=False).language_code == "fr"
+    assert (result.confidence, result.segments[0].confidence) == (0.75, 0.5)
+    streamed = pb.StreamingRecognizeResponse(
+        result=pb.StreamingResult(language="French", language_code="fr", confidence=0.25)
+    )
+    got = streaming_result_from_pb(streamed, time_stamps=False)
+    assert (got.language_code, got.confidence) == ("fr", 0.25)

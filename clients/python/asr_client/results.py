@@ -50,6 +50,7 @@ class Segment:
     text: str
     language: str
     language_code: str = ""  # BCP-47, e.g. "en"
+    confidence: float = 0.0  # mean token probability in [0, 1]; 0: unknown
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class ASRTranscription:
 
     `language` is e.g. "English", "Chinese,English" when it changes, or "" when no speech was found;
     `language_code` the same as BCP-47 codes ("en", "zh,en"; a server older than that field sends "").
+    `confidence` is the model's mean token probability over the text, in [0, 1] (0: unknown).
     `time_stamps` is set only when asked for (`return_time_stamps=True`); it is empty when the aligner does not
     cover the language or nothing was recognised. `segments` and `duration` (seconds) are extras of this client.
     """
@@ -68,6 +70,7 @@ class ASRTranscription:
     segments: list[Segment] = field(default_factory=list)
     duration: float = 0.0
     language_code: str = ""
+    confidence: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class StreamingResult:
     time_stamps: ForcedAlignResult | None = None
     processed_time: float = 0.0
     language_code: str = ""  # BCP-47, e.g. "en"
+    confidence: float = 0.0  # mean token probability in [0, 1]; 0: unknown
 
 
 def seconds(ms: int) -> float:
@@ -102,7 +106,7 @@ def transcription_from_pb(response: pb.TranscribeResponse, *, time_stamps: bool)
         return ASRTranscription("", "", ForcedAlignResult() if time_stamps else None, [], duration)
     transcript = response.transcripts[0]
     segments = [
-        Segment(seconds(s.start_ms), seconds(s.end_ms), s.text, s.language, s.language_code)
+        Segment(seconds(s.start_ms), seconds(s.end_ms), s.text, s.language, s.language_code, s.confidence)
         for s in transcript.segments
     ]
     return ASRTranscription(
@@ -112,6 +116,7 @@ def transcription_from_pb(response: pb.TranscribeResponse, *, time_stamps: bool)
         segments=segments,
         duration=duration,
         language_code=transcript.language_code,
+        confidence=transcript.confidence,
     )
 
 
@@ -129,4 +134,5 @@ def streaming_result_from_pb(response: pb.StreamingRecognizeResponse, *, time_st
         time_stamps=align_result(result.words) if time_stamps and result.is_final else None,
         processed_time=seconds(response.processed_audio_ms),
         language_code=result.language_code,
+        confidence=result.confidence,
     )

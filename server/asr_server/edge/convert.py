@@ -107,6 +107,7 @@ def segment_to_pb(segment: Segment) -> pb.Segment:
         language=segment.language,
         words=[word_to_pb(w) for w in segment.words],
         language_code=_joined_code(segment.language),
+        confidence=segment.confidence,
     )
 
 
@@ -121,6 +122,7 @@ def transcript_to_pb(transcript: ChannelTranscript) -> pb.Transcript:
         language_code=_joined_code(transcript.language),
         languages=split_languages(transcript.language),
         language_codes=language_codes(transcript.language),
+        confidence=transcript.confidence,
     )
 
 
@@ -318,4 +320,5 @@ def stream_result_to_pb(result: StreamResult) -> pb.StreamingResult:
         words=[word_to_pb(w) for w in result.words],
         word_timestamps_status=status_to_pb(result.word_timestamps_status),
         language_code=_joined_code(result.language),
+        confidence=result.confidence,
     )

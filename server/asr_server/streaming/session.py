@@ -34,7 +34,7 @@ from asr_server.audio.assembler import StreamAssembler, StreamResampler
 from asr_server.audio.formats import AudioFormat, AudioLimits, ms_to_samples, samples_to_ms
 from asr_server.engine.types import DecodePriority
 from asr_server.errors import DEFAULT_RETRY_AFTER_S, AsrError, InvalidInput, Unavailable
-from asr_server.results import ChannelMode, Word, WordTimestampsStatus
+from asr_server.results import ChannelMode, Word, WordTimestampsStatus, mean_probability
 from asr_server.streaming.endpoint import Endpointer, EndpointEvent, EndpointSettings, SpeechStarted, UtteranceEnded
 from asr_server.streaming.prefix import TokenDecoder, rollback
 from asr_server.streaming.vad import FRAME_SAMPLES, VadBatcher, VadState
@@ -81,6 +81,7 @@ class StreamResult:
     processed_ms: int
     words: tuple[Word, ...] = ()
     word_timestamps_status: WordTimestampsStatus = WordTimestampsStatus.NOT_REQUESTED
+    confidence: float = 0.0  # mean probability of the tokens decoded for it (results.mean_probability)
 
 
 StreamEvent = SpeechEvent | StreamResult
@@ -482,6 +483,7 @@ class StreamingSession:
             processed_ms=0,
             words=words,
             word_timestamps_status=status,
+            confidence=mean_probability(result.text_token_probs),
         )
 
     async def _emit_finals(self, channel: _Channel) -> None:
@@ -603,6 +605,7 @@ class StreamingSession:
                 start_ms=samples_to_ms(start),
                 end_ms=samples_to_ms(end),
                 processed_ms=0,
+                confidence=mean_probability(result.text_token_probs),
             )
         )
         self._maybe_interim(channel)
