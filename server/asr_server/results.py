@@ -23,9 +23,11 @@ class Word:
     text: str
     start_ms: int
     end_ms: int
+    # Mean probability of the decoder tokens the word was spelled with (word_confidence.py); 0.0: unknown.
+    confidence: float = 0.0
 
     def shifted(self, offset_ms: int) -> Word:
-        return Word(self.text, self.start_ms + offset_ms, self.end_ms + offset_ms)
+        return Word(self.text, self.start_ms + offset_ms, self.end_ms + offset_ms, self.confidence)
 
 
 def mean_probability(probs: tuple[float, ...]) -> float:

@@ -35,6 +35,7 @@ from asr_server.results import (
     WordTimestampsStatus,
 )
 from asr_server.transcript_merge import join_texts, merge_languages
+from asr_server.word_confidence import word_confidences
 
 _MIN_CHUNK_S = 0.5
 _tracer = trace.get_tracer("asr_server.transcription")
@@ -179,8 +180,16 @@ class Transcriber:
         return result
 
     async def align_piece(
-        self, audio_16k: npt.NDArray[np.float32], text: str, language: str, offset_ms: int
+        self,
+        audio_16k: npt.NDArray[np.float32],
+        text: str,
+        language: str,
+        offset_ms: int,
+        *,
+        decoded: DecodeResult | None = None,
     ) -> AlignedPiece:
+        """The words of `text` timed in this piece, shifted by `offset_ms`; `decoded`, the decode that wrote the text,
+        gives each word its confidence (none for a caller's own text: Align)."""
         if self._aligner is None:
             raise FailedPrecondition("word timestamps need the forced aligner; start the server with --aligner-model")
         if not text.strip():
@@ -202,6 +211,8 @@ class Transcriber:
             Word(w.text, min(w.start_ms, duration_ms), min(max(w.end_ms, w.start_ms), duration_ms)).shifted(offset_ms)
             for w in aligned.words
         )
+        if decoded is not None:
+            words = word_confidences(words, decoded.text_token_pieces, decoded.text_token_probs)
         return AlignedPiece(words, WordTimestampsStatus.OK, aligned.alignment_ms, span_ns)
 
     async def transcribe(
@@ -254,7 +265,9 @@ class Transcriber:
             async with asyncio.TaskGroup() as group:
                 align_tasks = [
                     group.create_task(
-                        self.align_piece(samples[s.start_sample : s.end_sample], r.text, r.language, s.start_ms)
+                        self.align_piece(
+                            samples[s.start_sample : s.end_sample], r.text, r.language, s.start_ms, decoded=r
+                        )
                     )
                     for s, r in zip(spans, results, strict=True)
                 ]

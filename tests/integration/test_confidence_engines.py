@@ -94,6 +94,12 @@ def test_both_engines_report_each_tokens_log_probability_as_a_teacher_forced_pas
         assert g.token_logprobs == pytest.approx(expected, abs=1e-4)
         assert c.token_logprobs == pytest.approx(expected, abs=1e-4)
         assert c.text_tokens == g.text_tokens
+        # What each text token adds to the decoded text (word confidence reads words off these).
+        assert c.text_token_pieces == g.text_token_pieces
+        start, end = g.text_tokens
+        assert len(g.text_token_pieces) == end - start
+        text_ids = list(g.token_ids[start:end])
+        assert "".join(g.text_token_pieces) == loaded.processor.tokenizer.decode(text_ids, skip_special_tokens=True)
         # Greedy tokens: each is the most likely, so never below 1 / vocabulary; all are probabilities.
         vocab = loaded.model.config.text_config.vocab_size
         assert all(-math.log(vocab) - 1e-4 <= lp <= 0.0 for lp in g.token_logprobs)

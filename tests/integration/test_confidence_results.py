@@ -14,6 +14,8 @@ from asr_server.config import Config, ContinuousConfig, EngineConfig, ModelConfi
 from asr_server.engine.fake import fake_transcript
 from asr_server.engine.types import DecodeOptions, DecodeRequest
 from asr_server.models.tiny_checkpoint import TinyCheckpoints
+from asr_server.results import Word
+from asr_server.transcription import AlignmentResult
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 from tests.helpers import fake_config, running_server, tone, with_limits
@@ -103,3 +105,25 @@ async def test_both_model_engines_give_the_same_confidence_for_the_same_tokens(
     for (_, a), (_, b) in zip(got["continuous"], got["transformers"], strict=True):
         assert 0.0 < a <= 1.0
         assert a == pytest.approx(b, abs=1e-5)
+
+
+class SpaceAligner:
+    """Times each space-separated word at 100 ms steps, as an aligner would split the fake engine's text."""
+
+    async def align(self, audio_16k: np.ndarray, text: str, language: str) -> AlignmentResult:
+        return AlignmentResult(
+            tuple(Word(w, 100 * i, 100 * i + 80) for i, w in enumerate(text.split())), alignment_ms=1.0
+        )
+
+
+async def test_each_word_gets_the_probability_of_its_tokens() -> None:
+    samples = np.concatenate([tone(1.0, amplitude=a, seed=i) for i, a in enumerate((0.6, 0.05, 0.3))])
+    async with running_server(fake_config(), aligner=SpaceAligner()) as (_, channel):
+        response = await pb_grpc.AsrServiceStub(channel).Transcribe(
+            float32_request(samples, return_word_timestamps=True)
+        )
+    (transcript,) = response.transcripts
+    probs = fake_probs(samples)  # one token per word
+    assert [w.text for w in transcript.words] == transcript.text.split()
+    assert [w.confidence for w in transcript.words] == pytest.approx(probs, rel=1e-6)
+    assert len({round(w.confidence, 4) for w in transcript.words}) > 1

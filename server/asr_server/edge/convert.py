@@ -96,7 +96,9 @@ def _clamp_u32(value: float) -> int:
 
 
 def word_to_pb(word: Word) -> pb.Word:
-    return pb.Word(text=word.text, start_ms=_clamp_u32(word.start_ms), end_ms=_clamp_u32(word.end_ms))
+    return pb.Word(
+        text=word.text, start_ms=_clamp_u32(word.start_ms), end_ms=_clamp_u32(word.end_ms), confidence=word.confidence
+    )
 
 
 def segment_to_pb(segment: Segment) -> pb.Segment:

@@ -126,6 +126,7 @@ class FakeEngine:
                 stats.end_ns,
                 token_logprobs=logprobs,
                 text_tokens=(0, len(ids)),
+                text_token_pieces=tuple(f" w{level}" if i else f"w{level}" for i, level in enumerate(ids)),
             )
             outputs.append(EngineOutput(work.request.request_id, result=result))
         return outputs

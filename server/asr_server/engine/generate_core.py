@@ -102,6 +102,18 @@ def text_token_span(ids: list[int], asr_text_id: int | None, eos_ids: frozenset[
     return start, end
 
 
+def text_pieces(processor: Any, ids: list[int]) -> tuple[str, ...]:
+    """What each token of `ids` adds to their decoded text (tokenizers' DecodeStream: "" while a multi-byte
+    character is incomplete, then the whole character); () for a tokenizer without a fast backend."""
+    backend = getattr(processor.tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return ()
+    from tokenizers.decoders import DecodeStream
+
+    stream = DecodeStream(skip_special_tokens=True)
+    return tuple(stream.step(backend, token) or "" for token in ids)
+
+
 def collate(prepared: list[PreparedInputs], pad_token_id: int) -> dict[str, Any]:
     """Left-pads prompts, right-pads features with zeros (exactly what a single run's mel padding holds)."""
     import torch
@@ -272,6 +284,7 @@ class GenerateEngine:
         outputs = []
         for work, ids, logprobs in zip(batch, rows, step_logprobs, strict=True):
             text, language = parse_transcription(self._loaded.processor, work.request, ids)
+            span = text_token_span(ids, self._asr_text_id, self._eos_ids)
             result = DecodeResult(
                 work.request.request_id,
                 text,
@@ -280,7 +293,8 @@ class GenerateEngine:
                 work.enqueued_ns,
                 stats,
                 token_logprobs=tuple(logprobs[: len(ids)]),
-                text_tokens=text_token_span(ids, self._asr_text_id, self._eos_ids),
+                text_tokens=span,
+                text_token_pieces=text_pieces(self._loaded.processor, ids[span[0] : span[1]]),
             )
             outputs.append(EngineOutput(work.request.request_id, result=result))
         return outputs

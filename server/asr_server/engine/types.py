@@ -84,6 +84,10 @@ class DecodeResult:
     # [start, end) of the tokens in token_ids that spell `text`: after the "language X<asr_text>" tag the model
     # writes when detecting, before the EOS. (0, 0): none, or not reported.
     text_tokens: tuple[int, int] = (0, 0)
+    # Entry for entry with token_ids[text_tokens[0]:text_tokens[1]]: the characters each token adds to the raw
+    # decoded text ("" for a token that ends inside a multi-byte character: its character comes with the next), so
+    # word confidences can be read off the tokens each word spans. () when not reported.
+    text_token_pieces: tuple[str, ...] = ()
 
     @property
     def text_token_probs(self) -> tuple[float, ...]:

@@ -469,7 +469,9 @@ class StreamingSession:
         words: tuple[Word, ...] = ()
         status = WordTimestampsStatus.NOT_REQUESTED
         if options.return_word_timestamps:
-            aligned = await self._transcriber.align_piece(audio, result.text, result.language, samples_to_ms(start))
+            aligned = await self._transcriber.align_piece(
+                audio, result.text, result.language, samples_to_ms(start), decoded=result
+            )
             words, status = aligned.words, aligned.status
         return StreamResult(
             is_final=True,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asr_server.engine.core import EngineOutput
-from asr_server.engine.generate_core import asr_text_token_id, parse_transcription, text_token_span
+from asr_server.engine.generate_core import asr_text_token_id, parse_transcription, text_pieces, text_token_span
 from asr_server.engine.types import BatchStats, DecodeResult, WorkItem
 
 
@@ -86,6 +86,7 @@ class OutputStep:
             end_ns=end_ns,
         )
         logprobs = tuple(req.logprobs) if len(req.logprobs) == len(req.tokens) else ()
+        span = text_token_span(req.tokens, self._asr_text_id, self._eos_ids) if logprobs else (0, 0)
         result = DecodeResult(
             req.request_id,
             text,
@@ -95,6 +96,7 @@ class OutputStep:
             stats,
             req.first_token_ns,
             token_logprobs=logprobs,
-            text_tokens=text_token_span(req.tokens, self._asr_text_id, self._eos_ids) if logprobs else (0, 0),
+            text_tokens=span,
+            text_token_pieces=text_pieces(self._processor, req.tokens[span[0] : span[1]]),
         )
         return EngineOutput(req.request_id, result=result)

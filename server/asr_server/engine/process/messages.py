@@ -83,6 +83,7 @@ class Result(msgspec.Struct, tag="result", frozen=True):
     first_token_ns: int
     token_logprobs: list[float] = []
     text_tokens: tuple[int, int] = (0, 0)
+    text_token_pieces: list[str] = []
 
 
 class Failure(msgspec.Struct, tag="failure", frozen=True):
@@ -212,6 +213,7 @@ def result_message(result: DecodeResult) -> Result:
         first_token_ns=result.first_token_ns,
         token_logprobs=list(result.token_logprobs),
         text_tokens=result.text_tokens,
+        text_token_pieces=list(result.text_token_pieces),
     )
 
 
@@ -233,6 +235,7 @@ def result_from_message(message: Result) -> DecodeResult:
         first_token_ns=message.first_token_ns,
         token_logprobs=tuple(message.token_logprobs),
         text_tokens=(message.text_tokens[0], message.text_tokens[1]),
+        text_token_pieces=tuple(message.text_token_pieces),
     )
 
 
