@@ -127,3 +127,17 @@ async def test_each_word_gets_the_probability_of_its_tokens() -> None:
     assert [w.text for w in transcript.words] == transcript.text.split()
     assert [w.confidence for w in transcript.words] == pytest.approx(probs, rel=1e-6)
     assert len({round(w.confidence, 4) for w in transcript.words}) > 1
+
+
+@pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")
+async def test_streaming_final_words_get_the_probability_of_their_tokens() -> None:
+    samples, _ = synthesize_sentences(["Hello there, how are you today?"], silence_s=0.5)
+    async with running_server(fake_config(), aligner=SpaceAligner()) as (_, channel):
+        received = await run_stream(
+            pb_grpc.AsrServiceStub(channel), stream_config(return_word_timestamps=True), pcm16(samples)
+        )
+    (final,) = received.finals
+    audio = pcm16_roundtrip(samples)[final.start_ms * 16 : final.end_ms * 16]
+    probs = fake_probs(np.pad(audio, (0, max(0, 8000 - audio.shape[0]))))
+    assert [w.text for w in final.words] == final.text.split()
+    assert [w.confidence for w in final.words] == pytest.approx(probs, rel=1e-6)
