@@ -17,7 +17,6 @@ class ForcedAlignItem:
     text: str
     start_time: float
     end_time: float
-    confidence: float = 0.0  # mean token probability of the word in [0, 1]; 0: unknown (and always for align())
 
 
 @dataclass(frozen=True)
@@ -97,9 +96,7 @@ def seconds(ms: int) -> float:
 
 
 def align_result(words: Iterable[pb.Word]) -> ForcedAlignResult:
-    return ForcedAlignResult(
-        [ForcedAlignItem(w.text, seconds(w.start_ms), seconds(w.end_ms), w.confidence) for w in words]
-    )
+    return ForcedAlignResult([ForcedAlignItem(w.text, seconds(w.start_ms), seconds(w.end_ms)) for w in words])
 
 
 def transcription_from_pb(response: pb.TranscribeResponse, *, time_stamps: bool) -> ASRTranscription:
