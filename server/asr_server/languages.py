@@ -120,3 +120,29 @@ def resolve_language(value: str) -> str | None:
 
 def aligner_supports(language_name: str) -> bool:
     return language_name in ALIGNER_LANGUAGE_NAMES
+
+
+# BCP-47 for "undetermined": a name the model wrote that is not one of the 30 (results pass names through as the
+# model writes them).
+UNDETERMINED_CODE = "und"
+_CODE_BY_NAME: dict[str, str] = {lang.name: lang.code for lang in ASR_LANGUAGES}
+
+
+def split_languages(merged: str) -> tuple[str, ...]:
+    """The names of a result's language, in order: "Chinese,English" -> ("Chinese", "English"); "" -> ()."""
+    return tuple(name for name in (part.strip() for part in merged.split(",")) if name)
+
+
+def language_code(name: str) -> str:
+    """The BCP-47 code of one canonical name ("English" -> "en"); "und" for an unknown name, "" for none. The ISO
+    639 codes of the 30 languages are valid BCP-47 primary subtags; results name no region, as the model knows
+    none."""
+    if not name.strip():
+        return ""
+    canonical = _BY_KEY.get(name.strip().lower())
+    return _CODE_BY_NAME[canonical] if canonical is not None else UNDETERMINED_CODE
+
+
+def language_codes(merged: str) -> tuple[str, ...]:
+    """The codes of a result's language, entry for entry with `split_languages(merged)`."""
+    return tuple(language_code(name) for name in split_languages(merged))

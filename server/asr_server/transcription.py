@@ -35,6 +35,7 @@ from asr_server.results import (
     WordTimestampsStatus,
 )
 from asr_server.transcript_merge import join_texts, merge_languages
+from asr_server.word_confidence import word_confidences
 
 _MIN_CHUNK_S = 0.5
 _tracer = trace.get_tracer("asr_server.transcription")
@@ -97,6 +98,8 @@ class AlignedPiece:
     words: tuple[Word, ...]
     status: WordTimestampsStatus
     alignment_ms: float
+    # When the aligner call ran (time.time_ns), for the request's wall time; None: no alignment ran.
+    span_ns: tuple[int, int] | None = None
 
 
 _NOT_REQUESTED = AlignedPiece((), WordTimestampsStatus.NOT_REQUESTED, 0.0)
@@ -108,7 +111,8 @@ class _ChannelOutcome:
     queue_wait_ms: float  # the longest of its pieces
     # Batch time by batch start (time.time_ns): pieces of one request share batches, so each counts once.
     batch_ms_by_start_ns: dict[int, float]
-    alignment_ms: float
+    alignment_ms: float  # summed over its pieces
+    alignment_spans_ns: list[tuple[int, int]]
     first_token_ns: int  # the earliest of its pieces; 0: not reported
 
 
@@ -176,25 +180,40 @@ class Transcriber:
         return result
 
     async def align_piece(
-        self, audio_16k: npt.NDArray[np.float32], text: str, language: str, offset_ms: int
+        self,
+        audio_16k: npt.NDArray[np.float32],
+        text: str,
+        language: str,
+        offset_ms: int,
+        *,
+        decoded: DecodeResult | None = None,
     ) -> AlignedPiece:
+        """The words of `text` timed in this piece, shifted by `offset_ms`; `decoded`, the decode that wrote the text,
+        gives each word its confidence (none for a caller's own text: Align)."""
         if self._aligner is None:
             raise FailedPrecondition("word timestamps need the forced aligner; start the server with --aligner-model")
         if not text.strip():
             return AlignedPiece((), WordTimestampsStatus.NO_TEXT, 0.0)
-        # A detected "Chinese,English" piece is aligned when its first language is covered.
-        first = language.split(",")[0] if language else ""
-        if not first or not aligner_supports(first):
+        # A detected "Chinese,English" piece is aligned when its first language is covered. Text with no language
+        # detected is aligned too, as both references do (transformers' split_words_for_alignment(text, None),
+        # qwen-asr's default tokenizer): CJK per character, other scripts on spaces. Only a known language outside
+        # the aligner's 11 has no words: LANGUAGE_NOT_SUPPORTED then means just that.
+        first = language.split(",")[0].strip() if language else ""
+        if first and not aligner_supports(first):
             return AlignedPiece((), WordTimestampsStatus.LANGUAGE_NOT_SUPPORTED, 0.0)
+        started_ns = time.time_ns()
         with _tracer.start_as_current_span("asr.align") as span:
             span.set_attribute("asr.audio_s", audio_16k.shape[0] / MODEL_SAMPLE_RATE_HZ)
             aligned = await self._aligner.align(audio_16k, text, first)
+        span_ns = (started_ns, time.time_ns())
         duration_ms = samples_to_ms(audio_16k.shape[0])
         words = tuple(
             Word(w.text, min(w.start_ms, duration_ms), min(max(w.end_ms, w.start_ms), duration_ms)).shifted(offset_ms)
             for w in aligned.words
         )
-        return AlignedPiece(words, WordTimestampsStatus.OK, aligned.alignment_ms)
+        if decoded is not None:
+            words = word_confidences(words, decoded.text_token_pieces, decoded.text_token_probs)
+        return AlignedPiece(words, WordTimestampsStatus.OK, aligned.alignment_ms, span_ns)
 
     async def transcribe(
         self, audio: DecodedAudio, options: TranscribeOptions, planner: SpanPlanner | None = None
@@ -222,7 +241,10 @@ class Transcriber:
             total_ms=(time.perf_counter() - started) * 1000,
             queue_wait_ms=max((o.queue_wait_ms for o in outcomes), default=0.0),
             inference_ms=sum(batch_ms.values()),
-            alignment_ms=sum(o.alignment_ms for o in outcomes),
+            inference_wall_ms=union_ms([(start, start + int(ms * 1e6)) for start, ms in batch_ms.items()]),
+            # Wall time: pieces and channels align concurrently, so their sum can exceed total_ms.
+            alignment_ms=union_ms([s for o in outcomes for s in o.alignment_spans_ns]),
+            alignment_work_ms=sum(o.alignment_ms for o in outcomes),
             first_token_ms=max(0.0, (min(first_token_ns) - started_ns) / 1e6) if first_token_ns else None,
         )
         return TranscriptionResult(
@@ -243,7 +265,9 @@ class Transcriber:
             async with asyncio.TaskGroup() as group:
                 align_tasks = [
                     group.create_task(
-                        self.align_piece(samples[s.start_sample : s.end_sample], r.text, r.language, s.start_ms)
+                        self.align_piece(
+                            samples[s.start_sample : s.end_sample], r.text, r.language, s.start_ms, decoded=r
+                        )
                     )
                     for s, r in zip(spans, results, strict=True)
                 ]
@@ -258,6 +282,7 @@ class Transcriber:
                 language=result.language,
                 words=piece.words,
                 word_timestamps_status=piece.status,
+                token_probs=result.text_token_probs,
             )
             for span, result, piece in zip(spans, results, aligned, strict=True)
         ]
@@ -266,8 +291,23 @@ class Transcriber:
             queue_wait_ms=max((r.queue_wait_ms for r in results), default=0.0),
             batch_ms_by_start_ns={r.batch.start_ns: r.inference_ms for r in results},
             alignment_ms=sum(p.alignment_ms for p in aligned),
+            alignment_spans_ns=[p.span_ns for p in aligned if p.span_ns is not None],
             first_token_ns=min((r.first_token_ns for r in results if r.first_token_ns > 0), default=0),
         )
+
+
+def union_ms(spans_ns: Sequence[tuple[int, int]]) -> float:
+    """How long at least one of the [start, end) spans (time.time_ns) was running, in ms: overlaps count once."""
+    total_ns = 0
+    reach = None
+    for start, end in sorted(spans_ns):
+        if reach is None or start > reach:
+            total_ns += end - start
+            reach = end
+        elif end > reach:
+            total_ns += end - reach
+            reach = end
+    return total_ns / 1e6
 
 
 def merge_segments(channel_index: int, segments: Sequence[Segment], timestamps_requested: bool) -> ChannelTranscript:

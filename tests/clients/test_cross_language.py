@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import trustme
 
@@ -160,6 +161,14 @@ def test_client_transcripts_equal_the_python_clients(
 
     result = run_client(client_commands[lang], server, wav)
     assert_transcripts(lang, result, (expected.text, expected.language, DURATION_MS))
+    # The programs print the whole response: the result fields added to the contract come through too.
+    assert expected.confidence > 0, "the Python client got no confidence"
+    output = json.loads(result.stdout)
+    for call in ("unary", "stream"):
+        (transcript,) = output[call]["transcripts"]
+        assert transcript.get("languageCode", "") == expected.language_code, f"{lang} {call}"
+        # float32 on the wire: each program prints it in a form that reads back to the same float32.
+        assert np.float32(transcript.get("confidence", 0.0)) == np.float32(expected.confidence), f"{lang} {call}"
 
 
 @pytest.mark.parametrize("lang", LANGUAGES)

@@ -100,6 +100,7 @@ async def test_align_equals_the_reference_alone_and_batched(loaded_aligner: Load
         assert response.audio_duration_ms == duration_ms
         assert response.aligner_model_id == "tiny" and len(response.request_id) == 16
         assert response.timing.alignment_ms > 0 and response.timing.total_ms >= response.timing.alignment_ms
+        assert response.timing.alignment_work_ms == response.timing.alignment_ms
 
 
 async def test_align_takes_the_transcribe_formats_and_codes(loaded_aligner: LoadedAlignerModel) -> None:

@@ -27,12 +27,15 @@ TEXTS = (
 )
 
 
-def reference_alignment(loaded: LoadedAlignerModel, audio: np.ndarray, text: str, language: str) -> Timed:
-    """transformers' documented path: prepare_forced_aligner_inputs -> model -> decode_forced_alignment."""
+def reference_alignment(loaded: LoadedAlignerModel, audio: np.ndarray, text: str, language: str | None) -> Timed:
+    """transformers' documented path: prepare_forced_aligner_inputs -> model -> decode_forced_alignment. `language`
+    None: no language known (the reference's default word splitting)."""
     import torch
 
     processor, model = loaded.processor, loaded.model
-    inputs, word_lists = processor.prepare_forced_aligner_inputs(audio=[audio], transcript=[text], language=[language])
+    inputs, word_lists = processor.prepare_forced_aligner_inputs(
+        audio=[audio], transcript=[text], language=None if language is None else [language]
+    )
     with torch.inference_mode():
         logits = model(
             input_ids=inputs["input_ids"],
@@ -77,6 +80,21 @@ def test_single_requests_equal_reference(loaded: LoadedAlignerModel) -> None:
         assert as_timed(core.align_batch([job])[0]) == reference_alignment(
             loaded, job.audio_16k, job.text, job.language
         )
+
+
+def test_text_with_no_language_is_split_and_timed_as_the_reference_does_without_one(
+    loaded: LoadedAlignerModel,
+) -> None:
+    core = AlignerCore(loaded)
+    jobs = [replace(job, language="") for job in make_jobs([2.7, 3.1, 1.9], seed=4)]
+    batched = core.align_batch(jobs)
+    for job, words in zip(jobs, batched, strict=True):
+        expected = reference_alignment(loaded, job.audio_16k, job.text, None)
+        assert expected, "the reference times words without a language"
+        assert as_timed(words) == expected
+    # Chinese characters one by one, other scripts on spaces, punctuation dropped.
+    assert [w for w, _, _ in as_timed(batched[1])][:3] == ["今", "天", "天"]
+    assert [w for w, _, _ in as_timed(batched[0])][:2] == ["hello", "world"]
 
 
 def test_batched_requests_equal_reference_alone(loaded: LoadedAlignerModel) -> None:

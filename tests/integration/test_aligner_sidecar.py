@@ -269,6 +269,38 @@ async def test_a_language_the_aligner_does_not_cover_gives_the_transcript_withou
         assert transcript.word_timestamps_status == pb.WORD_TIMESTAMPS_STATUS_LANGUAGE_NOT_SUPPORTED
 
 
+class DetectsNoLanguage(FakeEngine):
+    """The fake engine, but no language is detected for any text (the model's first line was not "language X")."""
+
+    def step(self) -> list[EngineOutput]:
+        outputs = super().step()
+        return [dataclasses.replace(o, result=dataclasses.replace(o.result, language="")) if o.result else o for o in outputs]
+
+
+async def test_text_with_no_detected_language_is_aligned_as_the_reference_aligns_it(
+    loaded_aligner: LoadedAlignerModel,
+) -> None:
+    samples = tone(3.0, seed=5)
+    async with sidecar_at_unix_socket(loaded_aligner) as sidecar:
+        config = connect_config(sidecar.listen)
+        async with running_server(
+            config, core_factory=lambda: DetectsNoLanguage(max_batch_size=4), aligner=managed(config)
+        ) as (_, channel):
+            response = await pb_grpc.AsrServiceStub(channel).Transcribe(
+                float32_request(samples, return_word_timestamps=True)
+            )
+    (transcript,) = response.transcripts
+    assert transcript.text and transcript.language == "" and transcript.language_code == ""
+    assert transcript.word_timestamps_status == pb.WORD_TIMESTAMPS_STATUS_OK
+    # The reference's words and times for the same text with no language (clamped to the audio, as all words are).
+    expected = [
+        (w, min(start, 3000), min(max(end, start), 3000))
+        for w, start, end in reference_alignment(loaded_aligner, samples, transcript.text, None)
+    ]
+    assert [(w.text, w.start_ms, w.end_ms) for w in transcript.words] == expected
+    assert [w for w, _, _ in expected] == transcript.text.split()
+
+
 @pytest.mark.parametrize(("language", "module", "extra"), [("ja", "nagisa", "ja"), ("ko", "soynlp", "ko")])
 async def test_japanese_or_korean_without_their_extra_is_a_failed_precondition_naming_it(
     loaded_aligner: LoadedAlignerModel, monkeypatch: pytest.MonkeyPatch, language: str, module: str, extra: str

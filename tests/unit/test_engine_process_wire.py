@@ -70,7 +70,8 @@ def test_an_audio_frame_of_the_wrong_length_is_refused() -> None:
 
 def test_a_result_round_trips_field_for_field() -> None:
     result = DecodeResult(
-        "r9", "hello world", "English", (1, 2, 3), 111, BatchStats(4, 7.5, 30, 200, 300), first_token_ns=250
+        "r9", "hello world", "English", (1, 2, 3), 111, BatchStats(4, 7.5, 30, 200, 300), first_token_ns=250,
+        token_logprobs=(-0.25, -1e-7, -3.5), text_tokens=(1, 3), text_token_pieces=("", "你"),  # confidence kept
     )
     message = m.decode_from_engine(m.encode(m.result_message(result)))
     assert isinstance(message, m.Result)

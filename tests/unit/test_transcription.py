@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
@@ -9,8 +10,14 @@ import numpy as np
 from asr_server.audio.chunking import ChunkSpan
 from asr_server.audio.decode import DecodedAudio
 from asr_server.engine.types import BatchStats, DecodeRequest, DecodeResult
-from asr_server.results import ChannelMode
-from asr_server.transcription import TranscribeOptions, Transcriber, TranscriberLimits
+from asr_server.results import ChannelMode, Word
+from asr_server.transcription import (
+    AlignmentResult,
+    TranscribeOptions,
+    Transcriber,
+    TranscriberLimits,
+    union_ms,
+)
 
 _BATCH = BatchStats(batch_size=2, audio_s=2.0, generated_tokens=4, start_ns=1_000_000_000, end_ns=1_250_000_000)
 
@@ -123,3 +130,34 @@ async def test_first_token_ms_is_reported_with_an_utterance_planner_too() -> Non
     options = TranscribeOptions(language=None, context="", max_new_tokens=16)
     result = await transcriber.transcribe(_stereo_second(), options, TwoUtterances())
     assert result.timing.first_token_ms is not None and 20 <= result.timing.first_token_ms <= 200
+
+
+class TimedAligner:
+    """Every alignment takes 200 ms of wall time, and they can run concurrently."""
+
+    async def align(self, audio_16k: np.ndarray, text: str, language: str) -> AlignmentResult:
+        await asyncio.sleep(0.2)
+        return AlignmentResult((Word(text, 0, 100),), alignment_ms=200.0)
+
+
+async def test_alignment_ms_is_wall_time_and_alignment_work_ms_the_sum_over_channels() -> None:
+    audio = _stereo_second()
+    transcriber = Transcriber(
+        OneBatchEngine(), TimedAligner(), TranscriberLimits(max_chunk_s=30, max_chunk_with_timestamps_s=30)
+    )
+    options = TranscribeOptions(
+        language=None, context="", max_new_tokens=16, return_word_timestamps=True, channel_mode=ChannelMode.SEPARATE
+    )
+    result = await transcriber.transcribe(audio, options)
+    timing = result.timing
+    assert timing.alignment_work_ms == 400.0  # two channels' alignments, added up
+    # Both ran at once: the wall time is one alignment's, and never more than the request took.
+    assert 195.0 <= timing.alignment_ms < 400.0
+    assert timing.alignment_ms <= timing.total_ms
+    assert timing.inference_wall_ms == timing.inference_ms == 250.0  # one shared batch
+
+
+def test_union_ms_counts_overlaps_once() -> None:
+    ms = 1_000_000
+    assert union_ms([]) == 0.0
+    assert union_ms([(0, 10 * ms), (5 * ms, 20 * ms), (30 * ms, 31 * ms), (2 * ms, 3 * ms)]) == 21.0

@@ -49,13 +49,17 @@ class Segment:
     end_time: float
     text: str
     language: str
+    language_code: str = ""  # BCP-47, e.g. "en"
+    confidence: float = 0.0  # mean token probability in [0, 1]; 0: unknown
 
 
 @dataclass(frozen=True)
 class ASRTranscription:
     """One result per audio input, as `qwen_asr.Qwen3ASRModel.transcribe` returns them.
 
-    `language` is e.g. "English", "Chinese,English" when it changes, or "" when no speech was found.
+    `language` is e.g. "English", "Chinese,English" when it changes, or "" when no speech was found;
+    `language_code` the same as BCP-47 codes ("en", "zh,en"; a server older than that field sends "").
+    `confidence` is the model's mean token probability over the text, in [0, 1] (0: unknown).
     `time_stamps` is set only when asked for (`return_time_stamps=True`); it is empty when the aligner does not
     cover the language or nothing was recognised. `segments`, `duration` (seconds) and `channel_index` (with
     ``channel_mode="separate"``: the channel this result is of; else 0) are extras of this client.
@@ -67,6 +71,8 @@ class ASRTranscription:
     segments: list[Segment] = field(default_factory=list)
     duration: float = 0.0
     channel_index: int = 0
+    language_code: str = ""
+    confidence: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,8 @@ class StreamingResult:
     stability: float
     time_stamps: ForcedAlignResult | None = None
     processed_time: float = 0.0
+    language_code: str = ""  # BCP-47, e.g. "en"
+    confidence: float = 0.0  # mean token probability in [0, 1]; 0: unknown
 
 
 def seconds(ms: int) -> float:
@@ -108,7 +116,10 @@ def channel_transcriptions_from_pb(response: pb.TranscribeResponse, *, time_stam
 
 
 def _transcription(transcript: pb.Transcript, duration: float, *, time_stamps: bool) -> ASRTranscription:
-    segments = [Segment(seconds(s.start_ms), seconds(s.end_ms), s.text, s.language) for s in transcript.segments]
+    segments = [
+        Segment(seconds(s.start_ms), seconds(s.end_ms), s.text, s.language, s.language_code, s.confidence)
+        for s in transcript.segments
+    ]
     return ASRTranscription(
         language=transcript.language,
         text=transcript.text,
@@ -116,6 +127,8 @@ def _transcription(transcript: pb.Transcript, duration: float, *, time_stamps: b
         segments=segments,
         duration=duration,
         channel_index=transcript.channel_index,
+        language_code=transcript.language_code,
+        confidence=transcript.confidence,
     )
 
 
@@ -132,4 +145,6 @@ def streaming_result_from_pb(response: pb.StreamingRecognizeResponse, *, time_st
         stability=result.stability,
         time_stamps=align_result(result.words) if time_stamps and result.is_final else None,
         processed_time=seconds(response.processed_audio_ms),
+        language_code=result.language_code,
+        confidence=result.confidence,
     )

@@ -42,7 +42,9 @@ class AlignJob:
     job_id: str
     audio_16k: npt.NDArray[np.float32]
     text: str
-    language: str  # canonical name, one of ALIGNER_LANGUAGE_NAMES
+    # Canonical name, one of ALIGNER_LANGUAGE_NAMES; "" when the recogniser detected none: the words are then split
+    # as both references split them without a language (CJK per character, other scripts on spaces).
+    language: str
 
     @property
     def audio_s(self) -> float:
@@ -59,7 +61,7 @@ class Prepared:
 
 def check_job(job: AlignJob) -> None:
     """Input checks that do not need the model (the sidecar runs them before queueing)."""
-    if job.language not in ALIGNER_LANGUAGE_NAMES:
+    if job.language and job.language not in ALIGNER_LANGUAGE_NAMES:
         raise InvalidInput(
             f"the forced aligner does not cover {excerpt(job.language)}; it aligns "
             f"{', '.join(sorted(ALIGNER_LANGUAGE_NAMES))}"
@@ -109,7 +111,7 @@ class AlignerCore:
         if not words:
             return Prepared(words, None, None, None)
         inputs, word_lists = self._loaded.processor.prepare_forced_aligner_inputs(
-            audio=[job.audio_16k], transcript=[job.text], language=[job.language]
+            audio=[job.audio_16k], transcript=[job.text], language=[job.language] if job.language else None
         )
         return Prepared(
             list(word_lists[0]), inputs["input_ids"], inputs["input_features"], inputs["input_features_mask"]

@@ -12,7 +12,13 @@ from asr_server.alignment import TextAlignment
 from asr_server.audio.formats import AudioFormat, Encoding
 from asr_server.config import Config
 from asr_server.errors import InvalidInput
-from asr_server.languages import ALIGNER_LANGUAGES, ASR_LANGUAGES, resolve_language
+from asr_server.languages import (
+    ALIGNER_LANGUAGES,
+    ASR_LANGUAGES,
+    language_codes,
+    resolve_language,
+    split_languages,
+)
 from asr_server.results import (
     ChannelMode,
     ChannelTranscript,
@@ -90,7 +96,9 @@ def _clamp_u32(value: float) -> int:
 
 
 def word_to_pb(word: Word) -> pb.Word:
-    return pb.Word(text=word.text, start_ms=_clamp_u32(word.start_ms), end_ms=_clamp_u32(word.end_ms))
+    return pb.Word(
+        text=word.text, start_ms=_clamp_u32(word.start_ms), end_ms=_clamp_u32(word.end_ms), confidence=word.confidence
+    )
 
 
 def segment_to_pb(segment: Segment) -> pb.Segment:
@@ -100,6 +108,8 @@ def segment_to_pb(segment: Segment) -> pb.Segment:
         text=segment.text,
         language=segment.language,
         words=[word_to_pb(w) for w in segment.words],
+        language_code=_joined_code(segment.language),
+        confidence=segment.confidence,
     )
 
 
@@ -111,7 +121,16 @@ def transcript_to_pb(transcript: ChannelTranscript) -> pb.Transcript:
         words=[word_to_pb(w) for w in transcript.words],
         segments=[segment_to_pb(s) for s in transcript.segments],
         word_timestamps_status=status_to_pb(transcript.word_timestamps_status),
+        language_code=_joined_code(transcript.language),
+        languages=split_languages(transcript.language),
+        language_codes=language_codes(transcript.language),
+        confidence=transcript.confidence,
     )
+
+
+def _joined_code(language: str) -> str:
+    """A result's language as codes, joined as its names are: "Chinese,English" -> "zh,en"."""
+    return ",".join(language_codes(language))
 
 
 def status_to_pb(status: WordTimestampsStatus) -> pb.WordTimestampsStatus.ValueType:
@@ -131,6 +150,8 @@ def result_to_pb(result: TranscriptionResult, *, total_ms: float, audio_decode_m
             inference_ms=_clamp_u32(timing.inference_ms),
             alignment_ms=_clamp_u32(timing.alignment_ms),
             first_token_ms=0 if timing.first_token_ms is None else max(1, _clamp_u32(timing.first_token_ms)),
+            alignment_work_ms=_clamp_u32(timing.alignment_work_ms),
+            inference_wall_ms=_clamp_u32(timing.inference_wall_ms),
         ),
     )
 
@@ -146,6 +167,7 @@ def alignment_to_pb(
             total_ms=_clamp_u32(result.total_ms),
             audio_decode_ms=_clamp_u32(audio_decode_ms),
             alignment_ms=_clamp_u32(result.alignment_ms),
+            alignment_work_ms=_clamp_u32(result.alignment_ms),  # one alignment: its work is its wall time
         ),
         aligner_model_id=aligner_model_id,
         request_id=request_id,
@@ -208,6 +230,7 @@ _SPEECH_EVENTS: dict[SpeechEventKind, pb.SpeechEventType.ValueType] = {
     SpeechEventKind.STARTED: pb.SPEECH_EVENT_TYPE_SPEECH_STARTED,
     SpeechEventKind.ENDED: pb.SPEECH_EVENT_TYPE_SPEECH_ENDED,
     SpeechEventKind.END_OF_SINGLE_UTTERANCE: pb.SPEECH_EVENT_TYPE_END_OF_SINGLE_UTTERANCE,
+    SpeechEventKind.SPEECH_START_TIMEOUT: pb.SPEECH_EVENT_TYPE_SPEECH_START_TIMEOUT,
 }
 
 
@@ -260,6 +283,12 @@ def streaming_config_from_pb(
             f"interim_interval_ms {msg.interim_interval_ms} is out of range; accepted: 200 to 10000, or 0 for the "
             "default (1000)"
         )
+    speech_start_timeout_ms = int(msg.speech_start_timeout_ms)
+    if speech_start_timeout_ms and not 100 <= speech_start_timeout_ms <= 3_600_000:
+        raise InvalidInput(
+            f"speech_start_timeout_ms {msg.speech_start_timeout_ms} is out of range; accepted: 100 to 3600000, or 0 "
+            "for none"
+        )
     max_chunk_s = (
         config.limits.max_chunk_with_timestamps_s if options.return_word_timestamps else config.limits.max_chunk_s
     )
@@ -274,6 +303,7 @@ def streaming_config_from_pb(
         interim_results=msg.interim_results,
         interim_interval_ms=interval,
         single_utterance=msg.single_utterance,
+        speech_start_timeout_ms=speech_start_timeout_ms,
     )
 
 
@@ -304,4 +334,6 @@ def stream_result_to_pb(result: StreamResult) -> pb.StreamingResult:
         end_ms=_clamp_u32(result.end_ms),
         words=[word_to_pb(w) for w in result.words],
         word_timestamps_status=status_to_pb(result.word_timestamps_status),
+        language_code=_joined_code(result.language),
+        confidence=result.confidence,
     )

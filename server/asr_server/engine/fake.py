@@ -6,6 +6,7 @@ exactly as with the model.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -112,8 +113,21 @@ class FakeEngine:
         outputs = []
         for work, (text, ids) in zip(batch, transcripts, strict=True):
             language = work.request.options.language or ("English" if text else "")
+            # A made-up probability per token, louder words surer (0.5 to 1): confidence end to end without a model.
+            logprobs = tuple(math.log(0.5 + min(level, 999) / 2000) for level in ids)
             # Like a streaming engine, it reports when its tokens appeared: all at once, at the end of the batch.
-            result = DecodeResult(work.request.request_id, text, language, ids, work.enqueued_ns, stats, stats.end_ns)
+            result = DecodeResult(
+                work.request.request_id,
+                text,
+                language,
+                ids,
+                work.enqueued_ns,
+                stats,
+                stats.end_ns,
+                token_logprobs=logprobs,
+                text_tokens=(0, len(ids)),
+                text_token_pieces=tuple(f" w{level}" if i else f"w{level}" for i, level in enumerate(ids)),
+            )
             outputs.append(EngineOutput(work.request.request_id, result=result))
         return outputs
 

@@ -84,6 +84,36 @@ def parse_transcription(processor: Any, request: DecodeRequest, ids: list[int]) 
     return str(parsed.get("transcription") or ""), str(language)
 
 
+def asr_text_token_id(processor: Any) -> int | None:
+    """The id of `<asr_text>`, the token after which the model writes the transcription; None if unknown."""
+    token_id = processor.tokenizer.convert_tokens_to_ids("<asr_text>")
+    unknown = processor.tokenizer.unk_token_id
+    return int(token_id) if isinstance(token_id, int) and token_id != unknown else None
+
+
+def text_token_span(ids: list[int], asr_text_id: int | None, eos_ids: frozenset[int]) -> tuple[int, int]:
+    """[start, end) of the generated tokens that spell the transcription: after the first `<asr_text>` (a detected
+    language's tag; with a forced language or a continuation prefix the prompt holds it, and the text starts at 0),
+    before the first EOS."""
+    start = 0
+    if asr_text_id is not None and asr_text_id in ids:
+        start = ids.index(asr_text_id) + 1
+    end = next((i for i in range(start, len(ids)) if ids[i] in eos_ids), len(ids))
+    return start, end
+
+
+def text_pieces(processor: Any, ids: list[int]) -> tuple[str, ...]:
+    """What each token of `ids` adds to their decoded text (tokenizers' DecodeStream: "" while a multi-byte
+    character is incomplete, then the whole character); () for a tokenizer without a fast backend."""
+    backend = getattr(processor.tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return ()
+    from tokenizers.decoders import DecodeStream
+
+    stream = DecodeStream(skip_special_tokens=True)
+    return tuple(stream.step(backend, token) or "" for token in ids)
+
+
 def collate(prepared: list[PreparedInputs], pad_token_id: int) -> dict[str, Any]:
     """Left-pads prompts, right-pads features with zeros (exactly what a single run's mel padding holds)."""
     import torch
@@ -113,6 +143,31 @@ def collate(prepared: list[PreparedInputs], pad_token_id: int) -> dict[str, Any]
     }
 
 
+class ChosenLogprobs:
+    """A logits processor for greedy `generate` (the last in its list, so it sees the scores the token is chosen
+    from): per step, each row's log-softmax at its argmax, i.e. the greedy token's log-probability. Two (batch,)
+    tensors a step stay on the device until the end."""
+
+    def __init__(self) -> None:
+        self._steps: list[Any] = []
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        scores32 = scores.float()
+        self._steps.append(scores32.max(dim=-1).values - torch.logsumexp(scores32, dim=-1))
+        return scores
+
+    def per_row(self) -> list[list[float]]:
+        """(batch, steps) log-probabilities as lists; rows that ended early continue with padding's values."""
+        import torch
+
+        if not self._steps:
+            return []
+        values: list[list[float]] = torch.stack(self._steps, dim=1).cpu().tolist()
+        return values
+
+
 class GenerateEngine:
     """EngineCore running `model.generate` on padded batches of up to max_batch_size requests."""
 
@@ -131,6 +186,7 @@ class GenerateEngine:
         if eos is None:
             eos = config.eos_token_id
         self._eos_ids = frozenset(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+        self._asr_text_id = asr_text_token_id(loaded.processor)
 
     def warmup(self) -> None:
         from asr_server.engine.types import DecodeOptions
@@ -203,7 +259,10 @@ class GenerateEngine:
         inputs["input_features"] = inputs["input_features"].to(model.dtype)
         max_new = max(self._budget(r) for r in requests)
         forced = [r.forced_num_tokens for r in requests if r.forced_num_tokens is not None]
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new}
+        # Each chosen token's log-probability, read at every step (the continuous engine computes the same inside its
+        # decode step). Not output_logits: steps x batch x vocabulary logits would be gigabytes for a large batch.
+        chosen = ChosenLogprobs()
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new, "logits_processor": [chosen]}
         if forced:
             # Benchmarks: random weights never emit a sensible EOS, so make every row run its full budget.
             kwargs["min_new_tokens"] = max_new
@@ -211,6 +270,7 @@ class GenerateEngine:
             sequences = model.generate(**inputs, **kwargs)
         prompt_len = inputs["input_ids"].shape[1]
         new_tokens = sequences[:, prompt_len:].cpu().tolist()
+        step_logprobs = chosen.per_row()
         end_ns = time.time_ns()
         rows = [self._trim(ids, self._budget(r)) for ids, r in zip(new_tokens, requests, strict=True)]
         stats = BatchStats(
@@ -222,9 +282,20 @@ class GenerateEngine:
         )
         self._counter.step(len(batch), stats.generated_tokens)
         outputs = []
-        for work, ids in zip(batch, rows, strict=True):
+        for work, ids, logprobs in zip(batch, rows, step_logprobs, strict=True):
             text, language = parse_transcription(self._loaded.processor, work.request, ids)
-            result = DecodeResult(work.request.request_id, text, language, tuple(ids), work.enqueued_ns, stats)
+            span = text_token_span(ids, self._asr_text_id, self._eos_ids)
+            result = DecodeResult(
+                work.request.request_id,
+                text,
+                language,
+                tuple(ids),
+                work.enqueued_ns,
+                stats,
+                token_logprobs=tuple(logprobs[: len(ids)]),
+                text_tokens=span,
+                text_token_pieces=text_pieces(self._loaded.processor, ids[span[0] : span[1]]),
+            )
             outputs.append(EngineOutput(work.request.request_id, result=result))
         return outputs
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +78,22 @@ class DecodeResult:
     # When the engine's host side first saw a generated token of this request (time.time_ns); 0 when the engine
     # does not report it (padded generate returns all tokens at once).
     first_token_ns: int = 0
+    # Entry for entry with token_ids: each token's natural-log probability under the model (log-softmax of its
+    # logits at the chosen token); () when the engine does not report them.
+    token_logprobs: tuple[float, ...] = ()
+    # [start, end) of the tokens in token_ids that spell `text`: after the "language X<asr_text>" tag the model
+    # writes when detecting, before the EOS. (0, 0): none, or not reported.
+    text_tokens: tuple[int, int] = (0, 0)
+    # Entry for entry with token_ids[text_tokens[0]:text_tokens[1]]: the characters each token adds to the raw
+    # decoded text ("" for a token that ends inside a multi-byte character: its character comes with the next), so
+    # word confidences can be read off the tokens each word spans. () when not reported.
+    text_token_pieces: tuple[str, ...] = ()
+
+    @property
+    def text_token_probs(self) -> tuple[float, ...]:
+        """The probabilities of the tokens that spell `text` (empty when not reported or no text was generated)."""
+        start, end = self.text_tokens
+        return tuple(math.exp(lp) for lp in self.token_logprobs[start:end])
 
     @property
     def queue_wait_ms(self) -> float:

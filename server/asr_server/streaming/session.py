@@ -40,7 +40,7 @@ from asr_server.audio.assembler import StreamAssembler, StreamResampler
 from asr_server.audio.formats import AudioFormat, AudioLimits, ms_to_samples, samples_to_ms
 from asr_server.engine.types import DecodePriority, DecodeResult
 from asr_server.errors import DEFAULT_RETRY_AFTER_S, AsrError, InvalidInput, Unavailable
-from asr_server.results import ChannelMode, Word, WordTimestampsStatus
+from asr_server.results import ChannelMode, Word, WordTimestampsStatus, mean_probability
 from asr_server.streaming.endpoint import Endpointer, EndpointEvent, EndpointSettings, SpeechStarted, UtteranceEnded
 from asr_server.streaming.prefix import TokenDecoder, rollback
 from asr_server.streaming.vad import FRAME_SAMPLES, VadBatcher, VadState
@@ -63,6 +63,7 @@ class SpeechEventKind(enum.Enum):
     STARTED = "started"
     ENDED = "ended"
     END_OF_SINGLE_UTTERANCE = "end_of_single_utterance"
+    SPEECH_START_TIMEOUT = "speech_start_timeout"
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class StreamResult:
     processed_ms: int
     words: tuple[Word, ...] = ()
     word_timestamps_status: WordTimestampsStatus = WordTimestampsStatus.NOT_REQUESTED
+    confidence: float = 0.0  # mean probability of the tokens decoded for it (results.mean_probability)
 
 
 StreamEvent = SpeechEvent | StreamResult
@@ -98,6 +100,8 @@ class StreamingOptions:
     interim_results: bool = False
     interim_interval_ms: int = 1000
     single_utterance: bool = False
+    # No speech started in this much stream audio: a SPEECH_START_TIMEOUT event, then the stream ends. 0: never.
+    speech_start_timeout_ms: int = 0
     # The reference's rollback: drop this many tokens of the previous interim, and use no prefix for the
     # first `unprefixed_interims` interims of an utterance (too little audio for a reliable prefix).
     rollback_tokens: int = 5
@@ -255,6 +259,7 @@ class StreamingSession:
         self._finished = False
         self._finishing: asyncio.Task[None] | None = None
         self._interval_samples = ms_to_samples(options.interim_interval_ms)
+        self._speech_started = False  # on any channel, ever (the speech-start timeout's test)
         # The live-stream duration cap (--max-stream-duration-s), wall clock from the open: a stream pins its
         # replica for as long as it runs, so balancers can only move load when streams end. 0: no cap.
         self._max_duration_s = max_duration_s
@@ -386,6 +391,7 @@ class StreamingSession:
         else:
             await asyncio.gather(*(self._process_channel(c, samples_16k[c.index]) for c in self._channels))
         if not flushing:
+            self._check_speech_start_timeout()
             for channel in self._channels:
                 self._maybe_interim(channel)
 
@@ -407,6 +413,9 @@ class StreamingSession:
 
     def _on_endpoint(self, channel: _Channel, event: EndpointEvent) -> None:
         if isinstance(event, SpeechStarted):
+            if not self._speech_started and self._speech_start_timed_out(samples_to_ms(event.sample)):
+                return
+            self._speech_started = True
             self._reset_interim(channel, event.sample)
             self._emit(SpeechEvent(SpeechEventKind.STARTED, samples_to_ms(event.sample), channel.index, 0))
         elif isinstance(event, UtteranceEnded):
@@ -448,6 +457,23 @@ class StreamingSession:
         channel.finals.put_nowait((task, asyncio.get_running_loop().time()))
         if self.options.single_utterance and not self._stopped:
             self._end_single_utterance(channel, ended.end_sample)
+
+    def _check_speech_start_timeout(self) -> None:
+        if not self._speech_started:
+            self._speech_start_timed_out(self.processed_ms)
+
+    def _speech_start_timed_out(self, at_ms: int) -> bool:
+        """Ends the stream (an event, then as on half-close: nothing is open) when `at_ms` of audio without speech
+        reach the speech-start timeout; a speech start judged here is at its onset (the endpointer back-dates it),
+        not where a batch of frames happened to end."""
+        timeout_ms = self.options.speech_start_timeout_ms
+        if not timeout_ms or self._stopped or at_ms < timeout_ms:
+            return False
+        self._stopped = True
+        self._emit(SpeechEvent(SpeechEventKind.SPEECH_START_TIMEOUT, timeout_ms, 0, 0))
+        # Kept: the loop holds tasks only weakly.
+        self._finishing = asyncio.get_running_loop().create_task(self.finish())
+        return True
 
     def _end_single_utterance(self, channel: _Channel, end_sample: int) -> None:
         """One utterance per channel: a channel that spoke is done once its utterance closed; one that had no open
@@ -498,7 +524,9 @@ class StreamingSession:
         words: tuple[Word, ...] = ()
         status = WordTimestampsStatus.NOT_REQUESTED
         if options.return_word_timestamps:
-            aligned = await self._transcriber.align_piece(audio, result.text, result.language, samples_to_ms(start))
+            aligned = await self._transcriber.align_piece(
+                audio, result.text, result.language, samples_to_ms(start), decoded=result
+            )
             words, status = aligned.words, aligned.status
         return StreamResult(
             is_final=True,
@@ -512,6 +540,7 @@ class StreamingSession:
             processed_ms=0,
             words=words,
             word_timestamps_status=status,
+            confidence=mean_probability(result.text_token_probs),
         )
 
     async def _emit_finals(self, channel: _Channel) -> None:
@@ -690,6 +719,7 @@ class StreamingSession:
                 start_ms=samples_to_ms(start),
                 end_ms=samples_to_ms(end),
                 processed_ms=0,
+                confidence=mean_probability(result.text_token_probs),
             )
         )
         self._maybe_interim(channel)

@@ -49,6 +49,8 @@ class DecodeBuffers:
     active: torch.Tensor  # (R,) bool
     suppress_eos: torch.Tensor  # (R,) bool
     out_tokens: torch.Tensor  # (R,) int64: a copy of the step's tokens for the host to read
+    # (R,) float32: each token's log-probability under the model, computed in the same step (result confidence).
+    out_logprobs: torch.Tensor
 
 
 class PagedDecoder:
@@ -146,14 +148,24 @@ class PagedDecoder:
         out: torch.Tensor = mlp(h)
         return out
 
-    def _logits_to_tokens(self, hidden: torch.Tensor, suppress_eos: torch.Tensor) -> torch.Tensor:
-        logits = self._lm_head(self._text.norm(hidden))
+    def _logits_to_tokens(
+        self, hidden: torch.Tensor, suppress_eos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._sample(self._lm_head(self._text.norm(hidden)), suppress_eos)
+
+    def _sample(self, logits: torch.Tensor, suppress_eos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The greedy token of each row and its log-probability: log-softmax of the model's logits at the chosen
+        token (one logsumexp over the vocabulary in float32, inside the step and its CUDA graph: no second pass).
+        Benchmark rows never end on EOS (like generate's min_new_tokens): their EOS logits become -inf for the
+        choice only; the probability is the model's own."""
+        raw = logits
         if self.eos_ids.numel() > 0:
-            # Benchmark rows never end on EOS (like generate's min_new_tokens): their EOS logits become -inf.
             eos_logits = logits[:, self.eos_ids]
             blocked = torch.where(suppress_eos[:, None], torch.full_like(eos_logits, float("-inf")), eos_logits)
             logits = logits.index_copy(1, self.eos_ids, blocked)
-        return torch.argmax(logits, dim=-1)
+        tokens = torch.argmax(logits, dim=-1)
+        chosen = raw.gather(1, tokens[:, None])[:, 0].float()
+        return tokens, chosen - torch.logsumexp(raw.float(), dim=-1)
 
     def _forward_fast(
         self,
@@ -204,13 +216,10 @@ class PagedDecoder:
             h, residual = kernels.add_rms_norm(down, residual, next_norm.weight, eps)
         return h
 
-    def _tokens_from_normed(self, hidden: torch.Tensor, suppress_eos: torch.Tensor) -> torch.Tensor:
-        logits = self._lm_head(hidden)
-        if self.eos_ids.numel() > 0:
-            eos_logits = logits[:, self.eos_ids]
-            blocked = torch.where(suppress_eos[:, None], torch.full_like(eos_logits, float("-inf")), eos_logits)
-            logits = logits.index_copy(1, self.eos_ids, blocked)
-        return torch.argmax(logits, dim=-1)
+    def _tokens_from_normed(
+        self, hidden: torch.Tensor, suppress_eos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._sample(self._lm_head(hidden), suppress_eos)
 
     # ---- prefill ----
 
@@ -250,12 +259,12 @@ class PagedDecoder:
         suppress_eos: torch.Tensor,
         starts: list[int] | None = None,
         tables: list[torch.Tensor | None] | None = None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs prompt chunks of several requests packed end to end ((T, hidden), T = sum(lengths)): request i's
         tokens at positions starts[i]..starts[i] + lengths[i] - 1 (0 when `starts` is None), writes their K/V at
         (slots_page[t], slots_offset[t]), and returns the token after each chunk (n,) (the first generated token
-        when the chunk ends the prompt). A chunk that starts past 0 attends to its earlier chunks through its pages
-        (`tables[i]`, device page ids)."""
+        when the chunk ends the prompt) with its log-probability (n,) float32. A chunk that starts past 0 attends
+        to its earlier chunks through its pages (`tables[i]`, device page ids)."""
         total = inputs_embeds.shape[0]
         offsets = starts or [0] * len(lengths)
         tables = tables or [None] * len(lengths)
@@ -397,9 +406,10 @@ class PagedDecoder:
                 )
 
             hidden = self._forward_fast(x, positions, slot_page, slot_offset, cache, attend)
-            next_fast = self._tokens_from_normed(hidden, buffers.suppress_eos[:rows])
+            next_fast, logprobs = self._tokens_from_normed(hidden, buffers.suppress_eos[:rows])
             tokens.copy_(next_fast)
             buffers.out_tokens[:rows].copy_(next_fast)
+            buffers.out_logprobs[:rows].copy_(logprobs)
             positions.add_(1)
             return
         cos, sin = self._rope(positions)
@@ -420,7 +430,8 @@ class PagedDecoder:
                 )
             x = x + layer.self_attn.o_proj(attn.reshape(rows, self.heads * self.head_dim))
             x = x + self._mlp(index, layer.post_attention_layernorm(x))
-        next_tokens = self._logits_to_tokens(x, buffers.suppress_eos[:rows])
+        next_tokens, logprobs = self._logits_to_tokens(x, buffers.suppress_eos[:rows])
         tokens.copy_(next_tokens)
         buffers.out_tokens[:rows].copy_(next_tokens)
+        buffers.out_logprobs[:rows].copy_(logprobs)
         positions.add_(1)

@@ -27,6 +27,7 @@ from asr_server.engine.continuous.attention import num_splits_for
 from asr_server.engine.continuous.decoder import DecodeBuffers, KvCache, PagedDecoder
 from asr_server.engine.continuous.encoder import encode
 from asr_server.engine.continuous.features import TorchFeatureExtractor
+from asr_server.engine.continuous.output import SampledValues
 from asr_server.engine.continuous.scheduler import PrefillWork
 from asr_server.engine.continuous.stream_cache import (
     CachedWindow,
@@ -61,29 +62,43 @@ def resolve_features(mode: str, device: torch.device) -> str:
     return mode
 
 
+@dataclass(frozen=True)
+class Sampled:
+    """Tokens of one launched unit (a prefill or a decode step) on the device, with each one's log-probability
+    under the model, computed in the same step (decoder.PagedDecoder._sample)."""
+
+    tokens: torch.Tensor  # (n,) int64
+    logprobs: torch.Tensor  # (n,) float32
+
+
 @dataclass
 class HostTokens:
-    """Tokens of one launched unit (a prefill or a decode step) on their way to the host."""
+    """Tokens of one launched unit (a prefill or a decode step) on their way to the host, with their
+    log-probabilities (copied in the same transfer batch)."""
 
     event: torch.cuda.Event | None
     host: torch.Tensor
+    host_logprobs: torch.Tensor
 
-    def values(self) -> list[int]:
-        """Waits for the copy; the tokens."""
+    def values(self) -> SampledValues:
+        """Waits for the copy; the tokens, carrying their log-probabilities."""
         if self.event is not None:
             self.event.synchronize()
-        values: list[int] = self.host.tolist()
-        return values
+        tokens: list[int] = self.host.tolist()
+        logprobs: list[float] = self.host_logprobs.tolist()
+        return SampledValues(tokens, logprobs)
 
 
 @dataclass
 class PrefillComputed:
     """A prefill's device results before its rows go into the decode buffers: the indices (into `inputs`) of
-    the prompts it finished, their first tokens and EOS flags; `ready` marks its work on the side stream."""
+    the prompts it finished, their first tokens (and log-probabilities) and EOS flags; `ready` marks its work on
+    the side stream."""
 
     inputs: tuple[PrefillInput, ...]
     done: list[int]
     first: torch.Tensor
+    logprobs: torch.Tensor
     suppress: torch.Tensor
     ready: torch.cuda.Event | None = None
 
@@ -169,6 +184,7 @@ class ModelRunner:
             active=torch.zeros(self.rows, dtype=torch.bool, device=dev),
             suppress_eos=torch.zeros(self.rows, dtype=torch.bool, device=dev),
             out_tokens=torch.zeros(self.rows, dtype=torch.long, device=dev),
+            out_logprobs=torch.zeros(self.rows, dtype=torch.float32, device=dev),
         )
         # Rows whose buffers hold a request (set when its prefill is in): they decode, and go inactive on release.
         self._live_rows: set[int] = set()
@@ -275,13 +291,14 @@ class ModelRunner:
         """Forgets a request's prefill in progress (it finished, failed, was aborted or preempted)."""
         self._prompts.pop(request_id, None)
 
-    def prefill(self, inputs: Sequence[PrefillInput]) -> torch.Tensor:
+    def prefill(self, inputs: Sequence[PrefillInput]) -> Sampled:
         """Prefills prompt chunks into their pages (whole prompts when the scheduler does not chunk): the first
         chunk of a request sets up its features (one batched torch call on the device for every clip here that
         has none from the preprocess threads), the audio encoder runs over the 8 s windows the chunks' audio
         tokens fall in (windows are independent: encoder attention never crosses them), and the decoder attends
         each chunk to its own earlier chunks through its pages. Requests whose chunk ends their prompt get their
-        rows in the decode buffers; returns their first tokens (on the device), in input order.
+        rows in the decode buffers; returns their first tokens and log-probabilities (on the device), in input
+        order.
 
         Changes no state a retry depends on before its last stage (the row inserts): the prompts' state it sets
         up is rebuilt or still valid, and the pages are simply written again.
@@ -320,6 +337,7 @@ class ModelRunner:
             # Read on the decode stream by the commit: the allocator must not hand their memory to later side
             # work before that.
             computed.first.record_stream(self._main_stream)
+            computed.logprobs.record_stream(self._main_stream)
             computed.suppress.record_stream(self._main_stream)
             return computed
 
@@ -328,7 +346,7 @@ class ModelRunner:
         if self.cuda:
             self._side_stream.synchronize()
 
-    def commit(self, computed: PrefillComputed, keep: Sequence[int]) -> torch.Tensor:
+    def commit(self, computed: PrefillComputed, keep: Sequence[int]) -> Sampled:
         """Engine thread: the rows of the finished prompts `keep` (indices into computed.done; requests aborted
         meanwhile left out) go into the decode buffers, after the prefill's device work (an ordering on the
         decode stream, no host wait). Their first tokens, on the device, in `keep` order."""
@@ -336,18 +354,19 @@ class ModelRunner:
             torch.cuda.current_stream(self.device).wait_event(computed.ready)
         return self._commit(computed, keep)
 
-    def _commit(self, computed: PrefillComputed, keep: Sequence[int]) -> torch.Tensor:
+    def _commit(self, computed: PrefillComputed, keep: Sequence[int]) -> Sampled:
         dev = self.device
         keep = list(keep)
         if len(keep) == len(computed.done):
-            first, suppress = computed.first, computed.suppress
+            first, logprobs, suppress = computed.first, computed.logprobs, computed.suppress
         else:
             index = torch.tensor(keep, dtype=torch.long, device=dev)
             first, suppress = computed.first.index_select(0, index), computed.suppress.index_select(0, index)
+            logprobs = computed.logprobs.index_select(0, index)
         if keep:
             items = [computed.inputs[computed.done[k]] for k in keep]
             self._insert_rows(items, first, [item.work.total_tokens for item in items], suppress)
-        return first
+        return Sampled(first, logprobs)
 
     def _prefill(self, inputs: Sequence[PrefillInput]) -> PrefillComputed:
         profiling = self._config.profile
@@ -403,7 +422,7 @@ class ModelRunner:
             for item in inputs
         ]
         suppress = torch.tensor([item.suppress_eos for item in inputs], dtype=torch.bool, device=dev)
-        after = decoder.prefill(
+        after, after_logprobs = decoder.prefill(
             embeds,
             lengths,
             torch.tensor(slot_pages, dtype=torch.long, device=dev),
@@ -417,15 +436,16 @@ class ModelRunner:
             self._mark("prefill", t0)
         done = [i for i, item in enumerate(inputs) if item.work.completes]
         if len(done) == len(inputs):
-            first, done_suppress = after, suppress
+            first, first_logprobs, done_suppress = after, after_logprobs, suppress
         else:
-            index = torch.tensor(done, dtype=torch.long, device=dev)
-            first, done_suppress = after.index_select(0, index), suppress.index_select(0, index)
+            chosen = torch.tensor(done, dtype=torch.long, device=dev)
+            first, first_logprobs = after.index_select(0, chosen), after_logprobs.index_select(0, chosen)
+            done_suppress = suppress.index_select(0, chosen)
         for i in done:
             st = self._prompts.pop(inputs[i].work.request_id, None)
             if st is not None:
                 self._finish_prompt(inputs[i].work.request_id, st)
-        return PrefillComputed(tuple(inputs), done, first, done_suppress)
+        return PrefillComputed(tuple(inputs), done, first, first_logprobs, done_suppress)
 
     def _finish_prompt(self, request_id: str, st: _Prompt) -> None:
         """A prompt's prefill is done: its encoder work is recorded, and a keyed one's stable windows stored."""
@@ -663,8 +683,9 @@ class ModelRunner:
 
     # ---- decode ----
 
-    def decode(self, rows: int, max_pages: int) -> torch.Tensor:
-        """One greedy step for rows 0..rows-1 (a graph replay when one is captured); the tokens, on the device."""
+    def decode(self, rows: int, max_pages: int) -> Sampled:
+        """One greedy step for rows 0..rows-1 (a graph replay when one is captured); the tokens and their
+        log-probabilities, on the device."""
         profiling = self._config.profile
         t0 = time.perf_counter()
         if profiling:
@@ -677,17 +698,20 @@ class ModelRunner:
         if profiling:
             now = self._mark("decode", t0)
             self.decode_ms_by_bucket.setdefault(rows, []).append((now - t0) * 1000)
-        return self.buffers.out_tokens[:rows]
+        return Sampled(self.buffers.out_tokens[:rows], self.buffers.out_logprobs[:rows])
 
-    def to_host(self, tokens: torch.Tensor) -> HostTokens:
-        """Starts the copy of `tokens` to the host (a pinned buffer and an event on CUDA; a clone elsewhere)."""
+    def to_host(self, sampled: Sampled) -> HostTokens:
+        """Starts the copy of `sampled` to the host (pinned buffers and one event on CUDA; clones elsewhere)."""
+        tokens, logprobs = sampled.tokens, sampled.logprobs
         if self.cuda:
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             host.copy_(tokens, non_blocking=True)
+            host_logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
+            host_logprobs.copy_(logprobs, non_blocking=True)
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record()
-            return HostTokens(event, host)
-        return HostTokens(None, tokens.clone())
+            return HostTokens(event, host, host_logprobs)
+        return HostTokens(None, tokens.clone(), logprobs.clone())
 
     # ---- CUDA graphs ----
 

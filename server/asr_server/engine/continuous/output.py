@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asr_server.engine.core import EngineOutput
-from asr_server.engine.generate_core import parse_transcription
+from asr_server.engine.generate_core import asr_text_token_id, parse_transcription, text_pieces, text_token_span
 from asr_server.engine.types import BatchStats, DecodeResult, WorkItem
 
 
@@ -29,26 +29,41 @@ class RequestOutput:
     finished: bool = False
     start_ns: int = 0
     first_token_ns: int = 0
+    logprobs: list[float] = field(default_factory=list)  # entry for entry with `tokens`
 
     @property
     def request_id(self) -> str:
         return self.item.request.request_id
 
 
+class SampledValues(list[int]):
+    """The host's tokens of one launched unit (a list of ints, as `OutputStep.append` reads them) and, entry for
+    entry, their log-probabilities (`logprobs`, from the same device step): one object, so the engine core hands
+    both on without knowing of the second."""
+
+    def __init__(self, tokens: list[int], logprobs: list[float]) -> None:
+        super().__init__(tokens)
+        self.logprobs = logprobs
+
+
 class OutputStep:
     def __init__(self, processor: Any, eos_ids: Iterable[int]) -> None:
         self._processor = processor
         self._eos_ids = frozenset(eos_ids)
+        self._asr_text_id = asr_text_token_id(processor)
         # Time to first token (ms, from arrival to the host seeing it) of recent requests, for benchmarks.
         self.ttft_ms: deque[float] = deque(maxlen=100_000)
 
     def append(self, owners: Iterable[tuple[int, RequestOutput]], values: list[int]) -> list[RequestOutput]:
         """Appends each owner's token (values[index]); returns the requests this ends (not yet marked finished)."""
         done: list[RequestOutput] = []
+        logprobs = values.logprobs if isinstance(values, SampledValues) else None
         for index, req in owners:
             if req.finished:
                 continue
             token = int(values[index])
+            if logprobs is not None:
+                req.logprobs.append(float(logprobs[index]))
             if not req.tokens:
                 req.first_token_ns = time.time_ns()
                 self.ttft_ms.append((req.first_token_ns - req.item.enqueued_ns) / 1e6)
@@ -70,7 +85,18 @@ class OutputStep:
             start_ns=req.start_ns,
             end_ns=end_ns,
         )
+        logprobs = tuple(req.logprobs) if len(req.logprobs) == len(req.tokens) else ()
+        span = text_token_span(req.tokens, self._asr_text_id, self._eos_ids) if logprobs else (0, 0)
         result = DecodeResult(
-            req.request_id, text, language, tuple(req.tokens), req.item.enqueued_ns, stats, req.first_token_ns
+            req.request_id,
+            text,
+            language,
+            tuple(req.tokens),
+            req.item.enqueued_ns,
+            stats,
+            req.first_token_ns,
+            token_logprobs=logprobs,
+            text_tokens=span,
+            text_token_pieces=text_pieces(self._processor, req.tokens[span[0] : span[1]]),
         )
         return EngineOutput(req.request_id, result=result)

@@ -81,6 +81,9 @@ class Result(msgspec.Struct, tag="result", frozen=True):
     batch_start_ns: int
     batch_end_ns: int
     first_token_ns: int
+    token_logprobs: list[float] = []
+    text_tokens: tuple[int, int] = (0, 0)
+    text_token_pieces: list[str] = []
 
 
 class Failure(msgspec.Struct, tag="failure", frozen=True):
@@ -208,6 +211,9 @@ def result_message(result: DecodeResult) -> Result:
         batch_start_ns=batch.start_ns,
         batch_end_ns=batch.end_ns,
         first_token_ns=result.first_token_ns,
+        token_logprobs=list(result.token_logprobs),
+        text_tokens=result.text_tokens,
+        text_token_pieces=list(result.text_token_pieces),
     )
 
 
@@ -227,6 +233,9 @@ def result_from_message(message: Result) -> DecodeResult:
         enqueued_ns=message.enqueued_ns,
         batch=batch,
         first_token_ns=message.first_token_ns,
+        token_logprobs=tuple(message.token_logprobs),
+        text_tokens=(message.text_tokens[0], message.text_tokens[1]),
+        text_token_pieces=tuple(message.text_token_pieces),
     )
 
 
