@@ -80,13 +80,7 @@ class AccessLog:
             "request_bytes": outcome.request_bytes,
             "request_id": outcome.request_id,
         }
-        if outcome.message:
-            fields["status_message"] = outcome.message
-        level = logging.ERROR if outcome.code in _SERVER_FAULTS else logging.INFO
-        if not self._logger.isEnabledFor(level):
-            return
-        text = " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
-        self._logger.log(level, "rpc %s", text, extra={_ACCESS_FIELDS: fields})
+        self._write("rpc", fields, outcome.message, server_fault=outcome.code in _SERVER_FAULTS)
 
     def http_finished(self, outcome: HttpOutcome) -> None:
         """One line per request of the HTTP front, "http ..." beside the RPCs' "rpc ..."."""
@@ -100,13 +94,17 @@ class AccessLog:
             "request_bytes": outcome.request_bytes,
             "request_id": outcome.request_id,
         }
-        if outcome.message:
-            fields["status_message"] = outcome.message
-        level = logging.ERROR if outcome.status_code >= 500 and outcome.status_code != 503 else logging.INFO
+        server_fault = outcome.status_code >= 500 and outcome.status_code != 503
+        self._write("http", fields, outcome.message, server_fault=server_fault)
+
+    def _write(self, kind: str, fields: dict[str, Any], message: str, *, server_fault: bool) -> None:
+        if message:
+            fields["status_message"] = message
+        level = logging.ERROR if server_fault else logging.INFO
         if not self._logger.isEnabledFor(level):
             return
         text = " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
-        self._logger.log(level, "http %s", text, extra={_ACCESS_FIELDS: fields})
+        self._logger.log(level, "%s %s", kind, text, extra={_ACCESS_FIELDS: fields})
 
 
 def _text_value(value: object) -> str:
