@@ -115,8 +115,8 @@ def arrivals_run(
     schedule = engine._scheduler.schedule
     prefill_tokens: list[int] = []
 
-    def recording(now_s: float) -> Any:
-        plan = schedule(now_s)
+    def recording(now_s: float, **kwargs: Any) -> Any:
+        plan = schedule(now_s, **kwargs)
         prefill_tokens.append(plan.prefill_tokens)
         return plan
 

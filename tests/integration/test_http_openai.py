@@ -436,7 +436,7 @@ async def test_a_client_that_goes_away_frees_its_queued_work() -> None:
     cores: list[FakeEngine] = []
 
     def factory() -> FakeEngine:
-        cores.append(FakeEngine(max_batch_size=1, batch_delay_ms=400))
+        cores.append(FakeEngine(max_batch_size=1, batch_delay_ms=1200))  # room for the disconnect under load
         return cores[-1]
 
     config = with_server(fake_config(max_inference_batch_size=1, max_batch_wait_ms=0), http_port=0)
