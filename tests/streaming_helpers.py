@@ -4,6 +4,7 @@ that counts what a StreamingSession asks of it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -12,15 +13,36 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from asr_server.config import Config, ContinuousConfig, ModelConfig
 from asr_server.engine.fake import fake_transcript
 from asr_server.engine.types import BatchStats, DecodePriority, DecodeRequest, DecodeResult
 from asr_server.transcription import DecodeBackend
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
+from tests.helpers import fake_config
 
 T = TypeVar("T")
 
 LINEAR16_16K = pb.AudioFormat(encoding=pb.AUDIO_ENCODING_LINEAR16, sample_rate_hz=16000, channel_count=1)
+
+
+def tiny_stream_cache_config(asr_hf: str) -> Config:
+    """The continuous engine on the tiny checkpoint (fp32, CPU) with torch features: live streams keep their
+    encoder windows (the stream cache)."""
+    model = ModelConfig(model=asr_hf, device="cpu", dtype="float32")
+    continuous = ContinuousConfig(max_running=8, kv_cache_tokens=8192, features="torch")
+    return dataclasses.replace(fake_config(kind="continuous", max_batch_wait_ms=0, continuous=continuous), model=model)
+
+
+async def transcribe_spans(
+    stub: pb_grpc.AsrServiceStub, data: bytes, results: Sequence[Any], max_new_tokens: int
+) -> list[pb.TranscribeResponse]:
+    """Unary Transcribe of exactly each result's [start_ms, end_ms) of a 16 kHz LINEAR16 recording."""
+    config = pb.RecognitionConfig(audio_format=LINEAR16_16K, max_new_tokens=max_new_tokens)
+    return [
+        await stub.Transcribe(pb.TranscribeRequest(config=config, audio=data[r.start_ms * 32 : r.end_ms * 32]))
+        for r in results
+    ]
 
 
 def pcm16(samples: np.ndarray) -> bytes:

@@ -5,19 +5,16 @@ and nothing stays cached once the stream is over."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
-from asr_server.config import ContinuousConfig, ModelConfig
 from asr_server.engine.continuous.core import ContinuousEngine
 from asr_server.engine.types import DecodePriority, DecodeRequest, DecodeResult
 from asr_server.models.tiny_checkpoint import TinyCheckpoints
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
-from tests.helpers import fake_config, running_server
+from tests.helpers import running_server
 from tests.speech import espeak_available, synthesize_sentences
-from tests.streaming_helpers import LINEAR16_16K, pcm16, run_stream, stream_config
+from tests.streaming_helpers import LINEAR16_16K, pcm16, run_stream, stream_config, tiny_stream_cache_config
 
 pytestmark = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")
 
@@ -35,11 +32,7 @@ async def test_a_stream_reuses_its_utterance_windows_and_its_final_equals_transc
     audio, spans = synthesize_sentences([LONG_SENTENCE], silence_s=1.0)
     assert spans[0][1] - spans[0][0] > 10.0, spans
     data = pcm16(audio)
-    model = ModelConfig(model=str(tiny_checkpoints.asr_hf), device="cpu", dtype="float32")
-    continuous = ContinuousConfig(max_running=8, kv_cache_tokens=8192, features="torch")
-    config = dataclasses.replace(
-        fake_config(kind="continuous", max_batch_wait_ms=0, continuous=continuous), model=model
-    )
+    config = tiny_stream_cache_config(str(tiny_checkpoints.asr_hf))
     async with running_server(config) as (server, channel):
         core = server.engine.core  # type: ignore[union-attr]
         assert isinstance(core, ContinuousEngine)

@@ -10,24 +10,21 @@ VAD on espeak-ng speech and digital silence; every piece's decodes are answered 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
-from asr_server.config import ContinuousConfig, ModelConfig
 from asr_server.engine.continuous.core import ContinuousEngine
 from asr_server.engine.types import DecodePriority, DecodeRequest, DecodeResult
 from asr_server.models.tiny_checkpoint import TinyCheckpoints
 from asr_server.streaming.endpoint import EndpointSettings
 from asr_server.streaming.session import StreamingOptions, StreamingSession, StreamResult, UtteranceWork
 from asr_server.transcription import DecodeBackend, TranscribeOptions, Transcriber, TranscriberLimits
-from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
-from tests.helpers import fake_config, running_server
+from tests.helpers import running_server
 from tests.speech import espeak_available, synthesize_sentences
-from tests.streaming_helpers import LINEAR16_16K, CountingEngine, pcm16
+from tests.streaming_helpers import CountingEngine, pcm16, tiny_stream_cache_config, transcribe_spans
 from tests.unit.test_streaming_interims import LIMITS, LINEAR16, InlineEnergyVad
 
 pytestmark = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")
@@ -108,25 +105,13 @@ async def test_speculative_finals_equal_transcribe_and_decode_the_final_audio_on
         audio, spans = synthesize_sentences(["Please call Stella.", "Ask her to bring these things."], 0.5)
         audio = np.concatenate([audio, np.zeros(16_000, dtype=np.float32)])
     data = pcm16(audio)
-    model = ModelConfig(model=str(tiny_checkpoints.asr_hf), device="cpu", dtype="float32")
-    continuous = ContinuousConfig(max_running=8, kv_cache_tokens=8192, features="torch")
-    config = dataclasses.replace(
-        fake_config(kind="continuous", max_batch_wait_ms=0, continuous=continuous), model=model
-    )
+    config = tiny_stream_cache_config(str(tiny_checkpoints.asr_hf))
     async with running_server(config) as (server, channel):
         core = server.engine.core  # type: ignore[union-attr]
         assert isinstance(core, ContinuousEngine)
         finals, work, requests = await stream_in_process(server.engine, audio, speculate_after_ms=240)
         stub = pb_grpc.AsrServiceStub(channel)
-        unary = [
-            await stub.Transcribe(
-                pb.TranscribeRequest(
-                    config=pb.RecognitionConfig(audio_format=LINEAR16_16K, max_new_tokens=MAX_NEW_TOKENS),
-                    audio=data[f.start_ms * 32 : f.end_ms * 32],
-                )
-            )
-            for f in finals
-        ]
+        unary = await transcribe_spans(stub, data, finals, MAX_NEW_TOKENS)
         # Nothing stays cached under any of the utterance's keys (renamed after a discarded speculation).
         assert len(core.stream_cache) == 0 and core.stream_cache.nbytes == 0
     (final,) = finals

@@ -25,11 +25,10 @@ from asr_server.engine.generate_core import GenerateEngine
 from asr_server.engine.types import DecodeRequest, DecodeResult, WorkItem
 from asr_server.models.loading import LoadedAsrModel, load_asr_model
 from asr_server.models.tiny_checkpoint import TinyCheckpoints
-from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
 from tests.helpers import fake_config, running_server
 from tests.speech import espeak_available, synthesize_sentences
-from tests.streaming_helpers import LINEAR16_16K, pcm16, run_stream, stream_config
+from tests.streaming_helpers import pcm16, run_stream, stream_config, transcribe_spans
 
 pytestmark = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")
 
@@ -94,15 +93,7 @@ async def test_finals_equal_unary_results_and_interims_arrive_before_the_utteran
         )
         finals = received.finals
         assert len(finals) == len(SENTENCES)
-        unary = [
-            await stub.Transcribe(
-                pb.TranscribeRequest(
-                    config=pb.RecognitionConfig(audio_format=LINEAR16_16K, max_new_tokens=MAX_NEW_TOKENS),
-                    audio=data[f.start_ms * 32 : f.end_ms * 32],
-                )
-            )
-            for f in finals
-        ]
+        unary = await transcribe_spans(stub, data, finals, MAX_NEW_TOKENS)
     for final, response, (start_s, end_s) in zip(finals, unary, spans, strict=True):
         assert final.text == response.transcripts[0].text
         assert final.language == response.transcripts[0].language
