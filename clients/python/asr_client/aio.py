@@ -42,9 +42,8 @@ from asr_client.results import (
     ForcedAlignResult,
     StreamingResult,
     align_result,
-    channel_transcriptions_from_pb,
     streaming_result_from_pb,
-    transcription_from_pb,
+    transcriptions_from_pb,
 )
 from qwenasr.v1 import asr_pb2 as pb
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
@@ -156,9 +155,7 @@ class AsyncAsrClient:
         finally:
             for task in tasks:
                 task.cancel()
-        if channel_mode == "separate":
-            return [channel_transcriptions_from_pb(r, time_stamps=return_time_stamps) for r in responses]
-        return [transcription_from_pb(r, time_stamps=return_time_stamps) for r in responses]
+        return transcriptions_from_pb(responses, channel_mode=channel_mode, time_stamps=return_time_stamps)
 
     async def get_supported_languages(self) -> list[str]:
         """As `AsrClient.get_supported_languages`."""

@@ -109,6 +109,16 @@ def transcription_from_pb(response: pb.TranscribeResponse, *, time_stamps: bool)
     return _transcription(response.transcripts[0], duration, time_stamps=time_stamps)
 
 
+def transcriptions_from_pb(
+    responses: Sequence[pb.TranscribeResponse], *, channel_mode: str, time_stamps: bool
+) -> list[ASRTranscription] | list[list[ASRTranscription]]:
+    """What `transcribe` returns for its responses: one result per input, or with channel_mode "separate" one
+    list of per-channel results per input."""
+    if channel_mode == "separate":
+        return [channel_transcriptions_from_pb(r, time_stamps=time_stamps) for r in responses]
+    return [transcription_from_pb(r, time_stamps=time_stamps) for r in responses]
+
+
 def channel_transcriptions_from_pb(response: pb.TranscribeResponse, *, time_stamps: bool) -> list[ASRTranscription]:
     """One result per channel of a CHANNEL_MODE_SEPARATE response, in channel order."""
     duration = seconds(response.audio_duration_ms)
