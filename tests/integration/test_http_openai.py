@@ -436,7 +436,7 @@ async def test_a_client_that_goes_away_frees_its_queued_work() -> None:
     cores: list[FakeEngine] = []
 
     def factory() -> FakeEngine:
-        cores.append(FakeEngine(max_batch_size=1, batch_delay_ms=1200))  # room for the disconnect under load
+        cores.append(FakeEngine(max_batch_size=1, batch_delay_ms=3000))  # room for the disconnect under load
         return cores[-1]
 
     config = with_server(fake_config(max_inference_batch_size=1, max_batch_wait_ms=0), http_port=0)
@@ -450,6 +450,10 @@ async def test_a_client_that_goes_away_frees_its_queued_work() -> None:
         while server.engine.in_flight < 2:  # the HTTP request's piece waits behind the first
             await asyncio.sleep(0.01)
         doomed.cancel()  # the SDK closes the connection
+        # The server sees the disconnect and withdraws the piece while the first batch still runs.
+        async with asyncio.timeout(2.5):
+            while server.engine.in_flight > 1:
+                await asyncio.sleep(0.01)
         await first
         while server.engine.in_flight > 0:
             await asyncio.sleep(0.01)
