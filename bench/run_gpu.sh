@@ -14,7 +14,7 @@
 #                                    # each row appended to $RESULTS (bench/results/h200-engine.json's shape)
 #   bash bench/run_gpu.sh ours17 chunk17  # ours only (the generate rows change with no commit of ours); chunk17:
 #                                    # the same server with --max-step-tokens $STEP_TOKENS (chunked prefill)
-#   bash bench/run_gpu.sh streamdiag # live streams ($DIAG_STREAMS, default 64) with the engine's timeline
+#   bash bench/run_gpu.sh streamdiag # live streams ($DIAG_STREAMS, default 64; $DIAG_SIZE) with the engine's timeline
 #                                    # (--bench-trace-path, summarised by bench/trace_report.py), py-spy of the
 #                                    # front and the engine process, and the GPU's utilisation, sampled
 #   bash bench/run_gpu.sh stream17   # live streams (bench/streaming_bench.py, $SPEECH WAV, 1/64/128/256 streams;
@@ -229,6 +229,52 @@ for k, used in sorted(by_30s.items()):
 PYEOF
       stop_server
       rm -f "$OUT/trace-long.jsonl"
+      ;;
+    streamdiag)
+      # $DIAG_SIZE (1.7b or 0.6b) over $FRONTS fronts, fresh server; Triton's compile cache is fresh too, so the
+      # kernels it compiles while streams run show up with their time since the server started.
+      dsize=${DIAG_SIZE:-1.7b}
+      [ -d "/tmp/rand-$dsize" ] || $PY bench/build_random_checkpoint.py --size "$dsize" --out "/tmp/rand-$dsize" --device cuda
+      rm -rf "$OUT/trace.jsonl" /tmp/triton-diag
+      touch "$OUT/trace.jsonl"
+      t_start=$(date +%s)
+      export TRITON_CACHE_DIR=/tmp/triton-diag
+      start_server "/tmp/rand-$dsize" server-streamdiag.log \
+        --max-running-requests 512 --max-live-streams-per-replica 2048 --front-processes "${FRONTS:-1}" \
+        --bench-trace-path "$OUT/trace.jsonl" || continue
+      unset TRITON_CACHE_DIR
+      t_serving=$(date +%s)
+      echo "server up in $((t_serving - t_start)) s" | tee -a "$OUT/table.txt"
+      for streams in ${DIAG_STREAMS:-64}; do
+        nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 250 >"$OUT/gpu-util-$streams.txt" &
+        SMI_PID=$!
+        from_line=$(( $(wc -l <"$OUT/trace.jsonl" 2>/dev/null || echo 0) + 1 ))
+        (
+          sleep "${DIAG_SPY_AT_S:-14}"
+          for pid in "$SERVER_PID" $(pgrep -P "$SERVER_PID"); do
+            /tmp/site/bin/py-spy dump -p "$pid" >"$OUT/pyspy-dump-$streams-$pid.txt" 2>&1
+            /tmp/site/bin/py-spy record -p "$pid" -d 8 -r 50 -f raw --threads -o "$OUT/pyspy-$streams-$pid.txt" \
+              >/dev/null 2>&1 &
+          done
+          wait
+        ) &
+        SPY_PID=$!
+        (sleep "${DIAG_SPY_AT_S:-14}"; top -b -H -n 2 -d 4 -w 200 | head -80 >"$OUT/top-$streams.txt") &
+        $PY bench/streaming_bench.py --target "localhost:$PORT" --client-processes "${CLIENTS:-1}" \
+          --streams "$streams" --duration-s "${STREAM_S:-25}" --speech "$SPEECH" \
+          --json "$OUT/streamdiag-$streams.json" ${DIAG_BENCH_FLAGS:-} 2>&1 | tee -a "$OUT/table.txt"
+        wait "$SPY_PID"
+        kill "$SMI_PID" 2>/dev/null
+        awk '{s+=$1; n++} END {if (n) printf "GPU utilisation mean %.0f%% over %d samples\n", s/n, n}' \
+          "$OUT/gpu-util-$streams.txt" | tee -a "$OUT/table.txt"
+        tail -n "+$from_line" "$OUT/trace.jsonl" >"$OUT/trace-$streams.jsonl"
+        $PY bench/trace_report.py "$OUT/trace-$streams.jsonl" --by-s 5 | tee -a "$OUT/table.txt"
+      done
+      echo "Triton kernels compiled, seconds after the server was up:" | tee -a "$OUT/table.txt"
+      find /tmp/triton-diag -name "*.json" ! -name "__grp__*" -printf "%T@ %f\n" 2>/dev/null | sort -n \
+        | awk -v t0="$t_serving" '{printf "  %+.1f s %s\n", $1 - t0, $2}' | tee -a "$OUT/table.txt"
+      stop_server
+      rm -f "$OUT/trace.jsonl"
       ;;
     table06) table 0.6b 0.6B ;;
     ratio)

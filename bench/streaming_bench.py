@@ -62,6 +62,12 @@ class StreamStats:
     interims: int = 0
     max_send_lag_s: float = 0.0
     error: str = ""
+    # Finals later than SLOW_FINAL_S after their audio was sent, with what the stream saw around them.
+    slow_finals: list[dict[str, Any]] = field(default_factory=list)
+
+
+# A final this late (incl. the trailing silence) is written out with its details (--json, "slow_finals").
+SLOW_FINAL_S = 1.5
 
 
 def load_speech(path: str | None) -> np.ndarray:
@@ -116,11 +122,18 @@ async def one_stream(stub: Any, pb: Any, pcm: bytes, offset_ms: int, args: argpa
         return sent[i][1] if i < len(sent) else None
 
     ended_at: dict[int, float] = {}
+    # SPEECH_ENDED: its time in the stream (ms), and how long after that audio was sent it arrived.
+    ended_event: dict[int, tuple[int, float]] = {}
+    processed_ms = 0  # the server's processed_audio_ms on its newest result
     try:
         async for response in stub.StreamingRecognize(requests()):
             now = time.perf_counter()
+            processed_ms = max(processed_ms, int(response.processed_audio_ms))
             if response.HasField("speech_event"):
                 if response.speech_event.type == pb.SPEECH_EVENT_TYPE_SPEECH_ENDED:
+                    event_ms = int(response.speech_event.offset_ms)
+                    event_sent = sent_at(event_ms)
+                    ended_event[len(ended_at)] = (event_ms, now - event_sent if event_sent is not None else -1.0)
                     ended_at[len(ended_at)] = now
                 continue
             result = response.result
@@ -131,6 +144,22 @@ async def one_stream(stub: Any, pb: Any, pcm: bytes, offset_ms: int, args: argpa
                     stats.final_latency_s.append(now - audio_sent)
                     if result.utterance_index in ended_at:
                         stats.final_decode_s.append(now - ended_at[result.utterance_index])
+                    if now - audio_sent > SLOW_FINAL_S and len(stats.slow_finals) < 20:
+                        event = ended_event.get(result.utterance_index, (-1, -1.0))
+                        stats.slow_finals.append(
+                            {
+                                "offset_ms": offset_ms,
+                                "utterance": result.utterance_index,
+                                "start_ms": result.start_ms,
+                                "end_ms": result.end_ms,
+                                "latency_ms": round((now - audio_sent) * 1000),
+                                "at_s": round(now - started, 2),
+                                "speech_ended_ms": event[0],
+                                "speech_ended_lag_ms": round(event[1] * 1000),
+                                "processed_ms": processed_ms,
+                                "sent_ms": sent[-1][0] if sent else 0,
+                            }
+                        )
             else:
                 stats.interims += 1
                 if audio_sent is not None:
@@ -240,6 +269,7 @@ async def run_level(target: str, pcm: bytes, streams: int, args: argparse.Namesp
         "first_error": errors[0] if errors else "",
         "front_processes": front_processes(args.serve),
         "client_processes": workers,
+        "slow_finals": [s for r in results for s in r.slow_finals][:100],
     }
     print(
         f"streams={streams:4d}  finals={row['finals']:5d}/{finals_expected}  "
@@ -251,6 +281,8 @@ async def run_level(target: str, pcm: bytes, streams: int, args: argparse.Namesp
     )
     if errors:
         print("  first error:", errors[0], flush=True)
+    for slow in row["slow_finals"][:8]:
+        print("  slow final:", slow, flush=True)
     return row
 
 

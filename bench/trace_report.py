@@ -28,6 +28,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trace")
     parser.add_argument("--skip-s", type=float, default=0.0, help="ignore the first seconds (warm-up)")
+    parser.add_argument(
+        "--by-s", type=float, default=0.0, help="also per window of this many seconds of arrivals (start-up lag)"
+    )
     args = parser.parse_args()
     reqs: list[dict[str, float]] = []
     steps: list[dict[str, float]] = []
@@ -56,6 +59,8 @@ def main() -> None:
         }
         for name, values in phases.items():
             print(f"    {name:8s} {_pcts(values)}")
+    if reqs and args.by_s > 0:
+        _by_window(reqs, args.by_s)
     if steps:
         if args.skip_s:
             t0 = min(s["t"] for s in steps)
@@ -85,6 +90,26 @@ def main() -> None:
             for a, b in zip(steps, steps[1:], strict=False)
         ]
         print(f"  between steps (host outside step()) ms p50/p90/p99 {_pcts(gaps)}  sum {sum(gaps) / 1000:.2f} s")
+
+
+def _by_window(reqs: list[dict[str, float]], window_s: float) -> None:
+    """Per window of arrivals: requests, and each priority's total and prefill p50/max (ms)."""
+    first_ns = min(r["enq"] for r in reqs)
+    windows: dict[int, list[dict[str, float]]] = defaultdict(list)
+    for r in reqs:
+        windows[int((r["enq"] - first_ns) / 1e9 // window_s)].append(r)
+    print(f"by {window_s:g} s of arrivals: priority n total p50/max, prefill p50/max (ms)")
+    for index, rows in sorted(windows.items()):
+        parts = []
+        for priority in sorted({str(r["priority"]) for r in rows}):
+            mine = [r for r in rows if str(r["priority"]) == priority]
+            total = [(r["end"] - r["enq"]) / 1e6 for r in mine]
+            prefill = [(r["first"] - r["start"]) / 1e6 for r in mine if r["first"] and r["start"]] or [0.0]
+            parts.append(
+                f"{priority} {len(mine)} {np.median(total):.0f}/{max(total):.0f}, "
+                f"{np.median(prefill):.0f}/{max(prefill):.0f}"
+            )
+        print(f"  {index * window_s:6.0f}s  " + "; ".join(parts))
 
 
 if __name__ == "__main__":
