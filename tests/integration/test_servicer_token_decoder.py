@@ -40,3 +40,28 @@ async def test_streams_opened_during_the_tokenizer_load_share_it(monkeypatch: py
     assert time.monotonic() - started < 5
     assert await servicer._get_token_decoder() is decoder
     assert loads == [config.model.model]
+
+
+async def test_warm_up_loads_the_tokenizer_before_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Loaded on a fresh server's first stream instead, that stream (and every one opened meanwhile) waited seconds
+    # for it with its audio piling up: the finals of a fresh front's first streams came 6-8 s late.
+    loads: list[str] = []
+    decoder = object()
+
+    def load(model: str) -> Any:
+        loads.append(model)
+        return decoder
+
+    monkeypatch.setattr(servicer_module, "load_hf_token_decoder", load)
+    config = Config(engine=EngineConfig(kind="transformers"))
+    servicer = AsrServicer(config, transcriber=None, model_id=lambda: "m", aligner_ready=lambda: False)  # type: ignore[arg-type]
+    servicer._vad.ready = _no_wait  # type: ignore[method-assign]
+    await servicer.warm_up()
+    assert loads == [config.model.model]
+    assert servicer._token_decoder is not None and servicer._token_decoder.done()
+    assert await servicer._get_token_decoder() is decoder
+    assert loads == [config.model.model]
+
+
+async def _no_wait() -> None:
+    return None

@@ -79,8 +79,10 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
         self._max_live_streams = config.live_streams_per_front
 
     async def warm_up(self) -> None:
-        """Before the server reports SERVING: the VAD loaded and past torch's slow first passes."""
-        await self._vad.ready()
+        """Before the server reports SERVING: the VAD loaded and past torch's slow first passes, and the
+        interim-prefix tokenizer loaded. Loaded on first use instead, every front's first live streams waited for
+        it (importing transformers and reading the tokenizer: 6-8 s on the H200 machine, their finals that late)."""
+        await asyncio.gather(self._vad.ready(), self._get_token_decoder())
 
     # ---- RPCs (edge.rpc gives each its span and answers its errors) ----
 
