@@ -34,10 +34,11 @@ def main() -> None:
     args = parser.parse_args()
     reqs: list[dict[str, float]] = []
     steps: list[dict[str, float]] = []
+    collections: list[dict[str, float]] = []
     with open(args.trace, encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
-            (reqs if row["k"] == "req" else steps).append(row)
+            {"req": reqs, "step": steps, "gc": collections}.get(row["k"], []).append(row)
     if reqs:
         first_ns = min(r["enq"] for r in reqs)
         reqs = [r for r in reqs if r["enq"] - first_ns >= args.skip_s * 1e9]
@@ -90,6 +91,19 @@ def main() -> None:
             for a, b in zip(steps, steps[1:], strict=False)
         ]
         print(f"  between steps (host outside step()) ms p50/p90/p99 {_pcts(gaps)}  sum {sum(gaps) / 1000:.2f} s")
+    if collections:
+        _gc_report(collections, min((s["t"] for s in steps), default=collections[0]["t"]))
+
+
+def _gc_report(collections: list[dict[str, float]], t0_ns: float) -> None:
+    """The engine process's full (and >= 5 ms) garbage collections: how many, how long, the longest and when."""
+    full = [c for c in collections if c["gen"] == 2]
+    print(
+        f"gc: {len(full)} full collections, ms p50/p90/p99 {_pcts([c['ms'] for c in full])}; "
+        f"{len(collections) - len(full)} younger ones >= 5 ms"
+    )
+    for c in sorted(collections, key=lambda c: -c["ms"])[:10]:
+        print(f"  at {(c['t'] - t0_ns) / 1e9:7.1f} s: gen {c['gen']:.0f}, {c['ms']:.1f} ms, {c['collected']} collected")
 
 
 def _by_window(reqs: list[dict[str, float]], window_s: float) -> None:
