@@ -443,6 +443,10 @@ async def test_a_client_that_goes_away_frees_its_queued_work() -> None:
     async with running_server(config, core_factory=factory) as (server, channel):
         stub = pb_grpc.AsrServiceStub(channel)
         first = asyncio.ensure_future(stub.Transcribe(pb.TranscribeRequest(audio=wav_bytes(tone(1.0, seed=1)))))
+        # The gRPC request is in the engine (and so in the first batch) before the HTTP one is sent: sent together,
+        # the HTTP piece could take the first batch itself (it then ran, and the test counted two batches).
+        while server.engine.in_flight < 1:
+            await asyncio.sleep(0.01)
         client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="x", max_retries=0)
         doomed = asyncio.create_task(
             client.audio.transcriptions.create(model="m", file=("a.wav", wav_bytes(tone(1.0, seed=2))))
