@@ -359,7 +359,8 @@ class AsrServicer(pb_grpc.AsrServiceServicer):
             watchdog.stop()
 
     async def _get_token_decoder(self) -> TokenDecoder | None:
-        """The tokenizer that turns an interim's token ids back into a prefix (loaded once, on first use).
+        """The tokenizer that turns an interim's token ids back into a prefix (loaded once: by warm_up, else on first
+        use).
 
         One shared task: streams that open while it loads wait for it instead of going without a prefix.
         """
