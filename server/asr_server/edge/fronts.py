@@ -88,7 +88,7 @@ async def _front(spec: FrontSpec, report: Connection) -> int:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     provider = setup_tracing(spec.config.tracing)
-    server = AsrServer(spec.config, engine=linked_engine(list(spec.engine_addresses)))
+    server = AsrServer(spec.config, engine=linked_engine(list(spec.engine_addresses)), freeze_heap=True)
     watchdog = asyncio.create_task(_watch_parent(spec.parent_pid, stop))
     start = asyncio.create_task(server.start())
     stopped = asyncio.create_task(stop.wait())

@@ -35,6 +35,7 @@ from asr_server.engine.process.client import EngineProcess
 from asr_server.engine.replicas import Replica, ReplicatedRunner
 from asr_server.engine.runner import EngineRunner
 from asr_server.errors import AsrError, Unavailable
+from asr_server.heap import freeze_startup_heap
 from asr_server.logs import AccessLog
 from asr_server.metrics import AlignerLoad, MetricsEndpoint, ReplicaLoad, ServerMetrics
 from asr_server.tracing import SERVICE, setup_tracing
@@ -220,8 +221,11 @@ class AsrServer:
         core_factory: Callable[[], EngineCore] | None = None,
         aligner: AlignBackend | None = None,
         engine: Engine | None = None,
+        freeze_heap: bool = False,
     ) -> None:
         self.config = config
+        # Set by process entry points (asr_server/heap.py says why tests leave it off).
+        self._freeze_heap = freeze_heap
         # `engine`: a front process's links to the shared engine processes (edge/fronts.py).
         self.engine: Engine = engine if engine is not None else build_engine(config, core_factory=core_factory)
         if aligner is None and config.aligner.model:
@@ -336,6 +340,9 @@ class AsrServer:
                 ) from exc
             raise
         await servicer.warm_up()
+        if self._freeze_heap:
+            # Once, before health says SERVING; the collection blocks the loop for well under a second.
+            freeze_startup_heap("front")
         if not self._stopping:
             self._serving = True
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -527,7 +534,7 @@ async def serve(config: Config) -> None:
 
 
 async def _serve_until_signalled(config: Config) -> None:
-    server = AsrServer(config)
+    server = AsrServer(config, freeze_heap=True)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -39,6 +39,7 @@ from asr_server.engine.process import messages as m
 from asr_server.engine.runner import EngineRunner
 from asr_server.engine.types import DecodeRequest
 from asr_server.errors import AsrError
+from asr_server.heap import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ async def _serve(spec: ChildSpec, orphaned: threading.Event) -> int:
         except Exception as exc:  # noqa: BLE001 - reported to the front, which fails its start with it
             await socket.send(m.encode(m.StartFailed(str(exc))))
             return 1
+        freeze_startup_heap("engine process")
         await socket.send(m.encode(m.Ready(model_id=runner.model_id, pid=os.getpid())))
         logger.info("engine process ready (%s on %s)", runner.model_id, spec.device)
         channels = [_Channel(socket, routed=False)]
