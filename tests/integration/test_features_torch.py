@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from asr_server.engine.continuous import features as features_module
 from asr_server.engine.continuous.core import ContinuousConfig, ContinuousEngine
 from asr_server.engine.continuous.features import REFERENCE_TOLERANCE, TorchFeatureExtractor
 from asr_server.engine.continuous.prepare import FastPreparer
@@ -230,3 +231,19 @@ def test_auto_features_are_torch_on_cuda_and_the_reference_elsewhere(loaded: Loa
     prepared = engine._preparer(_request("d", 1.0, 4, seed=9))
     assert prepared.input_features is not None
     engine.close()
+
+
+def test_audio_token_counts_equal_the_processors_when_repeated_and_after_the_cache_fills(
+    loaded: LoadedAsrModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The counts are cached per frame count; a cache that filled up is cleared, never grows without bound.
+    monkeypatch.setattr(features_module, "_MAX_CACHED_COUNTS", 8)
+    extractor = TorchFeatureExtractor(loaded.processor, n_window=N_WINDOW)
+    hop = int(loaded.processor.feature_extractor.hop_length)
+    samples = [1, 159, 160, 1_599, 16_000, 16_161, 31_999, 80_000, 128_000, 128_159, 480_000]
+    for _ in range(2):
+        for n in samples:
+            frames = max(n, int(loaded.processor.feature_extractor.min_length)) // hop
+            expected = int(loaded.processor._get_audio_token_length(torch.tensor([frames]), N_WINDOW)[0])
+            assert extractor.num_audio_tokens(n) == expected
+        assert len(extractor._tokens_by_frames) <= 8

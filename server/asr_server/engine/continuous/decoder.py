@@ -148,9 +148,7 @@ class PagedDecoder:
         out: torch.Tensor = mlp(h)
         return out
 
-    def _logits_to_tokens(
-        self, hidden: torch.Tensor, suppress_eos: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logits_to_tokens(self, hidden: torch.Tensor, suppress_eos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._sample(self._lm_head(self._text.norm(hidden)), suppress_eos)
 
     def _sample(self, logits: torch.Tensor, suppress_eos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+_MAX_CACHED_COUNTS = 1 << 16
+
 # Measured against the extractor itself on the CPU (tests/integration/test_features_torch.py states the figure).
 REFERENCE_TOLERANCE = 1e-4
 
@@ -74,6 +76,8 @@ class TorchFeatureExtractor:
         self._min_samples = int(extractor.min_length)
         self._multiple = 2 * n_window
         self._n_window = n_window
+        # Read and written by several preparation threads: single dict operations, atomic under the GIL.
+        self._tokens_by_frames: dict[int, int] = {}
         # (mel_bins, freq_bins): the extractor computes mel_filters.T @ magnitudes with float32 filters.
         filters = torch.from_numpy(np.asarray(extractor.mel_filters)).to(torch.float32)
         self._filters_t = filters.T.contiguous().to(self._device)
@@ -95,7 +99,15 @@ class TorchFeatureExtractor:
     def num_audio_tokens(self, num_samples: int) -> int:
         """The prompt's audio placeholders for a clip of `num_samples` samples, without computing its features."""
         frames = max(num_samples, self._min_samples) // self._hop
-        return int(self._processor._get_audio_token_length(torch.tensor([frames]), self._n_window)[0])
+        tokens = self._tokens_by_frames.get(frames)
+        if tokens is None:
+            # transformers' own count (tensor arithmetic, ~30 us) once per frame count: every interim of every
+            # stream asks, and the counts repeat. Bounded: a clip has at most --max-audio-duration-s of frames.
+            if len(self._tokens_by_frames) >= _MAX_CACHED_COUNTS:
+                self._tokens_by_frames.clear()
+            tokens = int(self._processor._get_audio_token_length(torch.tensor([frames]), self._n_window)[0])
+            self._tokens_by_frames[frames] = tokens
+        return tokens
 
     def __call__(
         self, clips: Sequence[np.ndarray[Any, Any]], *, stats_window_frames: int | None = None
