@@ -214,6 +214,7 @@ for section in "$@"; do
       MEM_PID=$!
       $PY bench/streaming_bench.py --target "localhost:$PORT" --client-processes "${CLIENTS:-4}" \
         --streams "${LONG_STREAMS:-256}" --duration-s "${LONG_S:-150}" --speech "$SPEECH" \
+        --target-front-processes "${FRONTS:-4}" \
         --label Qwen3-ASR-1.7B --commit "$COMMIT" --results-json "$STREAM_RESULTS" \
         --json "$OUT/stream-long.json" 2>&1 | tee -a "$OUT/table.txt"
       kill "$MEM_PID"

@@ -267,7 +267,7 @@ async def run_level(target: str, pcm: bytes, streams: int, args: argparse.Namesp
         "max_client_send_lag_ms": round(max(r.max_send_lag_s for r in results) * 1000),
         "errors": len(errors),
         "first_error": errors[0] if errors else "",
-        "front_processes": front_processes(args.serve),
+        "front_processes": args.target_front_processes or front_processes(args.serve),
         "client_processes": workers,
         "slow_finals": [s for r in results for s in r.slow_finals][:100],
     }
@@ -311,6 +311,12 @@ async def main() -> tuple[argparse.Namespace, list[dict[str, Any]]]:
         help="append one object per level to this JSON list (bench/results/h200-streaming.json's shape)",
     )
     parser.add_argument("--label", help="--results-json: the model's name (default: the server's model id)")
+    parser.add_argument(
+        "--target-front-processes",
+        type=int,
+        default=0,
+        help="--target: the server's --front-processes, recorded in --json and --results-json (unknown otherwise)",
+    )
     parser.add_argument("--commit", help="--results-json: the commit measured (default: git rev-parse HEAD)")
     parser.add_argument("--write-speech", help="write the espeak-ng recording as a 16 kHz WAV (for --speech) and exit")
     args = parser.parse_args()
