@@ -7,8 +7,9 @@ decode step and every stream with it. Freezing the heap once loading is done mov
 generation, so later collections walk only what serving allocated since. vLLM's engine core does the same after
 start-up (`gc.freeze()` once the model and CUDA graphs are built).
 
-Called from process entry points only (the standalone server, a front process, an engine process), never from
-`AsrServer.start`: tests start many servers in one process, and frozen cycles are never collected.
+Called from process entry points only (the standalone server, a front process, an engine process, the aligner
+sidecar; for the sidecar the same reasoning, not measured), never by servers tests start: many of them run in one
+process, and frozen cycles are never collected.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from asr_server.aligner import sidecar as sidecar_module
 from asr_server.aligner.batcher import AlignBatcher
 from asr_server.aligner.client import CHANNEL_OPTIONS, SidecarClient
 from asr_server.aligner.core import AlignerCore
@@ -274,7 +275,10 @@ class DetectsNoLanguage(FakeEngine):
 
     def step(self) -> list[EngineOutput]:
         outputs = super().step()
-        return [dataclasses.replace(o, result=dataclasses.replace(o.result, language="")) if o.result else o for o in outputs]
+        return [
+            dataclasses.replace(o, result=dataclasses.replace(o.result, language="")) if o.result else o
+            for o in outputs
+        ]
 
 
 async def test_text_with_no_detected_language_is_aligned_as_the_reference_aligns_it(
@@ -365,3 +369,27 @@ async def test_health_and_server_info_follow_the_aligner(loaded_aligner: LoadedA
 
 def test_texts_cover_cjk_and_spaced_languages() -> None:
     assert {language for _, language in TEXTS} >= {"English", "Chinese"}
+
+
+async def test_the_aligner_command_freezes_the_heap_once_loaded_and_before_serving(
+    loaded_aligner: LoadedAlignerModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # asr_server/heap.py: the `asr-server aligner` command freezes; servers tests start in-process never do.
+    statuses: list[int] = []
+    batcher = AlignBatcher(lambda: AlignerCore(loaded_aligner), max_batch_size=4, max_batch_wait_ms=1.0)
+    sidecar = AlignerSidecar(batcher, listen="127.0.0.1:0", model_id="tiny", max_batch_size=4)
+
+    def record(process: str) -> int:
+        assert process == "aligner sidecar"
+        # grpc_health's servicer keeps no public getter for what it would answer; its status table is read here.
+        statuses.append(sidecar.health._server_status[""])
+        return 0
+
+    monkeypatch.setattr(sidecar_module, "freeze_startup_heap", record)
+    await sidecar.start(load=False)
+    try:
+        await sidecar.load(freeze_heap=True)
+        assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING]
+        assert sidecar.health._server_status[""] == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await sidecar.stop(grace_s=0.5)

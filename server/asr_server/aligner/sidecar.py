@@ -25,6 +25,7 @@ from asr_server.aligner.batcher import AlignBatcher
 from asr_server.aligner.core import MAX_AUDIO_S, AlignerCore, AlignJob, check_job
 from asr_server.config import SidecarConfig
 from asr_server.errors import AsrError, FailedPrecondition, InvalidInput, LimitExceeded, Unavailable
+from asr_server.heap import freeze_startup_heap
 from asr_server.languages import ALIGNER_LANGUAGES
 from qwenasr.aligner.v1 import aligner_pb2 as pb
 from qwenasr.aligner.v1 import aligner_pb2_grpc as pb_grpc
@@ -154,8 +155,12 @@ class AlignerSidecar:
         if load:
             await self.load()
 
-    async def load(self) -> None:
+    async def load(self, *, freeze_heap: bool = False) -> None:
+        """Loads the model; `freeze_heap` (the `asr-server aligner` command, not tests) then freezes the start-up
+        heap before health says SERVING (asr_server/heap.py says why)."""
         await self.batcher.start()
+        if freeze_heap:
+            freeze_startup_heap("aligner sidecar")
         if not self._stopping:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
@@ -217,7 +222,7 @@ async def serve_sidecar(config: SidecarConfig) -> None:
         watchers.append(asyncio.create_task(_watch_parent(os.getppid(), stop_requested)))
     await sidecar.start(load=False)
     print(f"asr-server aligner: listening on {config.listen}; loading {config.model}", flush=True)
-    load = asyncio.create_task(sidecar.load())
+    load = asyncio.create_task(sidecar.load(freeze_heap=True))
     stop_wait = asyncio.create_task(stop_requested.wait())
     done, _ = await asyncio.wait({load, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
     try:
