@@ -27,8 +27,13 @@ def encode(audio_tower: Any, features: torch.Tensor, features_mask: torch.Tensor
     if frames % chunk_len != 0:
         raise ValueError(f"feature frames ({frames}) must be a multiple of {chunk_len}")
     num_chunks = frames // chunk_len
-    feature_lens = features_mask.sum(-1).to(torch.long)
-    chunk_lengths = features_mask.view(batch, num_chunks, chunk_len).sum(dim=-1).reshape(-1).to(torch.long)
+    # Every index below is integer arithmetic on the mask, done on the host and sent over once: on the device each
+    # `.item()`, boolean index, `nonzero` and transformers' per-clip loop in get_audio_cu_seqlens waited for the
+    # convolutions (a host sync per clip), stalling the prefill thread while it could be launching the decoder.
+    dev = features.device
+    mask = features_mask.to("cpu")
+    feature_lens = mask.sum(-1).to(torch.long)
+    chunk_lengths = mask.view(batch, num_chunks, chunk_len).sum(dim=-1).reshape(-1).to(torch.long)
     cu_seqlens = get_audio_cu_seqlens(chunk_lengths, feature_lens, tower.n_window_infer, tower.n_window)
 
     chunked = (
@@ -45,24 +50,24 @@ def encode(audio_tower: Any, features: torch.Tensor, features_mask: torch.Tensor
     post_lens = chunk_lengths
     for _ in range(3):
         post_lens = torch.where(post_lens > 0, (post_lens - 1) // 2 + 1, torch.zeros_like(post_lens))
-    valid = torch.arange(time_steps, device=features.device) < post_lens.unsqueeze(1)
-    hidden = conv.reshape(-1, conv.shape[-1])[valid.flatten()]
+    valid = torch.arange(time_steps) < post_lens.unsqueeze(1)
+    hidden = conv.reshape(-1, conv.shape[-1]).index_select(0, _to(valid.flatten().nonzero().squeeze(-1), dev))
 
     # Windows -> (W, L) gather index with a key mask.
     bounds = cu_seqlens.to(torch.long)
     lengths = bounds[1:] - bounds[:-1]
-    longest = int(lengths.max().item())
-    offsets = torch.arange(longest, device=hidden.device)
+    longest = int(lengths.max())
+    offsets = torch.arange(longest)
     inside = offsets[None, :] < lengths[:, None]
-    gather = torch.where(inside, bounds[:-1, None] + offsets[None, :], torch.zeros_like(offsets[None, :]))
+    gather = _to(torch.where(inside, bounds[:-1, None] + offsets[None, :], torch.zeros_like(offsets[None, :])), dev)
     # Full windows (all but each clip's last) share one length: one SDPA with no mask, which takes the flash
-    # kernel; the partial ones, padded, one masked SDPA. Indices are found once: a boolean index per layer would
-    # sync the host 24 times.
-    full = (lengths == longest).nonzero().squeeze(-1)
-    partial = (lengths != longest).nonzero().squeeze(-1)
-    n_partial = int(partial.numel())
-    key_mask = inside.index_select(0, partial)[:, None, None, :]
-    inside_flat = inside.flatten().nonzero().squeeze(-1)
+    # kernel; the partial ones, padded, one masked SDPA.
+    full_host = (lengths == longest).nonzero().squeeze(-1)
+    partial_host = (lengths != longest).nonzero().squeeze(-1)
+    n_partial = int(partial_host.numel())
+    key_mask = _to(inside.index_select(0, partial_host)[:, None, None, :], dev)
+    inside_flat = _to(inside.flatten().nonzero().squeeze(-1), dev)
+    full, partial = _to(full_host, dev), _to(partial_host, dev)
 
     for layer in tower.layers:
         residual = hidden
@@ -99,3 +104,10 @@ def encode(audio_tower: Any, features: torch.Tensor, features_mask: torch.Tensor
         hidden = residual + h
     result: torch.Tensor = tower.ln_post(hidden)
     return result
+
+
+def _to(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-made index on the encoder's device; the copy does not wait for the device's queued work."""
+    if device.type == "cpu":
+        return index
+    return index.pin_memory().to(device, non_blocking=True)

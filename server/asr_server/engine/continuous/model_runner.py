@@ -399,17 +399,22 @@ class ModelRunner:
             ]
         ).to(dev)
         embeds = decoder.embed(ids)
-        audio_mask = torch.cat(
-            [
-                st.audio[i.work.start_token : i.work.start_token + i.work.num_tokens]
-                for i, st in zip(inputs, states, strict=True)
-            ]
-        ).to(dev)
+        # The audio placeholders' positions, found on the host (a boolean index on the device syncs with it).
+        audio_at = (
+            torch.cat(
+                [
+                    st.audio[i.work.start_token : i.work.start_token + i.work.num_tokens]
+                    for i, st in zip(inputs, states, strict=True)
+                ]
+            )
+            .nonzero()
+            .squeeze(-1)
+        )
         if audio_embeds:
             audio = torch.cat(audio_embeds).to(embeds.dtype)
-            if int(audio.shape[0]) != int(audio_mask.sum().item()):
+            if int(audio.shape[0]) != int(audio_at.numel()):
                 raise RuntimeError(f"audio features ({audio.shape[0]}) and audio tokens do not match")
-            embeds[audio_mask] = audio
+            embeds.index_copy_(0, audio_at.to(dev, non_blocking=True), audio)
         lengths = [item.work.num_tokens for item in inputs]
         starts = [item.work.start_token for item in inputs]
         slot_pages: list[int] = []
@@ -642,8 +647,8 @@ class ModelRunner:
             features = torch.stack([st.features[:, w * window : w * window + frames] for st, w, _ in group])
             lengths = torch.tensor([min(window, st.valid_frames - w * window) for st, w, _ in group])
             inside = torch.arange(frames)[None, :] < lengths[:, None]
-            mask = inside.to(torch.long).to(self.device, non_blocking=True)
-            hidden = encode(model.model.audio_tower, features, mask)
+            # On the host: encode() derives its indices from it there, without waiting for the device.
+            hidden = encode(model.model.audio_tower, features, inside.to(torch.long))
             projected = model.model.multi_modal_projector(hidden)
             counts = [st.windows[w] for st, w, _ in group]
             if int(projected.shape[0]) != sum(counts):
