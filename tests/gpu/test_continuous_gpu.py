@@ -51,3 +51,30 @@ def test_fused_norm_and_silu_match_torch() -> None:
     expected_mlp = torch.nn.functional.silu(gate) * up
     got = kernels.silu_mul(gu)
     assert float((got.float() - expected_mlp.float()).norm() / expected_mlp.float().norm()) < 1e-2
+
+
+def test_the_encoder_never_waits_for_the_device(tiny_checkpoints: object) -> None:
+    # Its indices come from the host-side mask (encoder.py): a `.item()`, boolean index or `nonzero` on the device
+    # would stall the prefill thread until the convolutions are done. Sync debug mode raises on any such wait.
+    from asr_server.engine.continuous.encoder import encode
+    from asr_server.models.loading import load_asr_model
+
+    loaded = load_asr_model(str(tiny_checkpoints.asr_hf), dtype="float32", device="cuda")  # type: ignore[attr-defined]
+    tower = loaded.model.model.audio_tower
+    chunk = tower.n_window * 2
+    lengths = [1600, 799, 100, 1]
+    frames = -(-max(lengths) // chunk) * chunk
+    mask = (torch.arange(frames)[None, :] < torch.tensor(lengths)[:, None]).to(torch.long)
+    features = torch.randn(len(lengths), tower.config.num_mel_bins, frames) * mask[:, None, :]
+    with torch.inference_mode():
+        expected = encode(tower.to("cpu"), features, mask)
+        tower.to("cuda")
+        on_device = features.to("cuda")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = encode(tower, on_device, mask)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == expected.shape
+    assert float((out.cpu() - expected).abs().max()) < 1e-3
