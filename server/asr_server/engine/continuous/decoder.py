@@ -285,63 +285,11 @@ class PagedDecoder:
                     raise ValueError("a chunk that continues a prompt needs its pages")
                 continued.append((bounds[i], bounds[i + 1], table, start))
         if self._fast:
-            # Prompts of equal length (the usual case under load: same-length clips give same-length prompts) go
-            # through one causal SDPA per layer with no mask, which takes the flash kernel; the rest, padded to
-            # their longest, through one masked SDPA. Gathers use precomputed indices: no host syncs.
-            device = x.device
-            groups: dict[int, list[int]] = {}
-            for i, n in enumerate(lengths):
-                if offsets[i] == 0:
-                    groups.setdefault(n, []).append(i)
-            rest = [members[0] for members in groups.values() if len(members) == 1]
-            if len(rest) == 1:  # a lone prompt needs no mask either
-                rest = []
-            # (gather (g, L), mask or None, rows of the padded output to keep or None, destination token indices,
-            # which gathered keys/values are real (g, 1, L, 1) or None)
-            plans: list[
-                tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
-            ] = []
-            for n, members in groups.items():
-                if len(members) == 1 and members[0] in rest:
-                    continue
-                begins = torch.tensor([bounds[i] for i in members], device=device)
-                gather = begins[:, None] + torch.arange(n, device=device)[None, :]
-                plans.append((gather, None, None, gather.flatten(), None))
-            if rest:
-                longest = max(lengths[i] for i in rest)
-                begins = torch.tensor([bounds[i] for i in rest], device=device)
-                lens = torch.tensor([lengths[i] for i in rest], device=device)
-                offs = torch.arange(longest, device=device)
-                valid = offs[None, :] < lens[:, None]
-                gather = torch.where(valid, begins[:, None] + offs[None, :], torch.zeros_like(offs[None, :]))
-                causal = offs[None, :, None] >= offs[None, None, :]
-                mask = (causal & valid[:, None, :])[:, None, :, :]
-                keep = valid.flatten().nonzero().squeeze(-1)
-                # The padding gathers token 0, another request's: zeroed, its K/V cannot reach this request even
-                # when they are NaN (a masked score is added to -inf and weighted by 0, and NaN survives both).
-                real = valid[:, None, :, None]
-                plans.append((gather, mask, keep, gather.flatten().index_select(0, keep), real))
+            plans = prefill_plans(lengths, offsets, bounds, x.device)
 
             def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 out = torch.empty_like(q)
-                for gather, mask, keep, dest, real in plans:
-                    qp = q[gather].transpose(1, 2)
-                    kp = k[gather].transpose(1, 2)
-                    vp = v[gather].transpose(1, 2)
-                    if real is not None:
-                        kp = torch.where(real, kp, 0.0)
-                        vp = torch.where(real, vp, 0.0)
-                    if rep > 1:
-                        kp = kp.repeat_interleave(rep, dim=1)
-                        vp = vp.repeat_interleave(rep, dim=1)
-                    if mask is None:
-                        o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=self.scale)
-                    else:
-                        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=self.scale)
-                    flat = o.transpose(1, 2).reshape(-1, self.heads, self.head_dim)
-                    if keep is not None:
-                        flat = flat.index_select(0, keep)
-                    out.index_copy_(0, dest, flat)
+                attend_plans(plans, q, k, v, out, scale=self.scale)
                 for begin, end, table, start in continued:
                     out[begin:end] = self._prefix_attention(q[begin:end], index, cache, table, start)
                 return out
@@ -433,3 +381,86 @@ class PagedDecoder:
         buffers.out_tokens[:rows].copy_(next_tokens)
         buffers.out_logprobs[:rows].copy_(logprobs)
         positions.add_(1)
+
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    """One SDPA over a group of whole prompts (start 0) packed end to end in a prefill."""
+
+    gather: torch.Tensor  # (g, L): packed token index of each prompt's positions (padding: token 0)
+    mask: torch.Tensor | None  # (g, 1, L, L) causal and real keys; None: equal lengths, causal SDPA with no mask
+    keep: torch.Tensor | None  # rows of the flattened (g * L) output that are real tokens; None: all
+    dest: torch.Tensor  # packed token index of each kept row
+    real: torch.Tensor | None  # (g, 1, L, 1): which gathered keys/values are real; None: all
+
+
+def prefill_plans(lengths: list[int], offsets: list[int], bounds: list[int], device: torch.device) -> list[PrefillPlan]:
+    """The fast prefill's attention groups. Prompts of equal length (the usual case under load: same-length clips
+    give same-length prompts) go through one causal SDPA with no mask, which takes the flash kernel; the others,
+    padded to their longest, through one masked SDPA. Built once per prefill, on the host: the indices go to the
+    device as small copies, so nothing here waits for the device (a `nonzero` there would)."""
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        if offsets[i] == 0:
+            groups.setdefault(n, []).append(i)
+    rest = [members[0] for members in groups.values() if len(members) == 1]
+    if len(rest) == 1:  # a lone prompt needs no mask either
+        rest = []
+    plans: list[PrefillPlan] = []
+    for n, members in groups.items():
+        if len(members) == 1 and members[0] in rest:
+            continue
+        gather = torch.tensor([bounds[i] for i in members])[:, None] + torch.arange(n)[None, :]
+        on_device = gather.to(device, non_blocking=True)
+        plans.append(PrefillPlan(on_device, None, None, on_device.flatten(), None))
+    if rest:
+        longest = max(lengths[i] for i in rest)
+        begins = torch.tensor([bounds[i] for i in rest])
+        lens = torch.tensor([lengths[i] for i in rest])
+        offs = torch.arange(longest)
+        valid = offs[None, :] < lens[:, None]
+        gather = torch.where(valid, begins[:, None] + offs[None, :], torch.zeros_like(offs[None, :]))
+        keep = valid.flatten().nonzero().squeeze(-1)
+        dest = gather.flatten().index_select(0, keep)
+        valid_d = valid.to(device, non_blocking=True)
+        offs_d = torch.arange(longest, device=device)
+        causal = offs_d[None, :, None] >= offs_d[None, None, :]
+        plans.append(
+            PrefillPlan(
+                gather.to(device, non_blocking=True),
+                (causal & valid_d[:, None, :])[:, None, :, :],
+                keep.to(device, non_blocking=True),
+                dest.to(device, non_blocking=True),
+                # The padding gathers token 0, another request's: zeroed, its K/V cannot reach this request even
+                # when they are NaN (a masked score is added to -inf and weighted by 0, and NaN survives both).
+                valid_d[:, None, :, None],
+            )
+        )
+    return plans
+
+
+def attend_plans(
+    plans: list[PrefillPlan], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *, scale: float
+) -> None:
+    """Causal attention of every planned prompt within itself: q (T, heads, D), k and v (T, kv_heads, D) packed;
+    writes each planned token's output (T, heads, D) rows of `out`."""
+    heads, head_dim = int(q.shape[1]), int(q.shape[2])
+    rep = heads // int(k.shape[1])
+    for plan in plans:
+        qp = q[plan.gather].transpose(1, 2)
+        kp = k[plan.gather].transpose(1, 2)
+        vp = v[plan.gather].transpose(1, 2)
+        if plan.real is not None:
+            kp = torch.where(plan.real, kp, 0.0)
+            vp = torch.where(plan.real, vp, 0.0)
+        if rep > 1:
+            kp = kp.repeat_interleave(rep, dim=1)
+            vp = vp.repeat_interleave(rep, dim=1)
+        if plan.mask is None:
+            o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale)
+        else:
+            o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=plan.mask, scale=scale)
+        flat = o.transpose(1, 2).reshape(-1, heads, head_dim)
+        if plan.keep is not None:
+            flat = flat.index_select(0, plan.keep)
+        out.index_copy_(0, plan.dest, flat)
