@@ -264,7 +264,8 @@ PYEOF
         (sleep "${DIAG_SPY_AT_S:-14}"; top -b -H -n 2 -d 4 -w 200 | head -80 >"$OUT/top-$streams.txt") &
         $PY bench/streaming_bench.py --target "localhost:$PORT" --client-processes "${CLIENTS:-1}" \
           --streams "$streams" --duration-s "${STREAM_S:-25}" --speech "$SPEECH" \
-          --json "$OUT/streamdiag-$streams.json" ${DIAG_BENCH_FLAGS:-} 2>&1 | tee -a "$OUT/table.txt"
+          --target-front-processes "${FRONTS:-1}" --json "$OUT/streamdiag-$streams.json" ${DIAG_BENCH_FLAGS:-} 2>&1 \
+          | tee -a "$OUT/table.txt"
         wait "$SPY_PID"
         kill "$SMI_PID" 2>/dev/null
         awk '{s+=$1; n++} END {if (n) printf "GPU utilisation mean %.0f%% over %d samples\n", s/n, n}' \
