@@ -83,10 +83,13 @@ class ContinuousConfig:
     # Live streams (features="torch" only): the encoder outputs of an open utterance's completed 8 s windows are
     # kept per stream utterance and reused by its next interim or final when provably unchanged (stream_cache.py).
     # Bounds: utterances held (least recently used evicted; 0: off), windows per utterance, device MiB in all, and
-    # an entry untouched this long is freed (a stream that ended without a final).
+    # an entry untouched this long is freed (a stream that ended without a final). With them, the decoder KV of
+    # the prompt up to the end of the leading kept windows, so the next request prefills from there
+    # (stream_cache_max_kv_mib device MiB in all, outside the KV page pool; 0: no KV kept).
     stream_cache_max_streams: int = 1024
     stream_cache_max_windows: int = 16
     stream_cache_max_mib: float = 2048.0
+    stream_cache_max_kv_mib: float = 2048.0
     stream_cache_idle_s: float = 60.0
 
 
@@ -390,6 +393,13 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ),
     (
         "engine.continuous",
+        "stream_cache_max_kv_mib",
+        "--stream-cache-max-kv-mib",
+        float,
+        "continuous: device MiB for the live utterances' decoder KV prefixes (outside the KV pages); 0: none",
+    ),
+    (
+        "engine.continuous",
         "async_prefill",
         "--async-prefill",
         str,
@@ -661,6 +671,7 @@ def validate(config: Config) -> None:
     need(c.encoder_batch_audio_s > 0, "--encoder-batch-audio-s must be > 0")
     need(c.stream_cache_max_streams >= 0, "--stream-cache-max-streams must be >= 0")
     need(c.stream_cache_max_mib >= 0, "--stream-cache-max-mib must be >= 0")
+    need(c.stream_cache_max_kv_mib >= 0, "--stream-cache-max-kv-mib must be >= 0")
     need(c.stream_cache_max_windows >= 0 and c.stream_cache_idle_s > 0, "stream cache bounds must be positive")
     need(e.bench_forced_tokens_per_audio_s >= 0, "--bench-forced-tokens-per-audio-s must be >= 0")
     need(e.max_inference_batch_size >= 1, "--max-inference-batch-size must be >= 1")

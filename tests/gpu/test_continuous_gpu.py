@@ -78,3 +78,28 @@ def test_the_encoder_never_waits_for_the_device(tiny_checkpoints: object) -> Non
             torch.cuda.set_sync_debug_mode("default")
     assert out.shape == expected.shape
     assert float((out.cpu() - expected).abs().max()) < 1e-3
+
+
+def test_a_stream_reuses_its_kv_prefix_on_the_device(tiny_checkpoints: object) -> None:
+    # The CUDA path of the stream cache's KV prefixes: the fused kernels, the prefill on its side stream (async
+    # prefill), the page copies: growing prefixes keyed give each prefix's own result, with fewer tokens prefilled.
+    from asr_server.engine.continuous.core import ContinuousConfig, ContinuousEngine
+    from asr_server.models.loading import load_asr_model
+    from tests.integration.test_stream_cache import _pieces, _utterance
+
+    loaded = load_asr_model(str(tiny_checkpoints.asr_hf), dtype="float32", device="cuda")  # type: ignore[attr-defined]
+
+    def engine() -> ContinuousEngine:
+        config = ContinuousConfig(max_running=4, page_size=16, kv_cache_tokens=8192, features="torch")
+        return ContinuousEngine(loaded, config)
+
+    audio = _utterance(26.0, seed=1)
+    cuts = [3.0, 9.0, 17.0, 25.0]
+    alone = _pieces(engine(), audio, cuts, None)
+    keyed_engine = engine()
+    keyed = _pieces(keyed_engine, audio, cuts, "g1/0/0")
+    assert [r.token_ids for r, _, _ in keyed] == [r.token_ids for r, _, _ in alone]
+    for (mine, _, _), (reference, _, _) in zip(keyed, alone, strict=True):
+        assert mine.token_logprobs == pytest.approx(reference.token_logprobs, abs=1e-3)
+    assert keyed_engine.stream_cache.prefix_hits == 3
+    assert sum(p for _, _, p in keyed) < sum(p for _, _, p in alone) - 3 * 104

@@ -15,9 +15,9 @@ import torch
 
 from asr_server.engine.continuous.core import ContinuousConfig, ContinuousEngine
 from asr_server.engine.continuous.features import TorchFeatureExtractor
-from asr_server.engine.continuous.stream_cache import CachedWindow, StreamEncoderCache
+from asr_server.engine.continuous.stream_cache import CachedPrefix, CachedWindow, StreamEncoderCache
 from asr_server.engine.core import EngineOutput
-from asr_server.engine.types import DecodeOptions, DecodePriority, DecodeRequest, WorkItem
+from asr_server.engine.types import DecodeOptions, DecodePriority, DecodeRequest, DecodeResult, WorkItem
 from asr_server.models.loading import LoadedAsrModel, load_asr_model
 
 _RATE = 16000
@@ -56,25 +56,43 @@ def _drain(engine: ContinuousEngine) -> Iterator[EngineOutput]:
         yield from engine.step()
 
 
-def _decode(engine: ContinuousEngine, request: DecodeRequest) -> tuple[int, ...]:
+def _decode_result(engine: ContinuousEngine, request: DecodeRequest) -> DecodeResult:
     engine.add(WorkItem(request, time.time_ns(), time.monotonic()))
     outputs = list(_drain(engine))
     assert len(outputs) == 1 and outputs[0].error is None, outputs
     assert outputs[0].result is not None
-    return outputs[0].result.token_ids
+    return outputs[0].result
+
+
+def _decode(engine: ContinuousEngine, request: DecodeRequest) -> tuple[int, ...]:
+    return _decode_result(engine, request).token_ids
+
+
+def _pieces(
+    engine: ContinuousEngine,
+    audio: np.ndarray[Any, Any],
+    cut_s: list[float],
+    key: str | None,
+    prefix_text: str = "",
+) -> list[tuple[DecodeResult, float, int]]:
+    """Interims of the growing prefixes (from the third on continuing `prefix_text`, as the session's interims
+    continue the previous one's text), then the final of the whole audio; (result, audio s encoded, prompt tokens
+    prefilled) each."""
+    out = []
+    pieces = [(audio[: int(s * _RATE)], DecodePriority.INTERIM) for s in cut_s] + [(audio, DecodePriority.FINAL)]
+    for i, (piece, priority) in enumerate(pieces):
+        rid = f"{key or 'alone'}-{i}"
+        prefix = prefix_text if priority is DecodePriority.INTERIM and i >= 2 else ""
+        request = DecodeRequest(rid, piece, _OPTIONS, priority=priority, stream_key=key, prefix_text=prefix)
+        result = _decode_result(engine, request)
+        out.append((result, engine.encoded_audio_s[rid], engine.prefilled_tokens[rid]))
+    return out
 
 
 def _prefixes(
     engine: ContinuousEngine, audio: np.ndarray[Any, Any], cut_s: list[float], key: str | None
 ) -> list[tuple[tuple[int, ...], float]]:
-    """Interims of the growing prefixes, then the final of the whole audio; (tokens, audio s encoded) each."""
-    out = []
-    pieces = [(audio[: int(s * _RATE)], DecodePriority.INTERIM) for s in cut_s] + [(audio, DecodePriority.FINAL)]
-    for i, (piece, priority) in enumerate(pieces):
-        rid = f"{key or 'alone'}-{i}"
-        tokens = _decode(engine, DecodeRequest(rid, piece, _OPTIONS, priority=priority, stream_key=key))
-        out.append((tokens, engine.encoded_audio_s[rid]))
-    return out
+    return [(result.token_ids, encoded) for result, encoded, _ in _pieces(engine, audio, cut_s, key)]
 
 
 @pytest.mark.parametrize("max_step_tokens", [0, 96], ids=["whole-prefill", "chunked-prefill"])
@@ -115,18 +133,23 @@ def test_a_louder_sound_arriving_late_invalidates_the_windows_under_the_new_floo
     assert engine.stream_cache.misses >= 2
 
 
-def _interims_encoded_s(loaded: LoadedAsrModel, enabled: bool) -> list[float]:
-    engine = _engine(loaded, stream_cache_max_streams=1024 if enabled else 0)
+def _interims(loaded: LoadedAsrModel, **cache: Any) -> list[tuple[float, int]]:
+    """Interims every 2 s of a 40 s utterance: (audio s encoded, prompt tokens prefilled) each."""
+    engine = _engine(loaded, **cache)
     audio = _utterance(40.0, seed=3)
-    encoded = []
+    work = []
     for i, end_s in enumerate(range(2, 41, 2)):
         rid = f"i{i}"
         request = DecodeRequest(
             rid, audio[: end_s * _RATE], _OPTIONS, priority=DecodePriority.INTERIM, stream_key="s3/0/0"
         )
         _decode(engine, request)
-        encoded.append(engine.encoded_audio_s[rid])
-    return encoded
+        work.append((engine.encoded_audio_s[rid], engine.prefilled_tokens[rid]))
+    return work
+
+
+def _interims_encoded_s(loaded: LoadedAsrModel, enabled: bool) -> list[float]:
+    return [s for s, _ in _interims(loaded, stream_cache_max_streams=1024 if enabled else 0)]
 
 
 def test_audio_encoded_per_interim_stays_bounded(loaded: LoadedAsrModel) -> None:
@@ -189,3 +212,81 @@ def test_the_cache_keeps_to_its_bounds() -> None:
     # Storing replaces the utterance's entry (bytes counted once).
     cache.store("f", {0: _window(1000)}, 7.0)
     assert cache.nbytes == 1000 and len(cache) == 1
+
+
+@pytest.mark.parametrize("max_step_tokens", [0, 96], ids=["whole-prefill", "chunked-prefill"])
+def test_the_kv_prefix_of_reused_windows_is_copied_and_not_prefilled_again(
+    loaded: LoadedAsrModel, max_step_tokens: int
+) -> None:
+    """Growing prefixes of one utterance: each keyed piece prefills only the tokens after the head and the audio
+    tokens of the windows it reused (their K/V copied from the previous piece), token for token what the piece
+    gives decoded alone; with chunked prefill (a chunk never starts inside a reused run) every token is
+    prefilled, with the same result. The tiny model's greedy tokens barely depend on the audio, so the
+    log-probabilities are compared too: a wrong K/V anywhere in the prompt moves them far past fp32 rounding."""
+    audio = _utterance(26.0, seed=1)
+    cuts = [3.0, 9.0, 17.0, 25.0]
+    alone = _pieces(_engine(loaded), audio, cuts, None, prefix_text="hello there")
+    engine = _engine(loaded, max_step_tokens=max_step_tokens)
+    keyed = _pieces(engine, audio, cuts, "s5/0/0", prefix_text="hello there")
+    assert [r.token_ids for r, _, _ in keyed] == [r.token_ids for r, _, _ in alone]
+    for (mine, _, _), (reference, _, _) in zip(keyed, alone, strict=True):
+        assert mine.token_logprobs == pytest.approx(reference.token_logprobs, abs=1e-5)
+    # Alone (and chunked), every piece prefills its whole prompt: the template, its audio tokens, the tail.
+    prompts = [p for _, _, p in alone]
+    assert prompts[:4] == sorted(prompts[:4]) and prompts[-1] > 26 * 12
+    window_tokens = 104
+    if max_step_tokens:
+        assert [p for _, _, p in keyed] == prompts
+        assert engine.stream_cache.prefix_hits == 0
+        return
+    # Keyed: 17 s reuses window 0 (104 audio tokens and the head), 25 s windows 0-1, the final 0-2.
+    reused = [a - k for (_, _, a), (_, _, k) in zip(alone, keyed, strict=True)]
+    head = reused[2] - window_tokens
+    assert 0 < head < 32
+    assert reused == [0, 0, head + window_tokens, head + 2 * window_tokens, head + 3 * window_tokens]
+    assert engine.stream_cache.prefix_hits == 3
+    assert engine.stream_cache.prefix_nbytes == 0  # freed with the final
+
+
+def _interims_prefilled(loaded: LoadedAsrModel, **cache: Any) -> list[int]:
+    return [tokens for _, tokens in _interims(loaded, **cache)]
+
+
+def test_prompt_tokens_prefilled_per_interim_stay_bounded(loaded: LoadedAsrModel) -> None:
+    """Interims every 2 s of a 40 s utterance: each prefills at most the audio tokens of one window, the interval
+    and the open remainder (<= 8 + 2 + 8 s at 13 tokens a second) and the tail, however long the utterance grew;
+    with the KV prefixes off (windows still reused) or the cache off, the whole prompt every time."""
+    bound = 18 * 13 + 32
+    prefilled = _interims_prefilled(loaded)
+    assert max(prefilled) <= bound, prefilled
+    for cache in ({"stream_cache_max_kv_mib": 0}, {"stream_cache_max_streams": 0}):
+        off = _interims_prefilled(loaded, **cache)
+        assert off[-1] > 40 * 12 and off == sorted(off), off
+        assert max(off) > bound
+
+
+def _prefix(pages: int, windows: int = 1, head: tuple[int, ...] = (1, 2)) -> CachedPrefix:
+    # 2 layers, `pages` pages of 1 KV head x 8 slots x 4 dims, fp32: 256 bytes a page for K and V together.
+    return CachedPrefix(head, windows, 8 * pages, torch.zeros(2, pages, 1, 8, 4), torch.zeros(2, pages, 1, 8, 4))
+
+
+def test_the_kv_prefixes_keep_to_their_own_bound() -> None:
+    cache = StreamEncoderCache(max_streams=8, max_windows=2, max_bytes=10_000, idle_s=60.0, max_prefix_bytes=3000)
+    assert _prefix(1).nbytes == 512
+    cache.store("a", {0: _window(100)}, 0.0, _prefix(2))
+    assert cache.prefix("a") is not None and cache.prefix_nbytes == 1024
+    cache.store("b", {0: _window(100)}, 1.0, _prefix(6))  # 3,072 bytes alone: over the bound, not kept
+    assert cache.prefix("b") is None and "b" in cache and cache.prefix_nbytes == 1024
+    cache.store("c", {0: _window(100), 1: _window(100)}, 2.0, _prefix(3, windows=3))  # window 2 is not kept
+    assert cache.prefix("c") is None
+    cache.store("c", {0: _window(100), 1: _window(100)}, 3.0, _prefix(3, windows=2))
+    assert cache.prefix_nbytes == 1024 + 1536
+    # Over the bound: the least recently used loses its prefix first, its windows stay.
+    cache.store("d", {0: _window(100)}, 4.0, _prefix(2))
+    assert cache.prefix("a") is None and "a" in cache and cache.prefix("d") is not None
+    assert cache.prefix_nbytes == 1536 + 1024
+    # Released with the entry (the final), replaced with it (the next request).
+    cache.close("c")
+    assert cache.prefix_nbytes == 1024
+    cache.store("d", {0: _window(100)}, 5.0)
+    assert cache.prefix("d") is None and cache.prefix_nbytes == 0

@@ -199,6 +199,12 @@ class ContinuousEngine:
         return self._runner.encoded_audio_s
 
     @property
+    def prefilled_tokens(self) -> dict[str, int]:
+        """Prompt tokens each recent request ran through the decoder's prefill, by request id (KV copied from the
+        stream cache not counted)."""
+        return self._runner.prefilled_tokens
+
+    @property
     def stream_cache(self) -> StreamEncoderCache:
         return self._runner.stream_cache
 
@@ -522,4 +528,5 @@ class ContinuousEngine:
             tokens=len(out.tokens),
             prompt=self._prompt_tokens(out.request_id),
             encoded_s=round(self._runner.encoded_audio_s.get(out.request_id, -1.0), 3),
+            prefilled=self._runner.prefilled_tokens.get(out.request_id, -1),
         )

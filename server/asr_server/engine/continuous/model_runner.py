@@ -30,6 +30,7 @@ from asr_server.engine.continuous.features import TorchFeatureExtractor
 from asr_server.engine.continuous.output import SampledValues
 from asr_server.engine.continuous.scheduler import PrefillWork
 from asr_server.engine.continuous.stream_cache import (
+    CachedPrefix,
     CachedWindow,
     StreamEncoderCache,
     reusable,
@@ -144,6 +145,10 @@ class _Prompt:
     window_min: list[float] = field(default_factory=list)
     digests: dict[int, bytes] = field(default_factory=dict)  # stable window -> digest of the samples it reads
     reused: set[int] = field(default_factory=set)  # windows taken from the stream cache
+    head: tuple[int, ...] = ()  # the ids before the first audio token (the template head)
+    # Leading tokens whose K/V were copied into the request's pages from the stream cache: its prefill starts there.
+    kv_reused_tokens: int = 0
+    prefilled_tokens: int = 0  # tokens this request ran through the decoder's prefill (KV copied in not counted)
 
 
 class ModelRunner:
@@ -214,11 +219,15 @@ class ModelRunner:
             config.stream_cache_max_windows,
             int(config.stream_cache_max_mib * 2**20),
             config.stream_cache_idle_s,
+            int(config.stream_cache_max_kv_mib * 2**20),
         )
         # Audio seconds each recent request ran through the encoder (windows reused from the stream cache are
-        # not counted), by request id, for tests and benchmarks; and the total.
+        # not counted) and tokens it ran through the decoder's prefill (KV copied from the stream cache not
+        # counted), by request id, for tests and benchmarks; and the totals.
         self.encoded_audio_s: OrderedDict[str, float] = OrderedDict()
         self.encoded_audio_s_total = 0.0
+        self.prefilled_tokens: OrderedDict[str, int] = OrderedDict()
+        self.prefilled_tokens_total = 0
 
     @property
     def num_pages(self) -> int:
@@ -234,8 +243,11 @@ class ModelRunner:
             tokens = cfg.kv_cache_tokens
         elif self.cuda:
             free, _total = torch.cuda.mem_get_info(self.device)
-            # Leave room for the encoder's micro-batches, the prefill activations and the graphs.
+            # Leave room for the encoder's micro-batches, the prefill activations, the graphs and the stream
+            # cache's KV prefixes (kept outside the pages).
             reserve = 6 * 2**30
+            if resolve_features(cfg.features, self.device) == "torch" and cfg.stream_cache_max_streams > 0:
+                reserve += int(cfg.stream_cache_max_kv_mib * 2**20)
             tokens = int(max(0, free * cfg.kv_cache_memory_fraction - reserve) // per_token)
         else:
             tokens = cfg.max_running * 2048
@@ -384,29 +396,27 @@ class ModelRunner:
                 raise RuntimeError(f"chunk of {work.request_id} at {work.start_token} without its first chunk")
         self._start_prompts([item for item in inputs if item.work.start_token == 0])
         states = [self._prompts[item.work.request_id] for item in inputs]
+        # The token range each request runs this time: its chunk, less the leading tokens whose K/V came from the
+        # stream cache (only whole prompts reuse them, so a chunk never starts inside the reused run).
+        spans = [
+            (max(item.work.start_token, st.kv_reused_tokens), item.work.start_token + item.work.num_tokens)
+            for item, st in zip(inputs, states, strict=True)
+        ]
+        for state, (begin, end) in zip(states, spans, strict=True):
+            state.prefilled_tokens += end - begin
         if profiling:
             t0 = self._mark("features", t0)
-        audio_embeds = self._encode_chunks(inputs, states)
+        audio_embeds = self._encode_chunks(states, spans)
         if profiling:
             t0 = self._mark("encoder", t0)
         decoder = self.decoder
         dev = self.device
         page = self._config.page_size
-        ids = torch.cat(
-            [
-                st.ids[i.work.start_token : i.work.start_token + i.work.num_tokens]
-                for i, st in zip(inputs, states, strict=True)
-            ]
-        ).to(dev)
+        ids = torch.cat([state.ids[begin:end] for state, (begin, end) in zip(states, spans, strict=True)]).to(dev)
         embeds = decoder.embed(ids)
         # The audio placeholders' positions, found on the host (a boolean index on the device syncs with it).
         audio_at = (
-            torch.cat(
-                [
-                    st.audio[i.work.start_token : i.work.start_token + i.work.num_tokens]
-                    for i, st in zip(inputs, states, strict=True)
-                ]
-            )
+            torch.cat([state.audio[begin:end] for state, (begin, end) in zip(states, spans, strict=True)])
             .nonzero()
             .squeeze(-1)
         )
@@ -415,17 +425,17 @@ class ModelRunner:
             if int(audio.shape[0]) != int(audio_at.numel()):
                 raise RuntimeError(f"audio features ({audio.shape[0]}) and audio tokens do not match")
             embeds.index_copy_(0, audio_at.to(dev, non_blocking=True), audio)
-        lengths = [item.work.num_tokens for item in inputs]
-        starts = [item.work.start_token for item in inputs]
+        lengths = [end - begin for begin, end in spans]
+        starts = [begin for begin, _ in spans]
         slot_pages: list[int] = []
         slot_offsets: list[int] = []
-        for item in inputs:
-            for t in range(item.work.start_token, item.work.start_token + item.work.num_tokens):
+        for item, (begin, end) in zip(inputs, spans, strict=True):
+            for t in range(begin, end):
                 slot_pages.append(item.work.pages[t // page])
                 slot_offsets.append(t % page)
         tables: list[torch.Tensor | None] = [
-            torch.tensor(item.work.pages, dtype=torch.long, device=dev) if item.work.start_token > 0 else None
-            for item in inputs
+            torch.tensor(item.work.pages, dtype=torch.long, device=dev) if begin > 0 else None
+            for item, (begin, _) in zip(inputs, spans, strict=True)
         ]
         suppress = torch.tensor([item.suppress_eos for item in inputs], dtype=torch.bool, device=dev)
         after, after_logprobs = decoder.prefill(
@@ -450,16 +460,22 @@ class ModelRunner:
         for i in done:
             st = self._prompts.pop(inputs[i].work.request_id, None)
             if st is not None:
-                self._finish_prompt(inputs[i].work.request_id, st)
+                self._finish_prompt(inputs[i].work, st)
         return PrefillComputed(tuple(inputs), done, first, first_logprobs, done_suppress)
 
-    def _finish_prompt(self, request_id: str, st: _Prompt) -> None:
-        """A prompt's prefill is done: its encoder work is recorded, and a keyed one's stable windows stored."""
+    def _finish_prompt(self, work: PrefillWork, st: _Prompt) -> None:
+        """A prompt's prefill is done: its encoder and prefill work are recorded, and a keyed one's stable windows
+        stored, with the KV of its prompt up to their end."""
+        request_id = work.request_id
         seconds = st.encoded_frames / self._frames_per_s
         self.encoded_audio_s[request_id] = seconds
         self.encoded_audio_s_total += seconds
+        self.prefilled_tokens[request_id] = st.prefilled_tokens
+        self.prefilled_tokens_total += st.prefilled_tokens
         while len(self.encoded_audio_s) > 4096:
             self.encoded_audio_s.popitem(last=False)
+        while len(self.prefilled_tokens) > 4096:
+            self.prefilled_tokens.popitem(last=False)
         if st.stream_key is None or not st.digests:
             return
         windows: dict[int, CachedWindow] = {}
@@ -470,7 +486,51 @@ class ModelRunner:
             # A fresh window is a view into its micro-batch's output: copied, so the entry holds only its own.
             kept = encoded if w in st.reused else encoded.clone()
             windows[w] = CachedWindow(digest, st.window_min[w], st.floor, kept)
-        self.stream_cache.store(st.stream_key, windows, time.monotonic())
+        self.stream_cache.store(st.stream_key, windows, time.monotonic(), self._kv_prefix(work, st, windows))
+
+    def _kv_prefix(self, work: PrefillWork, st: _Prompt, windows: dict[int, CachedWindow]) -> CachedPrefix | None:
+        """A copy of the KV pages holding the prompt's head and the audio tokens of its leading stored windows
+        (enqueued on the prefill's stream, after the prefill wrote them); None when there are none or no KV is
+        kept."""
+        run = 0
+        while run in windows:
+            run += 1
+        if run == 0 or self.stream_cache.max_prefix_bytes <= 0:
+            return None
+        tokens = len(st.head) + st.window_starts[run - 1] + st.windows[run - 1]
+        if tokens >= work.total_tokens:
+            return None
+        pages = torch.tensor(work.pages[: -(-tokens // self._config.page_size)], dtype=torch.long).to(
+            self.device, non_blocking=True
+        )
+        keys = torch.stack([layer.index_select(0, pages) for layer in self.cache.keys])
+        values = torch.stack([layer.index_select(0, pages) for layer in self.cache.values])
+        return CachedPrefix(st.head, run, tokens, keys, values)
+
+    def _reuse_kv_prefix(self, st: _Prompt, work: PrefillWork, key: str) -> None:
+        """A whole prompt whose head matches the key's cached KV prefix and whose leading windows all came from
+        the cache: the K/V of the head and of those windows' audio tokens are copied into its pages (the decoder is
+        causal: they are what its own prefill would write there), and its prefill starts after them."""
+        prefix = self.stream_cache.prefix(key)
+        if prefix is None or prefix.head != st.head or work.start_token != 0 or not work.completes:
+            return
+        run = 0
+        while run < prefix.windows and run in st.reused:
+            run += 1
+        if run == 0:
+            return
+        tokens = len(st.head) + st.window_starts[run - 1] + st.windows[run - 1]
+        if tokens > prefix.tokens or tokens >= work.total_tokens:
+            return
+        count = -(-tokens // self._config.page_size)
+        pages = torch.tensor(work.pages[:count], dtype=torch.long).to(self.device, non_blocking=True)
+        # Whole pages: the last one's slots past `tokens` are overwritten by this prefill before anything reads.
+        for layer, kept in zip(self.cache.keys, prefix.keys, strict=True):
+            layer.index_copy_(0, pages, kept[:count])
+        for layer, kept in zip(self.cache.values, prefix.values, strict=True):
+            layer.index_copy_(0, pages, kept[:count])
+        st.kv_reused_tokens = tokens
+        self.stream_cache.prefix_hits += 1
 
     def _start_prompts(self, items: Sequence[PrefillInput]) -> None:
         """The prefill state of requests starting their prefill: ids, audio positions and features (torch
@@ -501,18 +561,22 @@ class ModelRunner:
                 ids = torch.cat([prompt, torch.tensor(item.generated, dtype=prompt.dtype)])
                 audio = torch.cat([audio, torch.zeros(len(item.generated), dtype=torch.bool)])
             windows = self._window_tokens(valid_frames)
+            audio_before: list[int] = torch.cat([torch.zeros(1, dtype=torch.long), audio.cumsum(0)]).tolist()
+            head_len = audio_before.index(1) - 1 if audio_before[-1] else 0
             self._prompts[item.work.request_id] = _Prompt(
                 ids=ids,
                 audio=audio,
-                audio_before=torch.cat([torch.zeros(1, dtype=torch.long), audio.cumsum(0)]).tolist(),
+                audio_before=audio_before,
                 features=features,
                 valid_frames=valid_frames,
                 windows=windows,
                 window_starts=[sum(windows[:w]) for w in range(len(windows))],
+                head=tuple(prompt[:head_len].tolist()),
             )
             if item.stream_key is not None and floor is not None and window_min is not None and item.audio is not None:
                 st = self._prompts[item.work.request_id]
                 self._reuse_windows(st, item, item.stream_key, item.audio, floor, window_min)
+                self._reuse_kv_prefix(st, item.work, item.stream_key)
 
     def window_digests(self, audio: np.ndarray[Any, Any]) -> tuple[bytes, ...]:
         """The digest of the samples each stable window of `audio` reads (stream_cache.py), in window order.
@@ -621,19 +685,21 @@ class ModelRunner:
             counts.append(((feat - 1) // 2 + 1 - 1) // 2 + 1 + (frames // chunk) * 13)
         return counts
 
-    def _encode_chunks(self, inputs: Sequence[PrefillInput], states: Sequence[_Prompt]) -> list[torch.Tensor]:
-        """The audio embeddings of each chunk's audio tokens (in order; chunks without audio give none): the
-        windows they reach that are not encoded yet run through the encoder, windows of every request together,
-        longest first, in micro-batches of at most `encoder_batch_audio_s` (each padded to its longest window)."""
+    def _encode_chunks(self, states: Sequence[_Prompt], spans: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """The audio embeddings of the audio tokens in each request's token span [begin, end) (in order; spans
+        without audio give none): the windows they reach that are not encoded yet run through the encoder, windows
+        of every request together, longest first, in micro-batches of at most `encoder_batch_audio_s` (each padded
+        to its longest window)."""
         window = self._window_frames
         chunk = 2 * self._n_window
         todo: list[tuple[_Prompt, int, int]] = []  # (prompt, window, frames to feed: whole 1 s chunks)
-        for item, st in zip(inputs, states, strict=True):
-            end = st.audio_before[item.work.start_token + item.work.num_tokens]
+        for st, (begin_token, end_token) in zip(states, spans, strict=True):
+            begin = st.audio_before[begin_token]
+            end = st.audio_before[end_token]
             # Windows are not all encoded in order: some may come from the stream cache.
             w = 0
             while w < len(st.windows) and st.window_starts[w] < end:
-                if w not in st.encoded:
+                if w not in st.encoded and st.window_starts[w] + st.windows[w] > begin:
                     valid = min(window, st.valid_frames - w * window)
                     todo.append((st, w, -(-valid // chunk) * chunk))
                 w += 1
@@ -657,9 +723,9 @@ class ModelRunner:
                 st.encoded[w] = part
                 st.encoded_frames += min(window, st.valid_frames - w * window)
         out: list[torch.Tensor] = []
-        for item, st in zip(inputs, states, strict=True):
-            begin = st.audio_before[item.work.start_token]
-            end = st.audio_before[item.work.start_token + item.work.num_tokens]
+        for st, (begin_token, end_token) in zip(states, spans, strict=True):
+            begin = st.audio_before[begin_token]
+            end = st.audio_before[end_token]
             if end > begin:
                 first = next(w for w in range(len(st.windows)) if st.window_starts[w] + st.windows[w] > begin)
                 last = next(w for w in range(len(st.windows)) if st.window_starts[w] + st.windows[w] >= end)

@@ -19,9 +19,17 @@ Then its features are the same float32 values in both requests, and so its encod
 from-scratch decode would compute (up to the rounding differences the engine already has between batch
 compositions: windows of many requests share encoder micro-batches). Anything else is recomputed.
 
-Memory is bounded per utterance (windows) and in all (bytes, utterances, LRU eviction); an entry is freed when
-its final is done, when a final of its key is aborted, or when untouched for `idle_s` (a stream that ended
-without a final). A key closed by its final refuses later stores (an interim of it still in flight).
+The entry also keeps the decoder's KV of the prompt up to the end of its leading stable windows (`CachedPrefix`:
+the template head, then those windows' audio tokens). The decoder is causal, so the K/V at a position depend only
+on the tokens up to it: a later request whose head ids are the same and whose leading windows all come from this
+entry (so their audio embeddings are these very tensors) would compute the same K/V there. It copies them into
+its own pages and prefills from the end of the run instead of from 0 (up to the rounding differences between
+prefill shapes, as above), so its decoder work is bounded as its encoder work is.
+
+Memory is bounded per utterance (windows) and in all (bytes, utterances, LRU eviction; the KV prefixes under a
+byte bound of their own, the least recently used dropped first); an entry is freed when its final is done, when a
+final of its key is aborted, or when untouched for `idle_s` (a stream that ended without a final). A key closed by
+its final refuses later stores (an interim of it still in flight).
 """
 
 from __future__ import annotations
@@ -50,11 +58,30 @@ class CachedWindow:
         return int(self.encoded.numel() * self.encoded.element_size())
 
 
+@dataclass(frozen=True)
+class CachedPrefix:
+    """The decoder KV of a prompt's tokens [0, tokens): the template head (`head`, ids before the first audio
+    token), then the audio tokens of the leading `windows` encoder windows. `keys` and `values` are
+    (layers, pages, kv_heads, page_size, head_dim): the whole pages that hold those tokens (the last one may hold
+    later tokens of the request that stored it, which a reader overwrites before reading)."""
+
+    head: tuple[int, ...]
+    windows: int
+    tokens: int
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return int(2 * self.keys.numel() * self.keys.element_size())
+
+
 @dataclass
 class _Entry:
     windows: dict[int, CachedWindow]
     touched_s: float
     nbytes: int = field(default=0)
+    prefix: CachedPrefix | None = None
 
 
 def window_sample_range(window: int, window_samples: int, reach_samples: int) -> tuple[int, int]:
@@ -83,16 +110,21 @@ def reusable(cached: CachedWindow, digest: bytes, min_log_mel: float, floor: flo
 
 
 class StreamEncoderCache:
-    def __init__(self, max_streams: int, max_windows: int, max_bytes: int, idle_s: float) -> None:
+    def __init__(
+        self, max_streams: int, max_windows: int, max_bytes: int, idle_s: float, max_prefix_bytes: int = 0
+    ) -> None:
         self.max_streams = max_streams
         self.max_windows = max_windows
         self.max_bytes = max_bytes
+        self.max_prefix_bytes = max_prefix_bytes
         self.idle_s = idle_s
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._closed: OrderedDict[str, None] = OrderedDict()
         self.nbytes = 0
+        self.prefix_nbytes = 0
         self.hits = 0
         self.misses = 0
+        self.prefix_hits = 0
 
     @property
     def enabled(self) -> bool:
@@ -112,8 +144,16 @@ class StreamEncoderCache:
         entry.touched_s = now_s
         return entry.windows.get(window)
 
-    def store(self, key: str, windows: dict[int, CachedWindow], now_s: float) -> None:
-        """The key's entry becomes `windows` (the newest request's stable windows), within the bounds."""
+    def prefix(self, key: str) -> CachedPrefix | None:
+        """The key's decoder KV prefix (stored with its windows by the same request), if one is kept."""
+        entry = self._entries.get(key)
+        return None if entry is None else entry.prefix
+
+    def store(
+        self, key: str, windows: dict[int, CachedWindow], now_s: float, prefix: CachedPrefix | None = None
+    ) -> None:
+        """The key's entry becomes `windows` (the newest request's stable windows) and `prefix` (the KV of its
+        prompt up to the end of the leading ones), within the bounds."""
         if not self.enabled or key in self._closed:
             return
         self.release(key)
@@ -121,16 +161,31 @@ class StreamEncoderCache:
         nbytes = sum(w.nbytes for w in kept.values())
         if not kept or nbytes > self.max_bytes:
             return
-        self._entries[key] = _Entry(kept, now_s, nbytes)
+        if prefix is not None and (
+            any(w not in kept for w in range(prefix.windows)) or prefix.nbytes > self.max_prefix_bytes
+        ):
+            prefix = None
+        self._entries[key] = _Entry(kept, now_s, nbytes, prefix)
         self.nbytes += nbytes
+        self.prefix_nbytes += 0 if prefix is None else prefix.nbytes
         while len(self._entries) > self.max_streams or self.nbytes > self.max_bytes:
             oldest = next(iter(self._entries))
             self.release(oldest)
+        # A token's KV (every layer's) is tens of times its encoder output: over their own bound, the least
+        # recently used lose theirs first (their windows stay).
+        for entry in self._entries.values():
+            if self.prefix_nbytes <= self.max_prefix_bytes:
+                break
+            if entry.prefix is not None:
+                self.prefix_nbytes -= entry.prefix.nbytes
+                entry.prefix = None
 
     def release(self, key: str) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.nbytes -= entry.nbytes
+            if entry.prefix is not None:
+                self.prefix_nbytes -= entry.prefix.nbytes
 
     def close(self, key: str) -> None:
         """The utterance is over (its final is done or aborted): freed, and later stores of it refused."""
