@@ -90,6 +90,11 @@ class ContinuousConfig:
     stream_cache_max_windows: int = 16
     stream_cache_max_mib: float = 2048.0
     stream_cache_max_kv_mib: float = 2048.0
+    # A live final's draft (its utterance's last interim's tokens): at most this many are prefilled after its
+    # prompt and verified in that one pass (greedy: the longest prefix decoding agrees with is kept, the rest
+    # decoded as usual), so the final needs fewer decode steps. 0: off. Whole prompts with full page reservation
+    # only (no chunked prefill, no lazy pages).
+    max_draft_tokens: int = 64
     stream_cache_idle_s: float = 60.0
 
 
@@ -400,6 +405,13 @@ _FLAGS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ),
     (
         "engine.continuous",
+        "max_draft_tokens",
+        "--max-draft-tokens",
+        int,
+        "continuous: a live final verifies up to this many of its last interim's tokens in its prefill; 0: off",
+    ),
+    (
+        "engine.continuous",
         "async_prefill",
         "--async-prefill",
         str,
@@ -672,6 +684,7 @@ def validate(config: Config) -> None:
     need(c.stream_cache_max_streams >= 0, "--stream-cache-max-streams must be >= 0")
     need(c.stream_cache_max_mib >= 0, "--stream-cache-max-mib must be >= 0")
     need(c.stream_cache_max_kv_mib >= 0, "--stream-cache-max-kv-mib must be >= 0")
+    need(c.max_draft_tokens >= 0, "--max-draft-tokens must be >= 0")
     need(c.stream_cache_max_windows >= 0 and c.stream_cache_idle_s > 0, "stream cache bounds must be positive")
     need(e.bench_forced_tokens_per_audio_s >= 0, "--bench-forced-tokens-per-audio-s must be >= 0")
     need(e.max_inference_batch_size >= 1, "--max-inference-batch-size must be >= 1")

@@ -163,9 +163,11 @@ class Transcriber:
         prefix_text: str = "",
         priority: DecodePriority = DecodePriority.NORMAL,
         stream_key: str | None = None,
+        draft_token_ids: tuple[int, ...] = (),
     ) -> DecodeResult:
         """One piece of audio through the engine, padded to the model's 0.5 s minimum, with its spans.
-        `stream_key`: a live utterance's key, on its interims and its final (DecodeRequest.stream_key)."""
+        `stream_key`: a live utterance's key, on its interims and its final (DecodeRequest.stream_key);
+        `draft_token_ids`: what the output is expected to start with (DecodeRequest.draft_token_ids)."""
         padded = pad_to_min(audio_16k, min_s=_MIN_CHUNK_S)
         request = DecodeRequest(
             request_id=uuid.uuid4().hex,
@@ -174,6 +176,7 @@ class Transcriber:
             prefix_text=prefix_text,
             priority=priority,
             stream_key=stream_key,
+            draft_token_ids=draft_token_ids,
         )
         result = await self._engine.decode(request)
         record_engine_spans(result, request.audio_s)

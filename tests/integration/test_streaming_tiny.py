@@ -22,7 +22,7 @@ from asr_server.config import Config, ContinuousConfig, ModelConfig
 from asr_server.engine.continuous.core import ContinuousEngine
 from asr_server.engine.core import EngineCore
 from asr_server.engine.generate_core import GenerateEngine
-from asr_server.engine.types import DecodeRequest, DecodeResult, WorkItem
+from asr_server.engine.types import DecodePriority, DecodeRequest, DecodeResult, WorkItem
 from asr_server.models.loading import LoadedAsrModel, load_asr_model
 from asr_server.models.tiny_checkpoint import TinyCheckpoints
 from qwenasr.v1 import asr_pb2_grpc as pb_grpc
@@ -116,6 +116,14 @@ async def test_finals_equal_unary_results_and_interims_arrive_before_the_utteran
         (expected,) = reference._run_batch([WorkItem(request, time.time_ns(), time.monotonic())])
         assert expected.result is not None
         assert (result.token_ids, result.text) == (expected.result.token_ids, expected.result.text), request.prefix_text
+    # Finals carry their utterance's last interim's tokens as a draft (the continuous engine verifies it in the
+    # prefill, the transformers engine ignores it): the tokens are `model.generate`'s for the request without it.
+    drafted = [(r, res) for r, res in decoded if r.priority is DecodePriority.FINAL and r.draft_token_ids]
+    assert len(drafted) >= len(SENTENCES), [r.priority for r, _ in decoded]
+    for request, result in drafted:
+        plain = dataclasses.replace(request, draft_token_ids=())
+        (expected,) = reference._run_batch([WorkItem(plain, time.time_ns(), time.monotonic())])
+        assert expected.result is not None and result.token_ids == expected.result.token_ids
     # None failed: the session logs a failed interim and carries on, so only the log shows it.
     failed = [r.getMessage() for r in caplog.records if "interim decode failed" in r.getMessage()]
     assert not failed, failed

@@ -36,18 +36,24 @@ def test_a_submit_carries_the_request_and_its_exact_samples() -> None:
 
 @pytest.mark.parametrize("priority", list(DecodePriority))
 def test_a_submit_keeps_the_scheduling_fields(priority: DecodePriority) -> None:
-    # Lost on the wire, a stream's final would queue behind interims and its encoder state would never be kept.
+    # Lost on the wire, a stream's final would queue behind interims, its encoder state would never be kept and
+    # its draft never verified.
     request = DecodeRequest(
-        "r", np.zeros(160, np.float32), DecodeOptions(None, "", 5), priority=priority, stream_key="s1/0/3"
+        "r",
+        np.zeros(160, np.float32),
+        DecodeOptions(None, "", 5),
+        priority=priority,
+        stream_key="s1/0/3",
+        draft_token_ids=(151644, 7, 0),
     )
     header, audio_frame = m.submit_frames(request)
     message = m.decode_to_engine(header)
     assert isinstance(message, m.Submit)
     back = m.request_from_submit(message, bytes(audio_frame))
-    assert (back.priority, back.stream_key) == (priority, "s1/0/3")
+    assert (back.priority, back.stream_key, back.draft_token_ids) == (priority, "s1/0/3", (151644, 7, 0))
     assert isinstance(back.priority, DecodePriority)
     plain = m.request_from_submit(m.decode_to_engine(m.submit_frames(DecodeRequest("p", np.zeros(1, np.float32), DecodeOptions(None, "", 5)))[0]), bytes(4))  # type: ignore[arg-type]
-    assert (plain.priority, plain.stream_key) == (DecodePriority.NORMAL, None)
+    assert (plain.priority, plain.stream_key, plain.draft_token_ids) == (DecodePriority.NORMAL, None, ())
 
 
 def test_a_non_contiguous_float64_array_is_sent_as_float32() -> None:

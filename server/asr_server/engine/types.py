@@ -48,6 +48,10 @@ class DecodeRequest:
     # A live stream utterance's key, the same on its interims and its final: an engine may keep that
     # utterance's state between them (the continuous engine: its completed encoder windows). None: none kept.
     stream_key: str | None = None
+    # Tokens the output is expected to start with (a live final: its utterance's last interim's output). An engine
+    # may verify them in one forward pass and keep the longest prefix greedy decoding agrees with (greedy
+    # speculative verification): the result is what decoding without them gives. () for none.
+    draft_token_ids: tuple[int, ...] = ()
 
     @property
     def audio_s(self) -> float:

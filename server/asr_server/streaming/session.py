@@ -442,10 +442,13 @@ class StreamingSession:
             )
         channel.speculations = channel.speculations_kept = channel.speculations_discarded = 0
         channel.key_generation = 0
+        draft = channel.interim_ids
         self._reset_interim(channel, ended.end_sample)
         self._emit(SpeechEvent(SpeechEventKind.ENDED, samples_to_ms(ended.end_sample), channel.index, 0))
         task = asyncio.get_running_loop().create_task(
-            self._final(channel.index, index, ended.start_sample, ended.end_sample, audio, stream_key, speculated)
+            self._final(
+                channel.index, index, ended.start_sample, ended.end_sample, audio, stream_key, speculated, draft
+            )
         )
         if channel.emitter is None:
             channel.emitter = asyncio.get_running_loop().create_task(self._emit_finals(channel))
@@ -499,11 +502,19 @@ class StreamingSession:
             key += f"/{channel.key_generation}"  # after a discarded speculation (_discard_speculation)
         return key
 
-    async def _decode_final(self, audio: npt.NDArray[np.float32], stream_key: str) -> DecodeResult:
-        """A final's decode, and a speculative final's: the unary path for the utterance's samples."""
+    async def _decode_final(
+        self, audio: npt.NDArray[np.float32], stream_key: str, draft: tuple[int, ...]
+    ) -> DecodeResult:
+        """A final's decode, and a speculative final's: the unary path for the utterance's samples. `draft`, the
+        utterance's last interim's tokens: the engine verifies them in one pass and decodes on from the longest
+        prefix greedy decoding agrees with, so the result is the unary one."""
         # Ahead of every interim and of recorded audio in the engine's queue: its caller waits since speech ended.
         return await self._transcriber.decode_piece(
-            audio, self.options.transcribe, priority=DecodePriority.FINAL, stream_key=stream_key
+            audio,
+            self.options.transcribe,
+            priority=DecodePriority.FINAL,
+            stream_key=stream_key,
+            draft_token_ids=draft,
         )
 
     async def _final(
@@ -515,12 +526,13 @@ class StreamingSession:
         audio: npt.NDArray[np.float32],
         stream_key: str,
         speculated: asyncio.Task[DecodeResult] | None = None,
+        draft: tuple[int, ...] = (),
     ) -> StreamResult:
         options = self.options.transcribe
         if speculated is not None:
             result = await speculated  # the same _decode_final of the same samples, started before the endpoint
         else:
-            result = await self._decode_final(audio, stream_key)
+            result = await self._decode_final(audio, stream_key, draft)
         words: tuple[Word, ...] = ()
         status = WordTimestampsStatus.NOT_REQUESTED
         if options.return_word_timestamps:
@@ -599,7 +611,7 @@ class StreamingSession:
             return  # an end pad longer than the silence so far: the audio is not all here yet (next piece)
         audio = channel.buffer.slice(start, end)
         decode = asyncio.get_running_loop().create_task(
-            self._decode_final(audio, self._stream_key(channel.index, channel.utterance_index))
+            self._decode_final(audio, self._stream_key(channel.index, channel.utterance_index), channel.interim_ids)
         )
         channel.speculation = _Speculation(start, end, decode)
         channel.speculations += 1

@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ from asr_server.engine.continuous.model_runner import (
     ModelRunner,
     PrefillComputed,
     PrefillInput,
+    Sampled,
     resolve_features,
 )
 from asr_server.engine.continuous.output import OutputStep, RequestOutput
@@ -89,6 +90,8 @@ class _Request:
     prepared: _Prepared
     # A live stream's request (stream cache on): its windows' sample digests, hashed on the preprocess threads.
     digests: Future[tuple[bytes, ...]] | None = None
+    # The draft its prefill verifies (DecodeRequest.draft_token_ids, cut to what the engine takes).
+    draft: tuple[int, ...] = ()
     # --bench-trace-path: when its prompt and features were ready (wall-clock ns).
     prepared_ns: int = 0
 
@@ -117,10 +120,12 @@ def resolve_async_prefill(config: ContinuousConfig, cuda: bool) -> bool:
 
 @dataclass
 class _Pending:
-    """The tokens of one launched unit on their way to the host, and whose they are (index into the tokens)."""
+    """The tokens of one launched unit on their way to the host, and whose they are (index into the tokens); a
+    prefill's drafted requests own k + 1 tokens from their index, verified against their draft."""
 
     tokens: HostTokens
     owners: list[tuple[int, RequestOutput]]
+    drafted: list[tuple[int, RequestOutput, tuple[int, ...]]] = field(default_factory=list)
 
 
 class ContinuousEngine:
@@ -228,14 +233,35 @@ class ContinuousEngine:
         digests = None
         if request.stream_key is not None and self._runner.stream_cache.enabled:
             digests = self._pool.submit(self._runner.window_digests, request.audio_16k)
-        entry = _Request(RequestOutput(item, budget, forced is not None), prepared, digests)
+        draft = self._draft(request.draft_token_ids, budget)
+        entry = _Request(RequestOutput(item, budget, forced is not None), prepared, digests, draft)
         self._requests[request.request_id] = entry
         if self._trace is not None:
             prepared.future.add_done_callback(lambda _: setattr(entry, "prepared_ns", time.time_ns()))
         estimate = int(request.audio_s * _AUDIO_TOKENS_PER_S) + _TEMPLATE_TOKENS
         self._scheduler.add(
-            request.request_id, item.enqueued_monotonic_s, budget, estimate, prepared, priority=request.priority
+            request.request_id,
+            item.enqueued_monotonic_s,
+            budget,
+            estimate,
+            prepared,
+            priority=request.priority,
+            draft_tokens=len(draft),
         )
+
+    def _draft(self, tokens: tuple[int, ...], budget: int) -> tuple[int, ...]:
+        """The part of a request's draft its prefill verifies: up to its first EOS (decoding ends there anyway),
+        at most max_draft_tokens and budget - 1 (the token after the draft must fit); none where prefills are
+        chunked or pages lazy (a draft is verified in one whole prefill, pages reserved for the whole budget)."""
+        cfg = self._config
+        if not tokens or cfg.max_draft_tokens <= 0 or cfg.max_step_tokens or cfg.kv_reservation != "full":
+            return ()
+        eos = set(self._runner.eos_ids)
+        vocab = self._runner.decoder.vocab
+        # Up to the first EOS, or the first id the embedding does not have (a draft comes from our own interims;
+        # an id out of range would fail the whole prefill group on the device).
+        end = next((i for i, token in enumerate(tokens) if token in eos or not 0 <= token < vocab), len(tokens))
+        return tuple(int(t) for t in tokens[: min(end, cfg.max_draft_tokens, budget - 1)])
 
     def abort(self, request_id: str) -> None:
         req = self._requests.get(request_id)
@@ -400,14 +426,26 @@ class ContinuousEngine:
             return
         # Aborted while it ran: its row and pages are already back (nothing was admitted meanwhile to reuse them).
         keep = [k for k, i in enumerate(computed.done) if computed.inputs[i].work.request_id in self._requests]
-        first = self._runner.commit(computed, keep)
+        sampled, counts = self._runner.commit(computed, keep)
         done = [self._requests[computed.inputs[computed.done[k]].work.request_id] for k in keep]
         for req in done:
             self._scheduler.prefilled(req.output.request_id)
         self._counter.tokens(len(done))
         if done:
-            self._pending.append(_Pending(self._runner.to_host(first), [(i, r.output) for i, r in enumerate(done)]))
+            self._pending.append(self._prefill_pending(sampled, done, counts))
         self._run_deferred()
+
+    def _prefill_pending(self, sampled: Sampled, done: list[_Request], counts: list[int]) -> _Pending:
+        """A prefill's tokens on their way to the host: one per finished prompt, k + 1 per drafted one."""
+        pending = _Pending(self._runner.to_host(sampled), [])
+        at = 0
+        for req, count in zip(done, counts, strict=True):
+            if count == 1:
+                pending.owners.append((at, req.output))
+            else:
+                pending.drafted.append((at, req.output, req.draft))
+            at += count
+        return pending
 
     def _run_deferred(self) -> None:
         calls, self._deferred = self._deferred, []
@@ -449,18 +487,18 @@ class ContinuousEngine:
     def _prefill(self, works: tuple[PrefillWork, ...]) -> None:
         reqs = [self._requests[work.request_id] for work in works]
         inputs = [self._prefill_inputs(work, req) for work, req in zip(works, reqs, strict=True)]
-        first = self._runner.prefill(inputs)
+        sampled, counts = self._runner.prefill(inputs)
         done = [r for work, r in zip(works, reqs, strict=True) if work.completes]
         self._counter.tokens(len(done))  # a completed prompt yields its first token
         if done:
-            self._pending.append(_Pending(self._runner.to_host(first), [(i, r.output) for i, r in enumerate(done)]))
+            self._pending.append(self._prefill_pending(sampled, done, counts))
 
     @staticmethod
     def _prefill_inputs(work: PrefillWork, req: _Request) -> PrefillInput:
         """The prepared prompt; after a preemption (lazy pages) with the tokens generated so far after it, so the
         prefill recomputes their KV and yields the next token."""
         prepared = req.prepared.future.result()
-        generated = work.total_tokens - int(prepared.input_ids.shape[1])
+        generated = work.total_tokens - int(prepared.input_ids.shape[1]) - len(req.draft)
         tokens = req.output.tokens
         if generated and generated != len(tokens):
             raise RuntimeError(f"recompute of {generated} generated tokens, the host has {len(tokens)}")
@@ -474,6 +512,7 @@ class ContinuousEngine:
             audio,
             request.stream_key,
             None if req.digests is None else req.digests.result(),
+            req.draft,
         )
 
     # ---- decode + outputs ----
@@ -485,7 +524,11 @@ class ContinuousEngine:
             return False
         owners = [(d.row, self._requests[d.request_id].output) for d in decodes]
         rows = self._runner.bucket(max(d.row for d in decodes))
-        longest = max(self._prompt_tokens(out.request_id) + len(out.tokens) + 2 for _, out in owners)
+        # An upper bound of each context: a drafted row's accepted length is known on the device only.
+        longest = max(
+            self._prompt_tokens(out.request_id) + len(self._requests[out.request_id].draft) + len(out.tokens) + 2
+            for _, out in owners
+        )
         tokens = self._runner.decode(rows, self._runner.max_pages(longest))
         self._counter.step(len(decodes), len(decodes))  # one token per live row
         self._pending.append(_Pending(self._runner.to_host(tokens), owners))
@@ -496,7 +539,9 @@ class ContinuousEngine:
         return running.prompt_tokens if running is not None else 0
 
     def _collect(self, pending: _Pending) -> list[EngineOutput]:
-        done = self._output.append(pending.owners, pending.tokens.values())
+        values = pending.tokens.values()
+        done = self._output.append(pending.owners, values)
+        done.extend(self._output.verify(pending.drafted, values))
         if not done:
             return []
         now = time.time_ns()
@@ -529,4 +574,6 @@ class ContinuousEngine:
             prompt=self._prompt_tokens(out.request_id),
             encoded_s=round(self._runner.encoded_audio_s.get(out.request_id, -1.0), 3),
             prefilled=self._runner.prefilled_tokens.get(out.request_id, -1),
+            draft=len(entry.draft) if entry is not None else 0,
+            draft_accepted=out.draft_accepted,
         )

@@ -257,12 +257,15 @@ class PagedDecoder:
         suppress_eos: torch.Tensor,
         starts: list[int] | None = None,
         tables: list[torch.Tensor | None] | None = None,
+        sample_rows: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs prompt chunks of several requests packed end to end ((T, hidden), T = sum(lengths)): request i's
         tokens at positions starts[i]..starts[i] + lengths[i] - 1 (0 when `starts` is None), writes their K/V at
         (slots_page[t], slots_offset[t]), and returns the token after each chunk (n,) (the first generated token
         when the chunk ends the prompt) with its log-probability (n,) float32. A chunk that starts past 0 attends
-        to its earlier chunks through its pages (`tables[i]`, device page ids)."""
+        to its earlier chunks through its pages (`tables[i]`, device page ids). With `sample_rows` (packed token
+        indices; `suppress_eos` then one flag per entry), the greedy token after each of those tokens instead (a
+        draft's verification needs the one after every draft token)."""
         total = inputs_embeds.shape[0]
         offsets = starts or [0] * len(lengths)
         tables = tables or [None] * len(lengths)
@@ -275,7 +278,8 @@ class PagedDecoder:
         for n in lengths:
             bounds.append(bounds[-1] + n)
         rep = self.heads // self.kv_heads
-        last = torch.tensor([b - 1 for b in bounds[1:]], device=x.device)
+        rows = sample_rows if sample_rows is not None else [b - 1 for b in bounds[1:]]
+        last = torch.tensor(rows, dtype=torch.long).to(x.device, non_blocking=True)
         # (token range, device pages, start) of the chunks that continue a prompt.
         continued: list[tuple[int, int, torch.Tensor, int]] = []
         for i, start in enumerate(offsets):

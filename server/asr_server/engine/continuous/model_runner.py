@@ -93,15 +93,23 @@ class HostTokens:
 @dataclass
 class PrefillComputed:
     """A prefill's device results before its rows go into the decode buffers: the indices (into `inputs`) of
-    the prompts it finished, their first tokens (and log-probabilities) and EOS flags; `ready` marks its work on
-    the side stream."""
+    the prompts it finished; for each, the token its row decodes from, that token's position and its EOS flag;
+    the tokens the host gets (`tokens`, `logprobs`: `counts[j]` for done prompt j, in order: its first token, or
+    with a draft of k tokens the greedy token after its prompt and after each draft token, k + 1); `ready` marks
+    its work on the side stream."""
 
     inputs: tuple[PrefillInput, ...]
     done: list[int]
     first: torch.Tensor
+    positions: torch.Tensor
+    tokens: torch.Tensor
     logprobs: torch.Tensor
+    counts: list[int]
     suppress: torch.Tensor
     ready: torch.cuda.Event | None = None
+
+    def device_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.first, self.positions, self.tokens, self.logprobs, self.suppress)
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,8 @@ class PrefillInput:
     stream_key: str | None = None
     # Its stable windows' sample digests (ModelRunner.window_digests), computed as it arrived; None: computed here.
     digests: tuple[bytes, ...] | None = None
+    # Tokens prefilled after the prompt and verified there (a live final's draft; whole prompts only).
+    draft: tuple[int, ...] = ()
 
     @property
     def prompt_tokens(self) -> int:
@@ -304,14 +314,14 @@ class ModelRunner:
         """Forgets a request's prefill in progress (it finished, failed, was aborted or preempted)."""
         self._prompts.pop(request_id, None)
 
-    def prefill(self, inputs: Sequence[PrefillInput]) -> Sampled:
+    def prefill(self, inputs: Sequence[PrefillInput]) -> tuple[Sampled, list[int]]:
         """Prefills prompt chunks into their pages (whole prompts when the scheduler does not chunk): the first
         chunk of a request sets up its features (one batched torch call on the device for every clip here that
         has none from the preprocess threads), the audio encoder runs over the 8 s windows the chunks' audio
         tokens fall in (windows are independent: encoder attention never crosses them), and the decoder attends
         each chunk to its own earlier chunks through its pages. Requests whose chunk ends their prompt get their
-        rows in the decode buffers; returns their first tokens and log-probabilities (on the device), in input
-        order.
+        rows in the decode buffers; returns their tokens for the host and log-probabilities (on the device), in
+        input order, and how many each has (PrefillComputed: one, or with a draft of k tokens k + 1).
 
         Changes no state a retry depends on before its last stage (the row inserts): the prompts' state it sets
         up is rebuilt or still valid, and the pages are simply written again.
@@ -349,9 +359,8 @@ class ModelRunner:
                 computed.ready.record(stream)
             # Read on the decode stream by the commit: the allocator must not hand their memory to later side
             # work before that.
-            computed.first.record_stream(self._main_stream)
-            computed.logprobs.record_stream(self._main_stream)
-            computed.suppress.record_stream(self._main_stream)
+            for tensor in computed.device_tensors():
+                tensor.record_stream(self._main_stream)
             return computed
 
     def wait_side(self) -> None:
@@ -359,27 +368,32 @@ class ModelRunner:
         if self.cuda:
             self._side_stream.synchronize()
 
-    def commit(self, computed: PrefillComputed, keep: Sequence[int]) -> Sampled:
+    def commit(self, computed: PrefillComputed, keep: Sequence[int]) -> tuple[Sampled, list[int]]:
         """Engine thread: the rows of the finished prompts `keep` (indices into computed.done; requests aborted
         meanwhile left out) go into the decode buffers, after the prefill's device work (an ordering on the
-        decode stream, no host wait). Their first tokens, on the device, in `keep` order."""
+        decode stream, no host wait). Their tokens for the host, on the device, in `keep` order, and how many
+        each has (PrefillComputed)."""
         if computed.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(computed.ready)
         return self._commit(computed, keep)
 
-    def _commit(self, computed: PrefillComputed, keep: Sequence[int]) -> Sampled:
+    def _commit(self, computed: PrefillComputed, keep: Sequence[int]) -> tuple[Sampled, list[int]]:
         dev = self.device
         keep = list(keep)
-        if len(keep) == len(computed.done):
-            first, logprobs, suppress = computed.first, computed.logprobs, computed.suppress
-        else:
+        first, positions, suppress = computed.first, computed.positions, computed.suppress
+        tokens, logprobs = computed.tokens, computed.logprobs
+        if len(keep) != len(computed.done):
             index = torch.tensor(keep, dtype=torch.long, device=dev)
-            first, suppress = computed.first.index_select(0, index), computed.suppress.index_select(0, index)
-            logprobs = computed.logprobs.index_select(0, index)
+            first, positions = first.index_select(0, index), positions.index_select(0, index)
+            suppress = suppress.index_select(0, index)
+            begins = np.cumsum([0, *computed.counts]).tolist()
+            rows = [r for k in keep for r in range(begins[k], begins[k] + computed.counts[k])]
+            chosen = torch.tensor(rows, dtype=torch.long, device=dev)
+            tokens, logprobs = tokens.index_select(0, chosen), logprobs.index_select(0, chosen)
         if keep:
             items = [computed.inputs[computed.done[k]] for k in keep]
-            self._insert_rows(items, first, [item.work.total_tokens for item in items], suppress)
-        return Sampled(first, logprobs)
+            self._insert_rows(items, first, positions, suppress)
+        return Sampled(tokens, logprobs), [computed.counts[k] for k in keep]
 
     def _prefill(self, inputs: Sequence[PrefillInput]) -> PrefillComputed:
         profiling = self._config.profile
@@ -388,8 +402,10 @@ class ModelRunner:
             t0 = self._mark("drain", t0)
         for item in inputs:
             work = item.work
-            if work.total_tokens != item.prompt_tokens + len(item.generated):
-                raise ValueError("a prefill covers the prompt and the tokens generated before a preemption")
+            if work.total_tokens != item.prompt_tokens + len(item.generated) + len(item.draft):
+                raise ValueError("a prefill covers the prompt and the tokens generated before a preemption or a draft")
+            if item.draft and (item.generated or work.start_token or not work.completes):
+                raise ValueError("a draft is verified in a whole prompt's prefill, never after a preemption")
             if work.start_token == 0:
                 self._prompts.pop(work.request_id, None)
             elif work.request_id not in self._prompts:
@@ -438,30 +454,78 @@ class ModelRunner:
             for item, (begin, _) in zip(inputs, spans, strict=True)
         ]
         suppress = torch.tensor([item.suppress_eos for item in inputs], dtype=torch.bool, device=dev)
+        # The packed rows whose next token is sampled: each chunk's last, and before it one per draft token.
+        counts = [1 + len(item.draft) for item in inputs]
+        ends = np.cumsum(lengths).tolist()
+        sample_rows = [r for end, count in zip(ends, counts, strict=True) for r in range(end - count, end)]
+        drafted = any(count > 1 for count in counts)
         after, after_logprobs = decoder.prefill(
             embeds,
             lengths,
             torch.tensor(slot_pages, dtype=torch.long, device=dev),
             torch.tensor(slot_offsets, dtype=torch.long, device=dev),
             self.cache,
-            suppress,
+            torch.tensor(
+                [item.suppress_eos for item, count in zip(inputs, counts, strict=True) for _ in range(count)],
+                dtype=torch.bool,
+                device=dev,
+            )
+            if drafted
+            else suppress,
             starts,
             tables,
+            sample_rows if drafted else None,
         )
         if profiling:
             self._mark("prefill", t0)
         done = [i for i, item in enumerate(inputs) if item.work.completes]
-        if len(done) == len(inputs):
-            first, first_logprobs, done_suppress = after, after_logprobs, suppress
-        else:
-            chosen = torch.tensor(done, dtype=torch.long, device=dev)
-            first, first_logprobs = after.index_select(0, chosen), after_logprobs.index_select(0, chosen)
-            done_suppress = suppress.index_select(0, chosen)
+        computed = self._verified(inputs, done, counts, after, after_logprobs, suppress)
         for i in done:
             st = self._prompts.pop(inputs[i].work.request_id, None)
             if st is not None:
                 self._finish_prompt(inputs[i].work, st)
-        return PrefillComputed(tuple(inputs), done, first, first_logprobs, done_suppress)
+        return computed
+
+    def _verified(
+        self,
+        inputs: Sequence[PrefillInput],
+        done: list[int],
+        counts: list[int],
+        tokens: torch.Tensor,
+        logprobs: torch.Tensor,
+        suppress: torch.Tensor,
+    ) -> PrefillComputed:
+        """The finished prompts' rows: with no draft, the token after the prompt at the position after it; with a
+        draft d of k tokens and g the greedy tokens after the prompt and after each d_i (k + 1), the accepted
+        length a (the longest prefix with g_i == d_i), then g_a at the position after the prompt and d_0..d_a-1
+        (greedy speculative verification: the K/V of the accepted tokens are in the pages; those of the rejected
+        ones are overwritten from there on). Found on the device, no host wait; the host finds a again from g."""
+        dev = self.device
+        begins = np.cumsum([0, *counts]).tolist()
+        if len(done) != len(inputs):
+            rows = [r for i in done for r in range(begins[i], begins[i] + counts[i])]
+            chosen = torch.tensor(rows, dtype=torch.long, device=dev)
+            tokens, logprobs = tokens.index_select(0, chosen), logprobs.index_select(0, chosen)
+            suppress = suppress.index_select(0, torch.tensor(done, dtype=torch.long, device=dev))
+        done_counts = [counts[i] for i in done]
+        after_prompt = [inputs[i].work.total_tokens - len(inputs[i].draft) for i in done]
+        if all(count == 1 for count in done_counts):
+            positions = torch.tensor(after_prompt, dtype=torch.long).to(dev, non_blocking=True)
+            return PrefillComputed(tuple(inputs), done, tokens, positions, tokens, logprobs, done_counts, suppress)
+        longest = max(done_counts) - 1
+        own = np.cumsum([0, *done_counts[:-1]])
+        # (done, longest + 1): each one's greedy tokens, the index clamped to its own (the last repeated).
+        offsets = np.minimum(np.arange(longest + 1)[None, :], np.asarray(done_counts)[:, None] - 1)
+        gather = torch.from_numpy((own[:, None] + offsets).astype(np.int64)).to(dev, non_blocking=True)
+        drafts = torch.full((len(done), longest), -1, dtype=torch.long)
+        for j, i in enumerate(done):
+            drafts[j, : len(inputs[i].draft)] = torch.tensor(inputs[i].draft, dtype=torch.long)
+        greedy = tokens[gather]
+        agree = greedy[:, :longest] == drafts.to(dev, non_blocking=True)
+        accepted = agree.to(torch.long).cumprod(dim=1).sum(dim=1)
+        first = greedy.gather(1, accepted[:, None])[:, 0]
+        positions = torch.tensor(after_prompt, dtype=torch.long).to(dev, non_blocking=True) + accepted
+        return PrefillComputed(tuple(inputs), done, first, positions, tokens, logprobs, done_counts, suppress)
 
     def _finish_prompt(self, work: PrefillWork, st: _Prompt) -> None:
         """A prompt's prefill is done: its encoder and prefill work are recorded, and a keyed one's stable windows
@@ -556,10 +620,11 @@ class ModelRunner:
             prompt = item.prepared.input_ids[0]
             ids = prompt
             audio = prompt == self._audio_token_id
-            if item.generated:
-                # Only the prompt holds audio placeholders; a generated token of the same id is a token.
-                ids = torch.cat([prompt, torch.tensor(item.generated, dtype=prompt.dtype)])
-                audio = torch.cat([audio, torch.zeros(len(item.generated), dtype=torch.bool)])
+            after = item.generated or item.draft
+            if after:
+                # Only the prompt holds audio placeholders; a generated (or draft) token of the same id is a token.
+                ids = torch.cat([prompt, torch.tensor(after, dtype=prompt.dtype)])
+                audio = torch.cat([audio, torch.zeros(len(after), dtype=torch.bool)])
             windows = self._window_tokens(valid_frames)
             audio_before: list[int] = torch.cat([torch.zeros(1, dtype=torch.long), audio.cumsum(0)]).tolist()
             head_len = audio_before.index(1) - 1 if audio_before[-1] else 0
@@ -736,9 +801,9 @@ class ModelRunner:
         return out
 
     def _insert_rows(
-        self, inputs: Sequence[PrefillInput], first: torch.Tensor, lengths: list[int], suppress: torch.Tensor
+        self, inputs: Sequence[PrefillInput], first: torch.Tensor, positions: torch.Tensor, suppress: torch.Tensor
     ) -> None:
-        """The rows' first token, its position, the block table row and the flags."""
+        """The rows' first token, its position (on the device), the block table row and the flags."""
         dev = self.device
         rows = [item.work.row for item in inputs]
         index = torch.tensor(rows, dtype=torch.long, device=dev)
@@ -747,7 +812,7 @@ class ModelRunner:
             table[i, : len(item.work.pages)] = torch.tensor(item.work.pages, dtype=torch.int32)
         b = self.buffers
         b.tokens.index_copy_(0, index, first)
-        b.positions.index_copy_(0, index, torch.tensor(lengths, dtype=torch.long, device=dev))
+        b.positions.index_copy_(0, index, positions)
         b.block_table.index_copy_(0, index, table.to(dev, non_blocking=True))
         b.suppress_eos.index_copy_(0, index, suppress)
         b.active.index_fill_(0, index, True)

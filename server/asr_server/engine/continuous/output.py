@@ -30,6 +30,7 @@ class RequestOutput:
     start_ns: int = 0
     first_token_ns: int = 0
     logprobs: list[float] = field(default_factory=list)  # entry for entry with `tokens`
+    draft_accepted: int = 0  # draft tokens its prefill verified and kept (OutputStep.verify)
 
     @property
     def request_id(self) -> str:
@@ -57,20 +58,42 @@ class OutputStep:
     def append(self, owners: Iterable[tuple[int, RequestOutput]], values: list[int]) -> list[RequestOutput]:
         """Appends each owner's token (values[index]); returns the requests this ends (not yet marked finished)."""
         done: list[RequestOutput] = []
-        logprobs = values.logprobs if isinstance(values, SampledValues) else None
         for index, req in owners:
-            if req.finished:
-                continue
-            token = int(values[index])
-            if logprobs is not None:
-                req.logprobs.append(float(logprobs[index]))
-            if not req.tokens:
-                req.first_token_ns = time.time_ns()
-                self.ttft_ms.append((req.first_token_ns - req.item.enqueued_ns) / 1e6)
-            req.tokens.append(token)
-            if len(req.tokens) >= req.budget or (not req.suppress_eos and token in self._eos_ids):
+            if not req.finished and self._push(req, values, index):
                 done.append(req)
         return done
+
+    def verify(
+        self, drafted: Iterable[tuple[int, RequestOutput, tuple[int, ...]]], values: list[int]
+    ) -> list[RequestOutput]:
+        """Each drafted request's prefill tokens: g = values[index : index + k + 1], the greedy token after its
+        prompt and after each of its k draft tokens d. The draft's longest prefix with g_i == d_i (a tokens) is
+        what greedy decoding writes, then g_a; so g_0..g_a are appended (the model runner found the same a on the
+        device and decodes on from g_a). Returns the requests this ends."""
+        done: list[RequestOutput] = []
+        for index, req, draft in drafted:
+            if req.finished:
+                continue
+            accepted = 0
+            while accepted < len(draft) and int(values[index + accepted]) == draft[accepted]:
+                accepted += 1
+            req.draft_accepted = accepted
+            for i in range(index, index + accepted + 1):
+                if self._push(req, values, i):
+                    done.append(req)
+                    break
+        return done
+
+    def _push(self, req: RequestOutput, values: list[int], index: int) -> bool:
+        """Appends values[index] (and its log-probability) to req; whether that ends it."""
+        token = int(values[index])
+        if isinstance(values, SampledValues):
+            req.logprobs.append(float(values.logprobs[index]))
+        if not req.tokens:
+            req.first_token_ns = time.time_ns()
+            self.ttft_ms.append((req.first_token_ns - req.item.enqueued_ns) / 1e6)
+        req.tokens.append(token)
+        return len(req.tokens) >= req.budget or (not req.suppress_eos and token in self._eos_ids)
 
     def result(self, req: RequestOutput, batch_size: int, end_ns: int) -> EngineOutput:
         request = req.item.request

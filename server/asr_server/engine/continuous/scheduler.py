@@ -17,6 +17,12 @@ A request's prompt length is known once its features are computed (on a thread p
 scheduler sees it through a `PromptSource`. A request whose prompt plus budget exceeds the context, or the whole
 cache, is refused (`Rejected`).
 
+A request may carry draft tokens (a live final: its utterance's last interim's output): its prefill covers the
+prompt and the draft, and the model runner keeps the longest prefix of the draft that greedy decoding agrees with
+(found on the device; the host learns it a step later). The scheduler counts the whole draft as computed: an
+upper bound of the request's context, which is all it needs (pages are reserved for the whole budget, which the
+draft lies within, and a context read larger than the KV written is masked by the real lengths).
+
 A prefill names the token range it covers (`start_token`, `num_tokens`: the whole prompt from 0 under the
 default policy), and each request counts the tokens whose K/V its pages hold (`num_computed_tokens`: the prompt,
 then one more per scheduled decode).
@@ -97,6 +103,8 @@ class ScheduledRequest:
     # Admission order: the lowest first (engine.types.DecodePriority: a live stream's final before recorded audio
     # before an interim), arrival order within one.
     priority: int = 1
+    # Draft tokens prefilled after the prompt and verified there (a live final's last interim); within the budget.
+    draft_tokens: int = 0
 
     @property
     def prefilling(self) -> bool:
@@ -125,7 +133,7 @@ class PrefillWork:
 class DecodeWork:
     request_id: str
     row: int
-    # The position this step writes (the tokens in the request's pages before it).
+    # The position this step writes (the tokens in the request's pages before it; an upper bound after a draft).
     position: int
 
 
@@ -216,9 +224,20 @@ class Scheduler:
         estimated_prompt_tokens: int,
         source: PromptSource,
         priority: int = 1,
+        draft_tokens: int = 0,
     ) -> ScheduledRequest:
+        """`draft_tokens` (full page reservation, no chunked prefill only: a draft is verified in a whole
+        prefill) are prefilled after the prompt; at most budget - 1 of them."""
+        if draft_tokens and (self._lazy or self._step_tokens or draft_tokens >= max(1, budget)):
+            raise ValueError(f"{draft_tokens} draft tokens need full reservation, whole prefills and a larger budget")
         request = ScheduledRequest(
-            request_id, arrival_monotonic_s, max(1, budget), estimated_prompt_tokens, source, priority=priority
+            request_id,
+            arrival_monotonic_s,
+            max(1, budget),
+            estimated_prompt_tokens,
+            source,
+            priority=priority,
+            draft_tokens=draft_tokens,
         )
         # Behind every waiting request of the same or a more urgent priority (preempted ones, back in front, stay
         # ahead of their own priority and later ones).
@@ -380,8 +399,8 @@ class Scheduler:
             rejected.append(Rejected(request.request_id, "admission", refusal))
             return None
         request.prompt_tokens = prompt
-        request.prefill_tokens = prompt
-        return prompt
+        request.prefill_tokens = prompt + request.draft_tokens
+        return request.prefill_tokens
 
     def _take(self, request: ScheduledRequest, rejected: list[Rejected]) -> bool | None:
         """Admits `request` (taken off the queue): its prompt length, a row and its pages. True: running;
@@ -398,8 +417,10 @@ class Scheduler:
 
     def _admission_pages(self, request: ScheduledRequest, tokens: int) -> int:
         # Lazy: the prefill and the first decode; full: the prompt and every token the budget allows (+1: the
-        # step launched before the host sees the end).
-        return self.kv.pages_for(tokens + 1 if self._lazy else tokens + request.budget + 1)
+        # step launched before the host sees the end); a draft lies within the budget.
+        if self._lazy:
+            return self.kv.pages_for(tokens + 1)
+        return self.kv.pages_for(tokens - request.draft_tokens + request.budget + 1)
 
     def _run(self, request: ScheduledRequest, pages: int, *, num_computed_tokens: int) -> None:
         request.pages = self.kv.allocate(pages)

@@ -35,6 +35,8 @@ class Submit(msgspec.Struct, tag="submit", frozen=True):
     # the live utterance whose encoder state the engine keeps.
     priority: int = 1
     stream_key: str | None = None
+    # A live final's draft (its utterance's last interim's tokens), verified in one pass by the engine.
+    draft_token_ids: tuple[int, ...] = ()
 
 
 class Abort(msgspec.Struct, tag="abort", frozen=True):
@@ -155,6 +157,7 @@ def submit_frames(request: DecodeRequest) -> list[bytes | memoryview]:
         forced_num_tokens=request.forced_num_tokens,
         priority=int(request.priority),
         stream_key=request.stream_key,
+        draft_token_ids=request.draft_token_ids,
     )
     return [encode(header), memoryview(audio.data).cast("B")]
 
@@ -172,6 +175,7 @@ def request_from_submit(message: Submit, audio_frame: bytes | memoryview) -> Dec
         forced_num_tokens=message.forced_num_tokens,
         priority=DecodePriority(message.priority),
         stream_key=message.stream_key,
+        draft_token_ids=tuple(message.draft_token_ids),
     )
 
 
