@@ -103,3 +103,23 @@ def test_a_stream_reuses_its_kv_prefix_on_the_device(tiny_checkpoints: object) -
         assert mine.token_logprobs == pytest.approx(reference.token_logprobs, abs=1e-3)
     assert keyed_engine.stream_cache.prefix_hits == 3
     assert sum(p for _, _, p in keyed) < sum(p for _, _, p in alone) - 3 * 104
+
+
+def test_drafts_are_verified_on_the_device(tiny_checkpoints: object) -> None:
+    # The CUDA path of draft verification: the accepted length found on the device (no host wait), the rows'
+    # positions from it, the prefill on its side stream: every draft gives model.generate's tokens.
+    from asr_server.engine.continuous.core import ContinuousConfig, ContinuousEngine
+    from asr_server.models.loading import load_asr_model
+    from tests.integration.test_draft_verification import _drafts, _generate, _request, _run
+
+    loaded = load_asr_model(str(tiny_checkpoints.asr_hf), dtype="float32", device="cuda")  # type: ignore[attr-defined]
+    plain = _request("plain", seed=3)
+    reference = _generate(loaded, plain)
+    eos = loaded.model.generation_config.eos_token_id
+    drafts = _drafts(reference, int(eos[0] if isinstance(eos, list) else eos))
+    requests = [_request(name, seed=3, draft=draft) for name, draft in drafts.items()]
+    config = ContinuousConfig(max_running=len(requests), page_size=16, kv_cache_tokens=8192, features="torch")
+    engine = ContinuousEngine(loaded, config)
+    results = _run(engine, requests)
+    for name in drafts:
+        assert results[name].token_ids == reference, name
