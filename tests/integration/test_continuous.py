@@ -348,6 +348,24 @@ def test_bench_mode_forces_tokens_per_audio_second(loaded: LoadedAsrModel) -> No
     assert len(output.result.token_ids) == forced_tokens(2.0, 4.0) == 14
 
 
+def test_bench_mode_counts_an_assistant_prefix_as_written(loaded: LoadedAsrModel) -> None:
+    # A live interim's prefix is text the model has already written: it generates only the rest (at least one).
+    tokenizer = loaded.processor.tokenizer
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    config = ContinuousConfig(max_running=2, page_size=16, kv_cache_tokens=2048)
+    engine = ForcedTokensCore(ContinuousEngine(loaded, config), 4.0, count)
+    prefix = "language English<asr_text>hello there"
+    engine.add(_item(_request("short", 2.0, 3, seed=8, prefix=prefix)))
+    engine.add(_item(_request("long", 2.0, 3, seed=8, prefix=prefix * 4)))
+    outputs = {o.request_id: o.result for o in _drain(engine)}
+    assert 0 < count(prefix) < 14
+    assert outputs["short"] is not None and len(outputs["short"].token_ids) == 14 - count(prefix)
+    assert outputs["long"] is not None and len(outputs["long"].token_ids) == 1
+
+
 _INTERPRETER_SCRIPT = """
 import sys, time
 import numpy as np

@@ -62,7 +62,13 @@ def make_core_factory(config: Config, device: str) -> Callable[[], EngineCore]:
                 "BENCHMARK MODE: every request generates %.1f tokens per audio second, ignoring EOS",
                 engine.bench_forced_tokens_per_audio_s,
             )
-            core = ForcedTokensCore(core, engine.bench_forced_tokens_per_audio_s)
+            tokenizer = loaded.processor.tokenizer
+            core = ForcedTokensCore(
+                core,
+                engine.bench_forced_tokens_per_audio_s,
+                # As the prompt is built (continuous/prepare.py).
+                lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+            )
         return core
 
     return load
