@@ -5,7 +5,8 @@
 Per request priority (FINAL, NORMAL, INTERIM): p50/p90/p99 ms of arrival -> features ready ("prepare"), features
 ready -> prefill start ("admit"), prefill start -> first token ("prefill"), first token -> end ("decode"), and the
 whole. Per step: how many, busy share of the wall time, ms per phase on the host (plan, prefill, decode launch,
-collect: the wait for the previous step's tokens), rows decoding and prefills per step.
+collect: the wait for the previous step's tokens), rows decoding and prefills per step. Prompt tokens prefilled per
+request (the rest reused from the stream cache's KV prefixes) and the share of draft tokens a final's prefill kept.
 """
 
 from __future__ import annotations
@@ -60,6 +61,16 @@ def main() -> None:
         }
         for name, values in phases.items():
             print(f"    {name:8s} {_pcts(values)}")
+        prefilled = [r["prefilled"] for r in rows if r.get("prefilled", -1) >= 0]
+        if prefilled:
+            print(f"    prompt tokens prefilled (the rest reused) p50/p90/p99 {_pcts(prefilled)}")
+        drafted = [r for r in rows if r.get("draft")]
+        if drafted:
+            accepted = sum(r["draft_accepted"] for r in drafted) / sum(r["draft"] for r in drafted)
+            print(
+                f"    drafts: {len(drafted)} requests, {np.mean([r['draft'] for r in drafted]):.0f} tokens mean, "
+                f"{accepted:.0%} of draft tokens accepted"
+            )
     if reqs and args.by_s > 0:
         _by_window(reqs, args.by_s)
     if steps:

@@ -53,3 +53,19 @@ def test_trace_report_prints_the_collections(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(report), str(path)], capture_output=True, text=True, check=True).stdout
     assert "steps: 2 over 3.0 s" in out
     assert "gc: 1 full collections" in out and "at     2.0 s: gen 2, 412.5 ms, 7 collected" in out
+
+
+def test_trace_report_prints_prefilled_tokens_and_draft_acceptance(tmp_path: Path) -> None:
+    path = tmp_path / "trace.jsonl"
+
+    def req(rid: str, draft: int, accepted: int, prefilled: int) -> dict[str, object]:
+        return {"k": "req", "id": rid, "priority": "FINAL", "enq": 0, "prepared": 1_000_000, "start": 2_000_000,
+                "first": 3_000_000, "end": 4_000_000, "audio_s": 2.0, "tokens": 9, "prompt": 60,
+                "prefilled": prefilled, "draft": draft, "draft_accepted": accepted}
+
+    rows = [req("a", 8, 6, 40), req("b", 4, 0, 20), req("c", 0, 0, 60)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    report = Path(__file__).resolve().parents[2] / "bench" / "trace_report.py"
+    out = subprocess.run([sys.executable, str(report), str(path)], capture_output=True, text=True, check=True).stdout
+    assert "drafts: 2 requests, 6 tokens mean, 50% of draft tokens accepted" in out
+    assert "prompt tokens prefilled (the rest reused) p50/p90/p99    40.0" in out
