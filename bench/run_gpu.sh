@@ -111,6 +111,7 @@ streams() {  # size, label, levels: live streams over $FRONTS fronts from $CLIEN
   # $STREAM_S seconds before its line (its streams; start-up and the previous level's drain left out).
   nvidia-smi --query-gpu=timestamp,utilization.gpu --format=csv,noheader,nounits -lms 500 >"$OUT/gpu-util-$size.csv" &
   local smi=$!
+  : >"$OUT/stream-times-$size.txt"  # a previous run's lines in the same $OUT would be read as this run's levels
   $PY bench/streaming_bench.py --serve "--model $dir --engine continuous --bench-forced-tokens-per-audio-s 4 \
     --max-batch-wait-ms 0 --max-inference-batch-size 128 --max-running-requests 512 --max-live-streams-per-replica 2048 \
     --no-reflection --front-processes ${FRONTS:-1} ${STREAM_SERVER_FLAGS:-}" --switch-interval-ms 0.5 \
