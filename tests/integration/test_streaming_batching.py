@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not
 
 SENTENCES = ["Hello there, how are you today?", "The quick brown fox jumps over the lazy dog."]
 STREAMS = 3
-UNARY_LOOPS = 2
+UNARY_INTERVAL_S = 0.025
 
 
 def unary_text(samples: np.ndarray) -> str:
@@ -51,20 +51,26 @@ async def test_stream_decodes_batch_with_other_streams_and_with_unary_calls() ->
         stub = pb_grpc.AsrServiceStub(channel)
         streams_done = asyncio.Event()
 
-        async def unary_loop(loop_index: int) -> list[tuple[str, np.ndarray, pb.TranscribeResponse]]:
+        async def unary_call(tag: str, samples: np.ndarray) -> tuple[str, np.ndarray, pb.TranscribeResponse]:
+            response = await stub.Transcribe(
+                pb.TranscribeRequest(config=pb.RecognitionConfig(context=tag), audio=wav_bytes(samples))
+            )
+            return tag, samples, response
+
+        async def unary_traffic() -> list[tuple[str, np.ndarray, pb.TranscribeResponse]]:
+            # Open loop: a new call every UNARY_INTERVAL_S whatever the answers, so unary chunks are waiting whenever
+            # a stream's decode arrives. Closed loops (send, await, send) fall into lockstep with the streams, each
+            # group arriving while the other's batch runs, and then the two never share a batch.
             calls = []
             call = 0
             while not streams_done.is_set():
-                tag = f"unary-{loop_index}-{call}"
-                samples = tone(1.0, seed=100 * loop_index + call)
-                response = await stub.Transcribe(
-                    pb.TranscribeRequest(config=pb.RecognitionConfig(context=tag), audio=wav_bytes(samples))
-                )
-                calls.append((tag, samples, response))
+                tag = f"unary-{call}"
+                calls.append(asyncio.create_task(unary_call(tag, tone(1.0, seed=call))))
                 call += 1
-            return calls
+                await asyncio.sleep(UNARY_INTERVAL_S)
+            return list(await asyncio.gather(*calls))
 
-        unary_tasks = [asyncio.create_task(unary_loop(k)) for k in range(UNARY_LOOPS)]
+        unary_task = asyncio.create_task(unary_traffic())
         try:
             received = await asyncio.gather(
                 *(
@@ -80,7 +86,7 @@ async def test_stream_decodes_batch_with_other_streams_and_with_unary_calls() ->
             )
         finally:
             streams_done.set()
-        unary_calls = [c for calls in await asyncio.gather(*unary_tasks) for c in calls]
+        unary_calls = await unary_task
 
     # Every caller got its own answers.
     for stream in received:
