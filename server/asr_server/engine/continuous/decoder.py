@@ -8,7 +8,7 @@ GQA by repeating KV heads) so that fp32 results equal `model.generate`'s to roun
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from asr_server.engine.continuous.attention import (
+    PrefillLayout,
     paged_decode_attention_torch,
     paged_decode_attention_triton,
+    paged_prefill_attention_torch,
+    paged_prefill_attention_triton,
+    prefill_block_m,
 )
 
 
@@ -221,32 +225,6 @@ class PagedDecoder:
 
     # ---- prefill ----
 
-    def _prefix_attention(
-        self, q: torch.Tensor, index: int, cache: KvCache, pages: torch.Tensor, start: int
-    ) -> torch.Tensor:
-        """A chunk's attention over its request's earlier chunks and itself, read from the request's pages (the
-        chunk's own K/V are written there first): q (n, heads, D) at positions start..start+n-1; (n, heads, D).
-        Every slot read (positions 0..start+n-1) was written by this request, so no other request's leftovers
-        (NaN included) can reach it."""
-        n = q.shape[0]
-        context = start + n
-        page = cache.page_size
-        used = pages[: -(-context // page)]
-        # (P, KVH, page, D) -> (KVH, P * page, D), cut to the context.
-        keys = cache.keys[index][used].permute(1, 0, 2, 3).reshape(self.kv_heads, -1, self.head_dim)[:, :context]
-        values = cache.values[index][used].permute(1, 0, 2, 3).reshape(self.kv_heads, -1, self.head_dim)[:, :context]
-        keys = keys.to(q.dtype)[None]
-        values = values.to(q.dtype)[None]
-        rep = self.heads // self.kv_heads
-        if rep > 1:
-            keys = keys.repeat_interleave(rep, dim=1)
-            values = values.repeat_interleave(rep, dim=1)
-        # Query i (position start + i) sees keys 0..start + i: causal, shifted by the prefix.
-        rows = torch.arange(n, device=q.device)[:, None] + start
-        mask = torch.arange(context, device=q.device)[None, :] <= rows
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask, scale=self.scale)
-        return out[0].transpose(0, 1)
-
     def prefill(
         self,
         inputs_embeds: torch.Tensor,
@@ -255,24 +233,22 @@ class PagedDecoder:
         slots_offset: torch.Tensor,
         cache: KvCache,
         suppress_eos: torch.Tensor,
-        starts: list[int] | None = None,
-        tables: list[torch.Tensor | None] | None = None,
+        starts: list[int],
+        pages: Sequence[Sequence[int]],
         sample_rows: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs prompt chunks of several requests packed end to end ((T, hidden), T = sum(lengths)): request i's
-        tokens at positions starts[i]..starts[i] + lengths[i] - 1 (0 when `starts` is None), writes their K/V at
-        (slots_page[t], slots_offset[t]), and returns the token after each chunk (n,) (the first generated token
-        when the chunk ends the prompt) with its log-probability (n,) float32. A chunk that starts past 0 attends
-        to its earlier chunks through its pages (`tables[i]`, device page ids). With `sample_rows` (packed token
-        indices; `suppress_eos` then one flag per entry), the greedy token after each of those tokens instead (a
-        draft's verification needs the one after every draft token)."""
+        tokens at positions starts[i]..starts[i] + lengths[i] - 1, writes their K/V at (slots_page[t],
+        slots_offset[t]), and returns the token after each chunk (n,) (the first generated token when the chunk
+        ends the prompt) with its log-probability (n,) float32. A chunk that starts past 0 attends to its earlier
+        chunks (or reused prefix) through its pages (`pages[i]`, host page ids; the fast path reads every chunk's
+        keys there). With `sample_rows` (packed token indices; `suppress_eos` then one flag per entry), the greedy
+        token after each of those tokens instead (a draft's verification needs the one after every draft token)."""
         total = inputs_embeds.shape[0]
-        offsets = starts or [0] * len(lengths)
-        tables = tables or [None] * len(lengths)
-        positions = torch.cat(
-            [torch.arange(s, s + n, device=inputs_embeds.device) for s, n in zip(offsets, lengths, strict=True)]
+        # Built on the host and copied once: one small arange per chunk on the device is a launch per chunk.
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)]).to(
+            inputs_embeds.device, non_blocking=True
         )
-        cos, sin = self._rope(positions)
         x = inputs_embeds
         bounds = [0]
         for n in lengths:
@@ -280,26 +256,18 @@ class PagedDecoder:
         rep = self.heads // self.kv_heads
         rows = sample_rows if sample_rows is not None else [b - 1 for b in bounds[1:]]
         last = torch.tensor(rows, dtype=torch.long).to(x.device, non_blocking=True)
-        # (token range, device pages, start) of the chunks that continue a prompt.
-        continued: list[tuple[int, int, torch.Tensor, int]] = []
-        for i, start in enumerate(offsets):
-            if start > 0:
-                table = tables[i]
-                if table is None:
-                    raise ValueError("a chunk that continues a prompt needs its pages")
-                continued.append((bounds[i], bounds[i + 1], table, start))
         if self._fast:
-            plans = prefill_plans(lengths, offsets, bounds, x.device)
+            # One launch per layer for every chunk, whatever its length or prefix: a prefill of ~90 live-stream
+            # prompts of many lengths was otherwise a few dozen small SDPA groups per layer, and the engine
+            # process's Python time to launch them, not the GPU, bounded how many streams it served.
+            layout = PrefillLayout.build(lengths, starts, pages, cache.page_size, prefill_block_m(rep), x.device)
 
             def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                out = torch.empty_like(q)
-                attend_plans(plans, q, k, v, out, scale=self.scale)
-                for begin, end, table, start in continued:
-                    out[begin:end] = self._prefix_attention(q[begin:end], index, cache, table, start)
-                return out
+                return paged_prefill_attention_triton(q, cache.keys[index], cache.values[index], layout, self.scale)
 
             hidden = self._forward_fast(x, positions, slots_page, slots_offset, cache, attend)
             return self._tokens_from_normed(hidden[last], suppress_eos)
+        cos, sin = self._rope(positions)
         for index, layer in enumerate(self._layers):
             h = layer.input_layernorm(x)
             q, k, v = self._qkv_proj(index, h)
@@ -309,9 +277,18 @@ class PagedDecoder:
             cache.values[index][slots_page, :, slots_offset] = v
             outs = []
             for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-                table = tables[i]
-                if offsets[i] > 0 and table is not None:
-                    outs.append(self._prefix_attention(q[start:end], index, cache, table, offsets[i]))
+                if starts[i] > 0:
+                    outs.append(
+                        paged_prefill_attention_torch(
+                            q[start:end],
+                            cache.keys[index],
+                            cache.values[index],
+                            [end - start],
+                            [starts[i]],
+                            [pages[i]],
+                            self.scale,
+                        )
+                    )
                     continue
                 # (1, heads, L, D): causal attention inside this request only.
                 qi = q[start:end].transpose(0, 1)[None]
@@ -385,86 +362,3 @@ class PagedDecoder:
         buffers.out_tokens[:rows].copy_(next_tokens)
         buffers.out_logprobs[:rows].copy_(logprobs)
         positions.add_(1)
-
-
-@dataclass(frozen=True)
-class PrefillPlan:
-    """One SDPA over a group of whole prompts (start 0) packed end to end in a prefill."""
-
-    gather: torch.Tensor  # (g, L): packed token index of each prompt's positions (padding: token 0)
-    mask: torch.Tensor | None  # (g, 1, L, L) causal and real keys; None: equal lengths, causal SDPA with no mask
-    keep: torch.Tensor | None  # rows of the flattened (g * L) output that are real tokens; None: all
-    dest: torch.Tensor  # packed token index of each kept row
-    real: torch.Tensor | None  # (g, 1, L, 1): which gathered keys/values are real; None: all
-
-
-def prefill_plans(lengths: list[int], offsets: list[int], bounds: list[int], device: torch.device) -> list[PrefillPlan]:
-    """The fast prefill's attention groups. Prompts of equal length (the usual case under load: same-length clips
-    give same-length prompts) go through one causal SDPA with no mask, which takes the flash kernel; the others,
-    padded to their longest, through one masked SDPA. Built once per prefill, on the host: the indices go to the
-    device as small copies, so nothing here waits for the device (a `nonzero` there would)."""
-    groups: dict[int, list[int]] = {}
-    for i, n in enumerate(lengths):
-        if offsets[i] == 0:
-            groups.setdefault(n, []).append(i)
-    rest = [members[0] for members in groups.values() if len(members) == 1]
-    if len(rest) == 1:  # a lone prompt needs no mask either
-        rest = []
-    plans: list[PrefillPlan] = []
-    for n, members in groups.items():
-        if len(members) == 1 and members[0] in rest:
-            continue
-        gather = torch.tensor([bounds[i] for i in members])[:, None] + torch.arange(n)[None, :]
-        on_device = gather.to(device, non_blocking=True)
-        plans.append(PrefillPlan(on_device, None, None, on_device.flatten(), None))
-    if rest:
-        longest = max(lengths[i] for i in rest)
-        begins = torch.tensor([bounds[i] for i in rest])
-        lens = torch.tensor([lengths[i] for i in rest])
-        offs = torch.arange(longest)
-        valid = offs[None, :] < lens[:, None]
-        gather = torch.where(valid, begins[:, None] + offs[None, :], torch.zeros_like(offs[None, :]))
-        keep = valid.flatten().nonzero().squeeze(-1)
-        dest = gather.flatten().index_select(0, keep)
-        valid_d = valid.to(device, non_blocking=True)
-        offs_d = torch.arange(longest, device=device)
-        causal = offs_d[None, :, None] >= offs_d[None, None, :]
-        plans.append(
-            PrefillPlan(
-                gather.to(device, non_blocking=True),
-                (causal & valid_d[:, None, :])[:, None, :, :],
-                keep.to(device, non_blocking=True),
-                dest.to(device, non_blocking=True),
-                # The padding gathers token 0, another request's: zeroed, its K/V cannot reach this request even
-                # when they are NaN (a masked score is added to -inf and weighted by 0, and NaN survives both).
-                valid_d[:, None, :, None],
-            )
-        )
-    return plans
-
-
-def attend_plans(
-    plans: list[PrefillPlan], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *, scale: float
-) -> None:
-    """Causal attention of every planned prompt within itself: q (T, heads, D), k and v (T, kv_heads, D) packed;
-    writes each planned token's output (T, heads, D) rows of `out`."""
-    heads, head_dim = int(q.shape[1]), int(q.shape[2])
-    rep = heads // int(k.shape[1])
-    for plan in plans:
-        qp = q[plan.gather].transpose(1, 2)
-        kp = k[plan.gather].transpose(1, 2)
-        vp = v[plan.gather].transpose(1, 2)
-        if plan.real is not None:
-            kp = torch.where(plan.real, kp, 0.0)
-            vp = torch.where(plan.real, vp, 0.0)
-        if rep > 1:
-            kp = kp.repeat_interleave(rep, dim=1)
-            vp = vp.repeat_interleave(rep, dim=1)
-        if plan.mask is None:
-            o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale)
-        else:
-            o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=plan.mask, scale=scale)
-        flat = o.transpose(1, 2).reshape(-1, heads, head_dim)
-        if plan.keep is not None:
-            flat = flat.index_select(0, plan.keep)
-        out.index_copy_(0, plan.dest, flat)

@@ -449,10 +449,6 @@ class ModelRunner:
             for t in range(begin, end):
                 slot_pages.append(item.work.pages[t // page])
                 slot_offsets.append(t % page)
-        tables: list[torch.Tensor | None] = [
-            torch.tensor(item.work.pages, dtype=torch.long, device=dev) if begin > 0 else None
-            for item, (begin, _) in zip(inputs, spans, strict=True)
-        ]
         suppress = torch.tensor([item.suppress_eos for item in inputs], dtype=torch.bool, device=dev)
         # The packed rows whose next token is sampled: each chunk's last, and before it one per draft token.
         counts = [1 + len(item.draft) for item in inputs]
@@ -473,7 +469,7 @@ class ModelRunner:
             if drafted
             else suppress,
             starts,
-            tables,
+            [item.work.pages for item in inputs],
             sample_rows if drafted else None,
         )
         if profiling:
