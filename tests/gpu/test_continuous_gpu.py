@@ -111,6 +111,50 @@ def test_the_encoder_never_waits_for_the_device(tiny_checkpoints: object) -> Non
     assert float((out.cpu() - expected).abs().max()) < 1e-3
 
 
+def test_a_prefill_never_waits_for_the_device(tiny_checkpoints: object) -> None:
+    # The whole prefill of unkeyed clips (log-mel on the device, encoder, decoder with the fused kernels): any host
+    # read or blocking copy in it stalls the prefill thread until the GPU has run everything queued before, so
+    # host and device take turns instead of overlapping. Sync debug mode warns at each; none may be left.
+    # Prefill in the engine thread (async off): nothing else runs meanwhile whose waits would be counted.
+    import warnings
+
+    from asr_server.engine.continuous.core import ContinuousConfig, ContinuousEngine
+    from asr_server.models.loading import load_asr_model
+    from tests.integration.test_features_torch import _drain, _item, _reference, _request
+
+    loaded = load_asr_model(str(tiny_checkpoints.asr_hf), dtype="float32", device="cuda")  # type: ignore[attr-defined]
+    config = ContinuousConfig(
+        max_running=8, page_size=16, kv_cache_tokens=8192, features="torch", async_prefill="off", kernels="triton"
+    )
+    engine = ContinuousEngine(loaded, config)
+    warm = _request("warm", 1.0, 4, seed=80)
+    engine.add(_item(warm))
+    list(_drain(engine))  # compiles the kernels outside the watch
+    requests = [_request(f"r{i}", 0.7 + 0.9 * i, 10, seed=70 + i) for i in range(5)]
+    expected = _reference(loaded, requests)
+    runner = engine._runner
+    original = runner._prefill
+    waits: list[str] = []
+
+    def watched(inputs: object) -> object:
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return original(inputs)  # type: ignore[arg-type]
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                waits.extend(f"{w.filename}:{w.lineno}: {w.message}" for w in seen)
+
+    runner._prefill = watched  # type: ignore[method-assign,assignment]
+    for request in requests:
+        engine.add(_item(request))
+    got = {o.request_id: o.result.token_ids for o in _drain(engine) if o.result is not None}
+    assert got == expected
+    assert not waits, "\n".join(waits)
+
+
 def test_a_stream_reuses_its_kv_prefix_on_the_device(tiny_checkpoints: object) -> None:
     # The CUDA path of the stream cache's KV prefixes: the fused kernels, the prefill on its side stream (async
     # prefill), the page copies: growing prefixes keyed give each prefix's own result, with fewer tokens prefilled.

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
+from asr_server.audio.raw import MAX_FLOAT_SAMPLE_MAGNITUDE
 from asr_server.engine.core import CoreStats, EngineOutput, StepCounter
 from asr_server.engine.types import BatchStats, DecodeRequest, DecodeResult, WaitingQueue, WorkItem
 from asr_server.errors import AsrError, InvalidInput
@@ -60,6 +61,19 @@ def require_finite_features(prepared: PreparedInputs) -> PreparedInputs:
             "the audio's log-mel features are not finite (NaN or Inf); send audio with finite samples in [-1, 1]"
         )
     return prepared
+
+
+def require_bounded_samples(audio: np.ndarray[Any, Any]) -> None:
+    """The same guarantee as `require_finite_features` from the samples alone, on the host, for features made on the
+    device (checking them there would make the prefill wait for the device): finite samples within
+    +-MAX_FLOAT_SAMPLE_MAGNITUDE give a finite log-mel (its power spectrum stays far below float32's range)."""
+    samples = np.asarray(audio)
+    # NaN makes the peak NaN, which fails the comparison.
+    if samples.size and not float(np.max(np.abs(samples))) <= MAX_FLOAT_SAMPLE_MAGNITUDE:
+        raise InvalidInput(
+            f"the audio has NaN, Inf or a sample beyond +-{MAX_FLOAT_SAMPLE_MAGNITUDE:g}, which makes its log-mel "
+            "features not finite; send audio with finite samples in [-1, 1]"
+        )
 
 
 def request_error(request_id: str, stage: str, exc: Exception) -> Exception:

@@ -377,5 +377,7 @@ def paged_prefill_attention_triton(
         PAGE=page,
         BLOCK_M=layout.block_m,
         KV_HEADS=kv_heads,
+        # 128 query rows x 128 dims of fp32 accumulator: eight warps keep it in registers.
+        num_warps=8,
     )
     return out

@@ -123,8 +123,10 @@ class TorchFeatureExtractor:
         for row, clip in enumerate(clips):
             samples = np.asarray(clip, dtype=np.float32).reshape(-1)
             waves[row, : samples.shape[0]] = samples
-        wave = torch.from_numpy(waves).to(self._device)
-        length = torch.tensor(lengths, dtype=torch.long, device=self._device)
+        # Non-blocking copies: a blocking one waits for everything queued on the stream before it.
+        host = torch.from_numpy(waves)
+        wave = (host.pin_memory() if self._device.type == "cuda" else host).to(self._device, non_blocking=True)
+        length = torch.tensor(lengths, dtype=torch.long).to(self._device, non_blocking=True)
         valid = [n // self._hop for n in lengths]
         log_spec, inside, floors, window_min = self._log_mel(
             _reflect_pad_rows(wave, length, half), valid, stats_window_frames
@@ -147,7 +149,7 @@ class TorchFeatureExtractor:
         power = stft[..., :max_valid].abs() ** 2
         log_spec = torch.clamp(self._filters_t @ power, min=1e-10).log10()
         frame = torch.arange(max_valid, device=self._device)
-        inside = frame[None, :] < torch.tensor(valid, device=self._device)[:, None]
+        inside = frame[None, :] < torch.tensor(valid).to(self._device, non_blocking=True)[:, None]
         outside = ~inside[:, None, :]
         peak = log_spec.masked_fill(outside, float("-inf")).amax(dim=(1, 2), keepdim=True)
         floor = peak - 8.0

@@ -39,7 +39,6 @@ from asr_server.engine.continuous.stream_cache import (
     window_sample_range,
 )
 from asr_server.engine.generate_core import PreparedInputs
-from asr_server.errors import InvalidInput
 from asr_server.models.loading import LoadedAsrModel
 
 logger = logging.getLogger(__name__)
@@ -428,7 +427,11 @@ class ModelRunner:
         decoder = self.decoder
         dev = self.device
         page = self._config.page_size
-        ids = torch.cat([state.ids[begin:end] for state, (begin, end) in zip(states, spans, strict=True)]).to(dev)
+        # Every host-to-device copy here is non-blocking: a blocking one waits for all the work queued on the
+        # prefill's stream (the encoder's), and the host then launches the decoder only after the GPU went idle.
+        ids = torch.cat([state.ids[begin:end] for state, (begin, end) in zip(states, spans, strict=True)]).to(
+            dev, non_blocking=True
+        )
         embeds = decoder.embed(ids)
         # The audio placeholders' positions, found on the host (a boolean index on the device syncs with it).
         audio_at = (
@@ -446,10 +449,11 @@ class ModelRunner:
         slot_pages: list[int] = []
         slot_offsets: list[int] = []
         for item, (begin, end) in zip(inputs, spans, strict=True):
-            for t in range(begin, end):
-                slot_pages.append(item.work.pages[t // page])
-                slot_offsets.append(t % page)
-        suppress = torch.tensor([item.suppress_eos for item in inputs], dtype=torch.bool, device=dev)
+            positions = range(begin, end)
+            owned = item.work.pages
+            slot_pages.extend(owned[t // page] for t in positions)
+            slot_offsets.extend(t % page for t in positions)
+        suppress = _to_device([item.suppress_eos for item in inputs], torch.bool, dev)
         # The packed rows whose next token is sampled: each chunk's last, and before it one per draft token.
         counts = [1 + len(item.draft) for item in inputs]
         ends = np.cumsum(lengths).tolist()
@@ -458,13 +462,13 @@ class ModelRunner:
         after, after_logprobs = decoder.prefill(
             embeds,
             lengths,
-            torch.tensor(slot_pages, dtype=torch.long, device=dev),
-            torch.tensor(slot_offsets, dtype=torch.long, device=dev),
+            _to_device(slot_pages, torch.long, dev),
+            _to_device(slot_offsets, torch.long, dev),
             self.cache,
-            torch.tensor(
+            _to_device(
                 [item.suppress_eos for item, count in zip(inputs, counts, strict=True) for _ in range(count)],
-                dtype=torch.bool,
-                device=dev,
+                torch.bool,
+                dev,
             )
             if drafted
             else suppress,
@@ -688,7 +692,8 @@ class ModelRunner:
         """Features (1, mel_bins, frames) and valid frames of each item's clip, by index: one batched call on the
         device per `encoder_batch_audio_s` of padded audio (clips sorted by length, so a batch pads little); for
         keyed items (live streams, with the stream cache on) also the clamp floor and the per-window minima
-        before the clamp (a host sync, paid only by groups holding one)."""
+        before the clamp (a host sync, paid only by groups holding one). The samples were bounded on the
+        preprocess threads (require_bounded_samples), so the features are finite without a look on the device."""
         if self._features is None:
             raise RuntimeError("features are missing and the engine computes none (features=reference)")
         clips: list[np.ndarray[Any, Any]] = []
@@ -714,14 +719,6 @@ class ModelRunner:
             if batch.floors is not None and batch.window_min is not None:
                 floors = batch.floors.tolist()
                 minima = batch.window_min.tolist()
-            finite = torch.isfinite(batch.input_features).flatten(1).all(dim=1).tolist()
-            bad = sum(1 for ok in finite if not ok)
-            if bad:
-                # The engine retries the group request by request: only the bad clip fails.
-                raise InvalidInput(
-                    "the audio's log-mel features are not finite (NaN or Inf); send audio with finite samples "
-                    f"in [-1, 1] ({bad} of {len(group)} clips)"
-                )
             for row, i in enumerate(group):
                 clip = batch.clip(row)
                 if clip.num_audio_tokens != int((items[i].prepared.input_ids == self._audio_token_id).sum()):
@@ -872,3 +869,9 @@ class ModelRunner:
         b.active.copy_(saved[2])
         torch.cuda.synchronize(self.device)
         logger.info("captured %d decode graphs (batch sizes %s)", len(self._graphs), self.buckets)
+
+
+def _to_device(values: Sequence[int] | Sequence[bool], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without waiting for the stream (`torch.tensor(..., device=cuda)` copies
+    and then synchronises it)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)

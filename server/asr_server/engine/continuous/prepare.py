@@ -32,7 +32,12 @@ import torch
 
 from asr_server.audio.formats import MODEL_SAMPLE_RATE_HZ
 from asr_server.engine.continuous.features import REFERENCE_TOLERANCE, TorchFeatureExtractor
-from asr_server.engine.generate_core import PreparedInputs, prepare_single, require_finite_features
+from asr_server.engine.generate_core import (
+    PreparedInputs,
+    prepare_single,
+    require_bounded_samples,
+    require_finite_features,
+)
 from asr_server.engine.types import DecodeRequest
 from asr_server.models.loading import LoadedAsrModel
 
@@ -145,5 +150,6 @@ class FastPreparer:
         if template is None:
             return prepare_single(self._loaded, request)
         if not self._compute_features:
+            require_bounded_samples(request.audio_16k)
             return self._build(request, template, compute_features=False)
         return require_finite_features(self._build(request, template))
