@@ -112,6 +112,20 @@ def test_each_chunk_attends_causally_to_its_own_pages_only() -> None:
     assert lines == [f"case {i}: ok" for i in range(len(CASES))], done.stdout + done.stderr[-3000:]
 
 
+@pytest.mark.parametrize("chunks", [1, 2, 3, 5, 90])
+def test_every_layout_takes_the_kernel_variant_compiled_at_warm_up(chunks: int) -> None:
+    # Triton specialises on each pointer's 16-byte alignment and each integer's divisibility by 16: a layout
+    # breaking either would compile a new kernel in the middle of serving.
+    lengths = [7 + 13 * c for c in range(chunks)]
+    starts = [0 if c % 2 else 3 * c for c in range(chunks)]
+    pages = [list(range(1, 2 + (s + n) // PAGE)) for n, s in zip(lengths, starts, strict=True)]
+    layout = PrefillLayout.build(lengths, starts, pages, PAGE, 16, torch.device("cpu"))
+    for tensor in (layout.chunks, layout.blocks, layout.table):
+        assert tensor.data_ptr() % 16 == 0
+    assert layout.table.stride(0) % 16 == 0
+    assert layout.chunks[:, :3].tolist() == [[sum(lengths[:c]), lengths[c], starts[c]] for c in range(chunks)]
+
+
 def test_a_chunk_past_its_pages_is_refused() -> None:
     with pytest.raises(ValueError, match="owns 1 pages"):
         PrefillLayout.build([10], [10], [[3]], PAGE, 16, torch.device("cpu"))

@@ -158,11 +158,11 @@ def _build() -> dict[str, Any]:
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
-        chunk = tl.load(blocks_ptr + b * 2)
-        m0 = tl.load(blocks_ptr + b * 2 + 1)
-        begin = tl.load(chunks_ptr + chunk * 3)
-        n = tl.load(chunks_ptr + chunk * 3 + 1)
-        start = tl.load(chunks_ptr + chunk * 3 + 2)
+        chunk = tl.load(blocks_ptr + b * 4)
+        m0 = tl.load(blocks_ptr + b * 4 + 1)
+        begin = tl.load(chunks_ptr + chunk * 4)
+        n = tl.load(chunks_ptr + chunk * 4 + 1)
+        start = tl.load(chunks_ptr + chunk * 4 + 2)
         heads = KV_HEADS * GROUP
 
         # Row r: query token m0 + r // GROUP_PAD, head kvh * GROUP + r % GROUP_PAD (the GQA group shares keys).
@@ -256,9 +256,9 @@ class PrefillLayout:
     q_begin[c]..q_begin[c] + q_len[c] - 1 at positions q_start[c]..; its keys are positions 0..q_start[c] + q_len[c]
     - 1 in its pages (table[c]); program b runs rows block_m0[b].. of chunk block_chunk[b]."""
 
-    chunks: torch.Tensor  # (C, 3) int32: q_begin, q_len, q_start
-    table: torch.Tensor  # (C, P) int32: page ids (padding: the scratch page 0, never read)
-    blocks: torch.Tensor  # (NB, 2) int32: chunk, first row within it
+    chunks: torch.Tensor  # (C, 4) int32: q_begin, q_len, q_start, 0
+    table: torch.Tensor  # (C, P) int32: page ids (padding: the scratch page 0, never read); P a multiple of 16
+    blocks: torch.Tensor  # (NB, 4) int32: chunk, first row within it, 0, 0
     block_m: int
 
     @staticmethod
@@ -270,19 +270,22 @@ class PrefillLayout:
         block_m: int,
         device: torch.device,
     ) -> PrefillLayout:
-        chunks: list[tuple[int, int, int]] = []
-        blocks: list[tuple[int, int]] = []
+        chunks: list[tuple[int, int, int, int]] = []
+        blocks: list[tuple[int, int, int, int]] = []
         widths: list[int] = []
         begin = 0
         for c, (n, start, owned) in enumerate(zip(lengths, starts, pages, strict=True)):
             width = -(-(start + n) // page_size)
             if len(owned) < width:
                 raise ValueError(f"chunk {c} reaches position {start + n - 1} but owns {len(owned)} pages")
-            chunks.append((begin, n, start))
-            blocks.extend((c, m0) for m0 in range(0, n, block_m))
+            chunks.append((begin, n, start, 0))
+            blocks.extend((c, m0, 0, 0) for m0 in range(0, n, block_m))
             widths.append(width)
             begin += n
-        table = torch.zeros((len(lengths), max(widths, default=1)), dtype=torch.int32)
+        # Triton compiles a kernel anew for each pattern of its integer arguments' divisibility by 16 and its
+        # pointers' 16-byte alignment: rows of 16 bytes and a table width that is a multiple of 16 keep every
+        # prefill on the variant compiled at warm-up (a compile mid-run stalls the prefill thread for ~1 s).
+        table = torch.zeros((len(lengths), -(-max(widths, default=1) // 16) * 16), dtype=torch.int32)
         for c, (width, owned) in enumerate(zip(widths, pages, strict=True)):
             table[c, :width] = torch.tensor(owned[:width], dtype=torch.int32)
         # One pinned buffer, one copy: three small tensors each copied from pageable memory would each wait.
@@ -298,9 +301,9 @@ class PrefillLayout:
         flat = host.to(device, non_blocking=True)
         n_chunks, n_blocks = len(chunks), len(blocks)
         return PrefillLayout(
-            chunks=flat[: 3 * n_chunks].view(n_chunks, 3),
-            blocks=flat[3 * n_chunks : 3 * n_chunks + 2 * n_blocks].view(n_blocks, 2),
-            table=flat[3 * n_chunks + 2 * n_blocks :].view(table.shape),
+            chunks=flat[: 4 * n_chunks].view(n_chunks, 4),
+            blocks=flat[4 * n_chunks : 4 * (n_chunks + n_blocks)].view(n_blocks, 4),
+            table=flat[4 * (n_chunks + n_blocks) :].view(table.shape),
             block_m=block_m,
         )
 
