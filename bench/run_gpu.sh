@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmark, in one call of the device tool (or by hand on any CUDA machine). Sections:
-#   bash bench/run_gpu.sh setup      # install carried wheels (.whl/) into /tmp/site
+#   bash bench/run_gpu.sh setup      # install carried wheels (.whl/, from bench/fetch_gpu_wheels.sh) into /tmp/site
 #   bash bench/run_gpu.sh kernel     # Triton paged attention vs torch reference
 #   bash bench/run_gpu.sh engine17   # build the random 1.7B, in-process engine throughput + profile
 #   bash bench/run_gpu.sh grpc17     # gRPC server with the random 1.7B + the load generator table
@@ -107,40 +107,14 @@ table() {  # size (1.7b | 0.6b), model name: ours, then plain generate at the sa
 streams() {  # size, label, levels: live streams over $FRONTS fronts from $CLIENTS client processes
   local size=$1 label=$2 levels=$3 dir=/tmp/rand-$1
   [ -d "$dir" ] || $PY bench/build_random_checkpoint.py --size "$size" --out "$dir" --device cuda
-  # GPU utilisation every 500 ms, and when each level's line was printed: a level's mean is taken over the
-  # $STREAM_S seconds before its line (its streams; start-up and the previous level's drain left out).
-  nvidia-smi --query-gpu=timestamp,utilization.gpu --format=csv,noheader,nounits -lms 500 >"$OUT/gpu-util-$size.csv" &
-  local smi=$!
-  : >"$OUT/stream-times-$size.txt"  # a previous run's lines in the same $OUT would be read as this run's levels
+  # Each level's GPU and host utilisation is measured and printed by the bench itself ("  busy: ..." lines).
   $PY bench/streaming_bench.py --serve "--model $dir --engine continuous --bench-forced-tokens-per-audio-s 4 \
     --max-batch-wait-ms 0 --max-inference-batch-size 128 --max-running-requests 512 --max-live-streams-per-replica 2048 \
     --no-reflection --front-processes ${FRONTS:-1} ${STREAM_SERVER_FLAGS:-}" --switch-interval-ms 0.5 \
     --client-processes "${CLIENTS:-1}" --warmup-streams "${WARMUP_STREAMS:-0}" --streams "$levels" \
     --duration-s "${STREAM_S:-25}" --speech "$SPEECH" --label "$label" --commit "$COMMIT" \
     --results-json "$STREAM_RESULTS" --json "$OUT/stream-$size.json" 2>&1 | grep --line-buffered -v "Loading weights" \
-    | tee -a "$OUT/table.txt" | while IFS= read -r line; do
-      case $line in streams=*) echo "$(date +%s) $line" >>"$OUT/stream-times-$size.txt" ;; esac
-      echo "$line"
-    done
-  kill "$smi" 2>/dev/null
-  $PY - "$OUT/gpu-util-$size.csv" "$OUT/stream-times-$size.txt" "${STREAM_S:-25}" <<'PYEOF' | tee -a "$OUT/table.txt"
-import datetime, sys
-samples = []
-for line in open(sys.argv[1]):
-    stamp, _, util = line.rpartition(",")
-    try:
-        at = datetime.datetime.strptime(stamp.strip(), "%Y/%m/%d %H:%M:%S.%f").timestamp()
-        samples.append((at, float(util)))
-    except ValueError:
-        continue
-duration_s = float(sys.argv[3])
-for line in open(sys.argv[2]):
-    at_s, _, rest = line.partition(" ")
-    end = float(at_s)
-    span = [u for t, u in samples if end - duration_s < t <= end]
-    mean = sum(span) / len(span) if span else float("nan")
-    print(f"GPU busy {mean:.0f}% (mean of {len(span)} samples over the last {duration_s:g} s) at: {rest.strip()[:13]}")
-PYEOF
+    | tee -a "$OUT/table.txt"
 }
 
 for section in "$@"; do

@@ -28,6 +28,7 @@ import contextlib
 import datetime
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -225,11 +226,97 @@ def _group_process(target: str, pcm: bytes, offsets: list[int], args: argparse.N
     return asyncio.run(run_group(target, pcm, offsets, args))
 
 
+class Utilisation:
+    """What a level kept busy, from its start to its end: the GPU (nvidia-smi's utilisation every 500 ms, where
+    there is one), and the host: the machine's busy share of all cores, and the CPU time of the server's processes
+    (the one --serve started and its children: fronts, engine) and of this script's client processes, in cores
+    (CPU seconds / wall seconds), each process's own figure kept: one process near its GIL's single core is the
+    limit however idle the machine is."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._server_pid = server_pid
+        self._smi: subprocess.Popen[str] | None = None
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            self._smi = subprocess.Popen(
+                [smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "500"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+        self._wall_s = time.perf_counter()
+        self._machine = psutil.cpu_times()
+        self._cpu_s = self._cpu_seconds()
+
+    def _tree(self, root: Any) -> list[Any]:
+        try:
+            return [root, *root.children(recursive=True)]
+        except self._psutil.Error:
+            return []
+
+    def _cpu_seconds(self) -> dict[int, tuple[str, float]]:
+        """pid -> (role, user + system CPU seconds) of every live process in the server's tree and in ours; our own
+        entry also holds our ended children's (the client processes of a level end before it is measured)."""
+        psutil = self._psutil
+        seen: dict[int, tuple[str, float]] = {}
+        server_tree: list[Any] = []
+        if self._server_pid is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                server_tree = self._tree(psutil.Process(self._server_pid))
+        server_pids = {p.pid for p in server_tree}
+        me = psutil.Process()
+        clients = [p for p in self._tree(me) if p.pid not in server_pids]
+        for role, tree in (("server", server_tree), ("client", clients)):
+            for process in tree:
+                try:
+                    times = process.cpu_times()
+                except psutil.Error:
+                    continue  # ended meanwhile: its last moments are not counted
+                seconds = times.user + times.system
+                if process.pid == me.pid:
+                    # Reaped children only: the server is alive (its processes are counted above).
+                    seconds += times.children_user + times.children_system
+                seen[process.pid] = (role, seconds)
+        return seen
+
+    def finish(self) -> dict[str, Any]:
+        wall_s = max(1e-6, time.perf_counter() - self._wall_s)
+        machine = self._psutil.cpu_times()
+        total = sum(machine) - sum(self._machine)
+        idle = (machine.idle + getattr(machine, "iowait", 0.0)) - (
+            self._machine.idle + getattr(self._machine, "iowait", 0.0)
+        )
+        cores: dict[str, list[float]] = {"server": [], "client": []}
+        for pid, (role, seconds) in self._cpu_seconds().items():
+            before = self._cpu_s.get(pid, (role, 0.0))[1]  # a process started during the level: all of its time
+            cores[role].append(round((seconds - before) / wall_s, 2))
+        gpu: float | None = None
+        if self._smi is not None:
+            self._smi.terminate()
+            out, _ = self._smi.communicate(timeout=10)
+            samples = [float(line) for line in out.split() if line.replace(".", "", 1).isdigit()]
+            gpu = round(sum(samples) / len(samples)) if samples else None
+        return {
+            "gpu_busy_pct": gpu,
+            "host_cpu": {
+                "machine_busy_pct": round(100 * (1 - idle / total)) if total > 0 else None,
+                "machine_cores": self._psutil.cpu_count(),
+                "server_cores": round(sum(cores["server"]), 2) if self._server_pid is not None else None,
+                "server_process_cores": sorted(cores["server"], reverse=True),
+                "client_cores": round(sum(cores["client"]), 2),
+            },
+        }
+
+
 async def run_level(target: str, pcm: bytes, streams: int, args: argparse.Namespace) -> dict[str, Any]:
     length_ms = len(pcm) // 32
     rng = np.random.default_rng(streams)
     offsets = [int(rng.integers(0, length_ms)) for _ in range(streams)]
     started = time.perf_counter()
+    utilisation = Utilisation(getattr(args, "server_pid", None))
     workers = max(1, min(args.client_processes, streams))
     if workers == 1:
         results = await run_group(target, pcm, offsets, args)
@@ -249,6 +336,7 @@ async def run_level(target: str, pcm: bytes, streams: int, args: argparse.Namesp
             )
         results = [stats for group in groups for stats in group]
     wall = time.perf_counter() - started
+    busy = utilisation.finish()
     finals_expected = sum(expected_utterances(sent_window(pcm, off, args.duration_s)) for off in offsets)
     finals = [v for r in results for v in r.final_latency_s]
     decode = [v for r in results for v in r.final_decode_s]
@@ -270,6 +358,7 @@ async def run_level(target: str, pcm: bytes, streams: int, args: argparse.Namesp
         "front_processes": args.target_front_processes or front_processes(args.serve),
         "client_processes": workers,
         "slow_finals": [s for r in results for s in r.slow_finals][:100],
+        **busy,
     }
     print(
         f"streams={streams:4d}  finals={row['finals']:5d}/{finals_expected}  "
@@ -277,6 +366,20 @@ async def run_level(target: str, pcm: bytes, streams: int, args: argparse.Namesp
         f"(decode {row['final_decode_ms'][50]}/{row['final_decode_ms'][90]}/{row['final_decode_ms'][99]})  "
         f"interim p50/p90/p99 {row['interim_ms'][50]}/{row['interim_ms'][90]}/{row['interim_ms'][99]} ms  "
         f"interims={row['interims']}  send-lag max {row['max_client_send_lag_ms']} ms  errors={row['errors']}",
+        flush=True,
+    )
+    host = busy["host_cpu"]
+    gpu = "none" if busy["gpu_busy_pct"] is None else f"{busy['gpu_busy_pct']}% busy"
+    server = (
+        ""
+        if host["server_cores"] is None
+        else (
+            f"; server {host['server_cores']} cores (by process {'/'.join(map(str, host['server_process_cores'][:8]))})"
+        )
+    )
+    print(
+        f"  busy: GPU {gpu}; host {host['machine_busy_pct']}% of {host['machine_cores']} cores{server}; "
+        f"clients {host['client_cores']} cores",
         flush=True,
     )
     if errors:
@@ -337,7 +440,7 @@ async def main() -> tuple[argparse.Namespace, list[dict[str, Any]]]:
     async with contextlib.AsyncExitStack() as stack:
         target = args.target
         if target is None and args.serve:
-            target = stack.enter_context(server_process(args.serve, args.switch_interval_ms))
+            target, args.server_pid = stack.enter_context(server_process(args.serve, args.switch_interval_ms))
         elif target is None:
             target = await stack.enter_async_context(in_process_server(args))
         channel = grpc.aio.insecure_channel(target)
@@ -358,7 +461,7 @@ async def main() -> tuple[argparse.Namespace, list[dict[str, Any]]]:
 
 
 @contextlib.contextmanager
-def server_process(flags: str, switch_interval_ms: float | None = None) -> Iterator[str]:
+def server_process(flags: str, switch_interval_ms: float | None = None) -> Iterator[tuple[str, int]]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -383,7 +486,7 @@ def server_process(flags: str, switch_interval_ms: float | None = None) -> Itera
             time.sleep(0.5)
         else:
             raise SystemExit(f"the server did not start in 300 s: see {log.name}")
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", process.pid
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -442,6 +545,8 @@ def result_object(row: dict[str, Any], *, model: str, commit: str, date: str) ->
         "front_processes": row.get("front_processes"),
         "client_processes": row.get("client_processes"),
         "duration_s": row["duration_s"],
+        "gpu_busy_pct": row.get("gpu_busy_pct"),
+        "host_cpu": row.get("host_cpu"),
         "date": date,
         "commit": commit,
     }

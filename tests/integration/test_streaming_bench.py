@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ pytestmark = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not
 REPO = Path(__file__).resolve().parents[2]
 KEYS = {
     "model", "streams", "finals_expected", "finals", "decode_ms", "final_after_speech_ms", "interim_ms", "interims",
-    "real_time_held", "date", "commit", "front_processes", "client_processes", "duration_s",
+    "real_time_held", "date", "commit", "front_processes", "client_processes", "duration_s", "gpu_busy_pct",
+    "host_cpu",
 }
 
 
@@ -39,8 +41,8 @@ def test_results_json_appends_one_object_per_level_in_the_published_shape(tmp_pa
     results.parent.mkdir()
     results.write_text(json.dumps([{"model": "earlier run"}]))
     done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "streaming_bench.py"), "--engine", "fake", "--streams", "2",
-         "--duration-s", "10", "--results-json", str(results), "--label", "fake-engine"],
+        [sys.executable, str(REPO / "bench" / "streaming_bench.py"), "--serve", "--engine fake --no-warmup",
+         "--streams", "2", "--duration-s", "10", "--results-json", str(results), "--label", "fake-engine"],
         capture_output=True, text=True, timeout=120, check=False,
     )
     assert done.returncode == 0, done.stderr[-4000:]
@@ -56,6 +58,13 @@ def test_results_json_appends_one_object_per_level_in_the_published_shape(tmp_pa
     assert all(isinstance(v, int) for part in ("decode_ms", "final_after_speech_ms") for v in level[part].values())
     assert level["real_time_held"] is (level["decode_ms"]["p99"] <= 400)
     assert level["date"].endswith("+00:00") and level["commit"]
+    # What the level kept busy: no GPU here; the server process (the fake engine runs in it) and this script's
+    # own client work measured in cores, the machine as a share of its cores.
+    assert level["gpu_busy_pct"] is None or shutil.which("nvidia-smi")
+    host = level["host_cpu"]
+    assert 0 <= host["machine_busy_pct"] <= 100 and host["machine_cores"] >= 1
+    assert host["server_process_cores"] and host["server_cores"] == pytest.approx(sum(host["server_process_cores"]))
+    assert 0 < host["server_cores"] < host["machine_cores"] and 0 < host["client_cores"] < host["machine_cores"]
 
 
 def test_expected_finals_count_each_sentence_in_the_window_once() -> None:
