@@ -248,6 +248,37 @@ def test_the_kv_prefix_of_reused_windows_is_copied_and_not_prefilled_again(
     assert engine.stream_cache.prefix_nbytes == 0  # freed with the final
 
 
+def test_two_streams_reusing_their_kv_prefixes_in_one_prefill_each_get_their_own(loaded: LoadedAsrModel) -> None:
+    """Two keyed streams' pieces arrive together, so each prefill copies both prefixes (one batch of copies, page
+    ids side by side): each piece equals that piece decoded alone, log-probabilities included."""
+    audios = {"a/0/0": _utterance(26.0, seed=1), "b/0/0": _utterance(26.0, seed=2)}
+    cuts = [3.0, 9.0, 17.0, 25.0]
+    alone = {key: _pieces(_engine(loaded), audio, cuts, None) for key, audio in audios.items()}
+    engine = _engine(loaded)
+    batches: list[int] = []
+    copy = engine._runner._copy_kv_prefixes
+
+    def counted(copies: Any) -> None:
+        batches.append(len(copies))
+        copy(copies)
+
+    engine._runner._copy_kv_prefixes = counted  # type: ignore[method-assign]
+    pieces = [(cut, DecodePriority.INTERIM) for cut in cuts] + [(26.0, DecodePriority.FINAL)]
+    for i, (cut, priority) in enumerate(pieces):
+        for key, audio in audios.items():
+            request = DecodeRequest(
+                f"{key}-{i}", audio[: int(cut * _RATE)], _OPTIONS, priority=priority, stream_key=key
+            )
+            engine.add(WorkItem(request, time.time_ns(), time.monotonic()))
+        results = {o.request_id: o.result for o in _drain(engine)}
+        for key in audios:
+            mine, reference = results[f"{key}-{i}"], alone[key][i][0]
+            assert mine is not None and mine.token_ids == reference.token_ids, (key, i)
+            assert mine.token_logprobs == pytest.approx(reference.token_logprobs, abs=1e-5), (key, i)
+    assert engine.stream_cache.prefix_hits == 6
+    assert max(batches) == 2
+
+
 def _interims_prefilled(loaded: LoadedAsrModel, **cache: Any) -> list[int]:
     return [tokens for _, tokens in _interims(loaded, **cache)]
 

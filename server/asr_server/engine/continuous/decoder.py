@@ -27,11 +27,16 @@ from asr_server.engine.continuous.attention import (
 
 @dataclass
 class KvCache:
-    """One K and one V tensor per layer, each (num_pages, kv_heads, page_size, head_dim). Page 0 is scratch."""
+    """One K and one V tensor per layer, each (num_pages, kv_heads, page_size, head_dim). Page 0 is scratch.
+
+    The layers' tensors are views of one (layers, num_pages, ...) tensor each for K and V (`all_keys`,
+    `all_values`), so copying a request's pages across every layer is one indexed copy, not one per layer."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     page_size: int
+    all_keys: torch.Tensor
+    all_values: torch.Tensor
 
     @property
     def num_pages(self) -> int:
@@ -109,10 +114,10 @@ class PagedDecoder:
         return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.kv_dtype).bits // 8
 
     def allocate_cache(self, num_pages: int, page_size: int) -> KvCache:
-        shape = (num_pages, self.kv_heads, page_size, self.head_dim)
-        keys = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(self.num_layers)]
-        values = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(self.num_layers)]
-        return KvCache(keys, values, page_size)
+        shape = (self.num_layers, num_pages, self.kv_heads, page_size, self.head_dim)
+        all_keys = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        all_values = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        return KvCache(list(all_keys.unbind(0)), list(all_values.unbind(0)), page_size, all_keys, all_values)
 
     # ---- shared pieces ----
 

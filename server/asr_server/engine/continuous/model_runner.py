@@ -567,34 +567,49 @@ class ModelRunner:
         pages = torch.tensor(work.pages[: -(-tokens // self._config.page_size)], dtype=torch.long).to(
             self.device, non_blocking=True
         )
-        keys = torch.stack([layer.index_select(0, pages) for layer in self.cache.keys])
-        values = torch.stack([layer.index_select(0, pages) for layer in self.cache.values])
+        keys = self.cache.all_keys.index_select(1, pages)
+        values = self.cache.all_values.index_select(1, pages)
         return CachedPrefix(st.head, run, tokens, keys, values)
 
-    def _reuse_kv_prefix(self, st: _Prompt, work: PrefillWork, key: str) -> None:
+    def _reuse_kv_prefix(
+        self, st: _Prompt, work: PrefillWork, key: str
+    ) -> tuple[Sequence[int], CachedPrefix, int] | None:
         """A whole prompt whose head matches the key's cached KV prefix and whose leading windows all came from
-        the cache: the K/V of the head and of those windows' audio tokens are copied into its pages (the decoder is
-        causal: they are what its own prefill would write there), and its prefill starts after them."""
+        the cache: the K/V of the head and of those windows' audio tokens are to be copied into its pages (the
+        decoder is causal: they are what its own prefill would write there), and its prefill starts after them.
+        Returns the copy (its pages, the prefix, how many of its pages); `_copy_kv_prefixes` makes them all."""
         prefix = self.stream_cache.prefix(key)
         if prefix is None or prefix.head != st.head or work.start_token != 0 or not work.completes:
-            return
+            return None
         run = 0
         while run < prefix.windows and run in st.reused:
             run += 1
         if run == 0:
-            return
+            return None
         tokens = len(st.head) + st.window_starts[run - 1] + st.windows[run - 1]
         if tokens > prefix.tokens or tokens >= work.total_tokens:
-            return
-        count = -(-tokens // self._config.page_size)
-        pages = torch.tensor(work.pages[:count], dtype=torch.long).to(self.device, non_blocking=True)
-        # Whole pages: the last one's slots past `tokens` are overwritten by this prefill before anything reads.
-        for layer, kept in zip(self.cache.keys, prefix.keys, strict=True):
-            layer.index_copy_(0, pages, kept[:count])
-        for layer, kept in zip(self.cache.values, prefix.values, strict=True):
-            layer.index_copy_(0, pages, kept[:count])
+            return None
         st.kv_reused_tokens = tokens
         self.stream_cache.prefix_hits += 1
+        count = -(-tokens // self._config.page_size)
+        return work.pages[:count], prefix, count
+
+    def _copy_kv_prefixes(self, copies: Sequence[tuple[Sequence[int], CachedPrefix, int]]) -> None:
+        """Every reused prefix of a prefill into its request's pages: per request one indexed copy of K and one of
+        V over all layers (one per layer made ~5,000 launches for a live-stream prefill of ~90 prompts), the page
+        ids in one host-to-device copy. Not one copy for all: its source would be a gathered temporary as large as
+        every prefix together (GBs at ~90 prompts). Whole pages: each last one's slots past the prefix are
+        overwritten by the prefill before anything reads them."""
+        if not copies:
+            return
+        pages = torch.tensor([p for owned, _, _ in copies for p in owned], dtype=torch.long)
+        on_device = pages.to(self.device, non_blocking=True)
+        begin = 0
+        for _, prefix, count in copies:
+            mine = on_device[begin : begin + count]
+            self.cache.all_keys.index_copy_(1, mine, prefix.keys[:, :count])
+            self.cache.all_values.index_copy_(1, mine, prefix.values[:, :count])
+            begin += count
 
     def _start_prompts(self, items: Sequence[PrefillInput]) -> None:
         """The prefill state of requests starting their prefill: ids, audio positions and features (torch
@@ -607,6 +622,7 @@ class ModelRunner:
             by_need = self._torch_features([items[i] for i in need])
             computed = {need[j]: value for j, value in by_need.items()}
         window = self._window_frames
+        copies: list[tuple[Sequence[int], CachedPrefix, int]] = []
         for i, item in enumerate(items):
             floor: float | None = None
             window_min: list[float] | None = None
@@ -641,7 +657,10 @@ class ModelRunner:
             if item.stream_key is not None and floor is not None and window_min is not None and item.audio is not None:
                 st = self._prompts[item.work.request_id]
                 self._reuse_windows(st, item, item.stream_key, item.audio, floor, window_min)
-                self._reuse_kv_prefix(st, item.work, item.stream_key)
+                copy = self._reuse_kv_prefix(st, item.work, item.stream_key)
+                if copy is not None:
+                    copies.append(copy)
+        self._copy_kv_prefixes(copies)
 
     def window_digests(self, audio: np.ndarray[Any, Any]) -> tuple[bytes, ...]:
         """The digest of the samples each stable window of `audio` reads (stream_cache.py), in window order.
