@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -112,10 +114,10 @@ def test_the_encoder_never_waits_for_the_device(tiny_checkpoints: object) -> Non
 
 
 def test_a_prefill_never_waits_for_the_device(tiny_checkpoints: object) -> None:
-    # The whole prefill of unkeyed clips (log-mel on the device, encoder, decoder with the fused kernels): any host
-    # read or blocking copy in it stalls the prefill thread until the GPU has run everything queued before, so
-    # host and device take turns instead of overlapping. Sync debug mode warns at each; none may be left.
-    # Prefill in the engine thread (async off): nothing else runs meanwhile whose waits would be counted.
+    # The whole prefill of unkeyed clips (log-mel on the device, encoder, decoder with the fused kernels, the row
+    # inserts) and the decode steps: any host read or blocking copy in them stalls the thread until the GPU has run
+    # everything queued before, so host and device take turns instead of overlapping. Sync debug mode warns at
+    # each; none may be left. Prefill in the engine thread (async off): nothing runs meanwhile whose waits count.
     import warnings
 
     from asr_server.engine.continuous.core import ContinuousConfig, ContinuousEngine
@@ -133,21 +135,25 @@ def test_a_prefill_never_waits_for_the_device(tiny_checkpoints: object) -> None:
     requests = [_request(f"r{i}", 0.7 + 0.9 * i, 10, seed=70 + i) for i in range(5)]
     expected = _reference(loaded, requests)
     runner = engine._runner
-    original = runner._prefill
     waits: list[str] = []
 
-    def watched(inputs: object) -> object:
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                return original(inputs)  # type: ignore[arg-type]
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-                waits.extend(f"{w.filename}:{w.lineno}: {w.message}" for w in seen)
+    def watched(method: Any) -> Any:
+        def run(*args: Any) -> Any:
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    return method(*args)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                    waits.extend(f"{method.__name__}: {w.filename}:{w.lineno}: {w.message}" for w in seen)
 
-    runner._prefill = watched  # type: ignore[method-assign,assignment]
+        return run
+
+    # The prefill with its row inserts (the commit), and the decode steps with the batched row releases.
+    runner.prefill = watched(runner.prefill)  # type: ignore[method-assign]
+    runner.decode = watched(runner.decode)  # type: ignore[method-assign]
     for request in requests:
         engine.add(_item(request))
     got = {o.request_id: o.result.token_ids for o in _drain(engine) if o.result is not None}

@@ -440,6 +440,42 @@ def test_fused_kernels_match_in_the_triton_interpreter(tiny_checkpoints: Any) ->
     assert "CHUNKED-MATCH" in done.stdout, done.stdout + done.stderr[-2000:]
 
 
+def test_a_released_row_is_inactive_on_the_device_before_the_next_decode_step(loaded: LoadedAsrModel) -> None:
+    """Row releases reach the device in one batch (runner._flush_released), but always before the next decode
+    step: a row still active there would decode into pages the scheduler may already have given to a prompt
+    that a side prefill is writing. The long request keeps the engine decoding after the short one ends."""
+    long, short = _request("long", 1.0, 30, seed=41, forced=30), _request("short", 1.0, 2, seed=42, forced=2)
+    engine = ContinuousEngine(loaded, ContinuousConfig(max_running=4, page_size=16, kv_cache_tokens=4096))
+    runner = engine._runner
+    released: list[int] = []
+    release = runner.release_row
+
+    def recorded(row: int) -> None:
+        if runner.is_live(row):
+            released.append(row)
+        release(row)
+
+    runner.release_row = recorded  # type: ignore[method-assign]
+    engine.add(_item(long))
+    engine.add(_item(short))
+    outputs: list[EngineOutput] = []
+    while not any(o.request_id == "short" for o in outputs):
+        outputs.extend(engine.step())
+    (row,) = released
+    decoded = runner.decode
+    launches: list[tuple[bool, int]] = []
+
+    def checked(rows: int, max_pages: int) -> Any:
+        sampled = decoded(rows, max_pages)
+        launches.append((bool(runner.buffers.active[row]), int(runner.buffers.block_table[row].abs().sum())))
+        return sampled
+
+    runner.decode = checked  # type: ignore[method-assign]
+    outputs.extend(_drain(engine))
+    assert launches and all(state == (False, 0) for state in launches), launches
+    assert _tokens(outputs) == _reference(loaded, [long, short])
+
+
 def test_async_prefill_runs_beside_decodes_and_an_abort_meanwhile_frees_its_row(loaded: LoadedAsrModel) -> None:
     """Async prefill: while a prefill is held on its thread, the rows already running keep decoding (their
     tokens grow), a request aborted meanwhile never gets a row when the prefill lands, and every result equals

@@ -202,6 +202,7 @@ class ModelRunner:
         )
         # Rows whose buffers hold a request (set when its prefill is in): they decode, and go inactive on release.
         self._live_rows: set[int] = set()
+        self._released: list[int] = []  # released rows whose device state is not reset yet (`_flush_released`)
         self.buckets = [b for b in _DEFAULT_BUCKETS if b < self.rows] + [self.rows]
         if self.cuda:
             props = torch.cuda.get_device_properties(self.device)
@@ -282,15 +283,23 @@ class ModelRunner:
         return len(self._live_rows)
 
     def release_row(self, row: int) -> None:
-        """The row's request is gone: the row goes inactive and points at the scratch page."""
+        """The row's request is gone: the row goes inactive and points at the scratch page, on the device before
+        the next decode step or row insert (`_flush_released`)."""
         if row not in self._live_rows:
             return
         self._live_rows.discard(row)
-        # Fills through views indexed by a Python int: no index tensor copied to the device per released row (that
-        # copy was the engine thread's largest single cost under 256 live streams, py-spy on an H200).
+        self._released.append(row)
+
+    def _flush_released(self) -> None:
+        """The rows released since the last flush, all at once: one small index copy and two fills, where a fill
+        per row was two launches each (a step that ends ~90 interims made ~180)."""
+        if not self._released:
+            return
+        index = _to_device(self._released, torch.long, self.device)
+        self._released = []
         b = self.buffers
-        b.active[row] = False
-        b.block_table[row] = 0
+        b.active.index_fill_(0, index, False)
+        b.block_table.index_fill_(0, index, 0)
 
     def extend_pages(self, row: int, start: int, pages: Sequence[int]) -> None:
         """Pages appended to a live row's block table (lazy page growth), from column `start`."""
@@ -382,12 +391,12 @@ class ModelRunner:
         first, positions, suppress = computed.first, computed.positions, computed.suppress
         tokens, logprobs = computed.tokens, computed.logprobs
         if len(keep) != len(computed.done):
-            index = torch.tensor(keep, dtype=torch.long, device=dev)
+            index = _to_device(keep, torch.long, dev)
             first, positions = first.index_select(0, index), positions.index_select(0, index)
             suppress = suppress.index_select(0, index)
             begins = np.cumsum([0, *computed.counts]).tolist()
             rows = [r for k in keep for r in range(begins[k], begins[k] + computed.counts[k])]
-            chosen = torch.tensor(rows, dtype=torch.long, device=dev)
+            chosen = _to_device(rows, torch.long, dev)
             tokens, logprobs = tokens.index_select(0, chosen), logprobs.index_select(0, chosen)
         if keep:
             items = [computed.inputs[computed.done[k]] for k in keep]
@@ -504,9 +513,9 @@ class ModelRunner:
         begins = np.cumsum([0, *counts]).tolist()
         if len(done) != len(inputs):
             rows = [r for i in done for r in range(begins[i], begins[i] + counts[i])]
-            chosen = torch.tensor(rows, dtype=torch.long, device=dev)
+            chosen = _to_device(rows, torch.long, dev)
             tokens, logprobs = tokens.index_select(0, chosen), logprobs.index_select(0, chosen)
-            suppress = suppress.index_select(0, torch.tensor(done, dtype=torch.long, device=dev))
+            suppress = suppress.index_select(0, _to_device(done, torch.long, dev))
         done_counts = [counts[i] for i in done]
         after_prompt = [inputs[i].work.total_tokens - len(inputs[i].draft) for i in done]
         if all(count == 1 for count in done_counts):
@@ -817,15 +826,17 @@ class ModelRunner:
     ) -> None:
         """The rows' first token, its position (on the device), the block table row and the flags."""
         dev = self.device
+        self._flush_released()  # a row released this step may be one of these: its release must not come after
         rows = [item.work.row for item in inputs]
-        index = torch.tensor(rows, dtype=torch.long, device=dev)
-        table = torch.zeros((len(inputs), self.table_width), dtype=torch.int32)
-        for i, item in enumerate(inputs):
-            table[i, : len(item.work.pages)] = torch.tensor(item.work.pages, dtype=torch.int32)
+        index = _to_device(rows, torch.long, dev)
+        width = self.table_width
+        table = _to_device(
+            [p for item in inputs for p in (*item.work.pages, *[0] * (width - len(item.work.pages)))], torch.int32, dev
+        )
         b = self.buffers
         b.tokens.index_copy_(0, index, first)
         b.positions.index_copy_(0, index, positions)
-        b.block_table.index_copy_(0, index, table.to(dev, non_blocking=True))
+        b.block_table.index_copy_(0, index, table.view(len(inputs), width))
         b.suppress_eos.index_copy_(0, index, suppress)
         b.active.index_fill_(0, index, True)
         self._live_rows.update(rows)
@@ -839,6 +850,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         if profiling:
             t0 = self._mark("drain", t0)
+        # Before the step, in stream order: a released row must not decode into pages already given to another.
+        self._flush_released()
         graph = self._graphs.get(rows)
         if graph is not None:
             graph.replay()
@@ -866,6 +879,7 @@ class ModelRunner:
 
     def capture_graphs(self) -> None:
         """One graph per bucket over the static buffers, all rows inactive (scratch page) during capture."""
+        self._flush_released()
         b = self.buffers
         saved = (b.tokens.clone(), b.positions.clone(), b.active.clone())
         pool = torch.cuda.graph_pool_handle()
