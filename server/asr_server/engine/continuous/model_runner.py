@@ -639,9 +639,9 @@ class ModelRunner:
                 features, valid_frames, floor, window_min = computed[i]
             else:
                 features, valid_frames = item.prepared.input_features, int(item.prepared.input_features_mask.sum())
-            features = features[0].to(self.device, non_blocking=True).to(self.decoder.dtype)
-            frames = int(features.shape[1])
-            features = torch.nn.functional.pad(features, (0, -(-frames // window) * window - frames))
+                features = features[0].to(self.device, non_blocking=True).to(self.decoder.dtype)
+                frames = int(features.shape[1])
+                features = torch.nn.functional.pad(features, (0, -(-frames // window) * window - frames))
             prompt = item.prepared.input_ids[0]
             ids = prompt
             audio = prompt == self._audio_token_id
@@ -717,8 +717,9 @@ class ModelRunner:
     def _torch_features(
         self, items: Sequence[PrefillInput]
     ) -> dict[int, tuple[torch.Tensor, int, float | None, list[float] | None]]:
-        """Features (1, mel_bins, frames) and valid frames of each item's clip, by index: one batched call on the
-        device per `encoder_batch_audio_s` of padded audio (clips sorted by length, so a batch pads little); for
+        """Features (mel_bins, frames; the decoder's dtype, zeros up to a whole number of encoder windows) and valid
+        frames of each item's clip, by index: one batched call on the device per `encoder_batch_audio_s` of padded
+        audio (clips sorted by length, so a batch pads little), cast and padded once per batch, each clip a view; for
         keyed items (live streams, with the stream cache on) also the clamp floor and the per-window minima
         before the clamp (a host sync, paid only by groups holding one). The samples were bounded on the
         preprocess threads (require_bounded_samples), so the features are finite without a look on the device."""
@@ -738,6 +739,7 @@ class ModelRunner:
             else:
                 groups.append([i])
         out: dict[int, tuple[torch.Tensor, int, float | None, list[float] | None]] = {}
+        window = self._window_frames
         for group in groups:
             keyed = self.stream_cache.enabled and any(items[i].stream_key is not None for i in group)
             chosen = [clips[i] for i in group]
@@ -747,12 +749,15 @@ class ModelRunner:
             if batch.floors is not None and batch.window_min is not None:
                 floors = batch.floors.tolist()
                 minima = batch.window_min.tolist()
+            longest = int(batch.input_features.shape[-1])
+            # Rows are zeros past their own frames, as the padding per clip was.
+            padded = torch.nn.functional.pad(batch.input_features, (0, -(-longest // window) * window - longest))
+            padded = padded.to(self.decoder.dtype)
             for row, i in enumerate(group):
-                clip = batch.clip(row)
-                if clip.num_audio_tokens != int((items[i].prepared.input_ids == self._audio_token_id).sum()):
+                if batch.num_audio_tokens[row] != int((items[i].prepared.input_ids == self._audio_token_id).sum()):
                     raise RuntimeError("torch features and the prompt disagree on the audio token count")
                 out[i] = (
-                    clip.input_features,
+                    padded[row, :, : -(-batch.frames[row] // window) * window],
                     batch.valid_frames[row],
                     None if floors is None else floors[row],
                     None if minima is None else minima[row],
