@@ -249,8 +249,9 @@ def test_the_kv_prefix_of_reused_windows_is_copied_and_not_prefilled_again(
 
 
 def test_two_streams_reusing_their_kv_prefixes_in_one_prefill_each_get_their_own(loaded: LoadedAsrModel) -> None:
-    """Two keyed streams' pieces arrive together, so each prefill copies both prefixes (one batch of copies, page
-    ids side by side): each piece equals that piece decoded alone, log-probabilities included."""
+    """Two keyed streams' pieces arrive together and are prepared before the engine steps, so each prefill copies
+    both prefixes (one batch of copies, page ids side by side): each piece equals that piece decoded alone,
+    log-probabilities included."""
     audios = {"a/0/0": _utterance(26.0, seed=1), "b/0/0": _utterance(26.0, seed=2)}
     cuts = [3.0, 9.0, 17.0, 25.0]
     alone = {key: _pieces(_engine(loaded), audio, cuts, None) for key, audio in audios.items()}
@@ -270,6 +271,12 @@ def test_two_streams_reusing_their_kv_prefixes_in_one_prefill_each_get_their_own
                 f"{key}-{i}", audio[: int(cut * _RATE)], _OPTIONS, priority=priority, stream_key=key
             )
             engine.add(WorkItem(request, time.time_ns(), time.monotonic()))
+        # Both prepared (preprocess threads) before the first step, so one prefill takes both.
+        for key in audios:
+            waiting = engine._requests[f"{key}-{i}"]
+            waiting.prepared.future.result(timeout=60)
+            if waiting.digests is not None:
+                waiting.digests.result(timeout=60)
         results = {o.request_id: o.result for o in _drain(engine)}
         for key in audios:
             mine, reference = results[f"{key}-{i}"], alone[key][i][0]
