@@ -254,7 +254,7 @@ class PrefillLayout:
     """Where every chunk of a packed prefill sits, for `paged_prefill_attention_triton`: built once per prefill on
     the host and copied to the device in one go, then shared by every layer. Chunk c's queries are packed rows
     q_begin[c]..q_begin[c] + q_len[c] - 1 at positions q_start[c]..; its keys are positions 0..q_start[c] + q_len[c]
-    - 1 in its pages (table[c]); program b runs rows block_m0[b].. of chunk block_chunk[b]."""
+    - 1 in its pages (table[c]); program b runs the block_m query rows from blocks[b][1] on of chunk blocks[b][0]."""
 
     chunks: torch.Tensor  # (C, 4) int32: q_begin, q_len, q_start, 0
     table: torch.Tensor  # (C, P) int32: page ids (padding: the scratch page 0, never read); P a multiple of 16
@@ -285,16 +285,15 @@ class PrefillLayout:
         # Triton compiles a kernel anew for each pattern of its integer arguments' divisibility by 16 and its
         # pointers' 16-byte alignment: rows of 16 bytes and a table width that is a multiple of 16 keep every
         # prefill on the variant compiled at warm-up (a compile mid-run stalls the prefill thread for ~1 s).
-        table = torch.zeros((len(lengths), -(-max(widths, default=1) // 16) * 16), dtype=torch.int32)
-        for c, (width, owned) in enumerate(zip(widths, pages, strict=True)):
-            table[c, :width] = torch.tensor(owned[:width], dtype=torch.int32)
-        # One pinned buffer, one copy: three small tensors each copied from pageable memory would each wait.
-        host = torch.cat(
-            [
-                torch.tensor(chunks, dtype=torch.int32).flatten(),
-                torch.tensor(blocks, dtype=torch.int32).flatten(),
-                table.flatten(),
-            ]
+        table_width = -(-max(widths, default=1) // 16) * 16
+        table = [
+            p
+            for width, owned in zip(widths, pages, strict=True)
+            for p in (*owned[:width], *[0] * (table_width - width))
+        ]
+        # One pinned buffer and one copy for the three, not three copies.
+        host = torch.tensor(
+            [v for row in chunks for v in row] + [v for row in blocks for v in row] + table, dtype=torch.int32
         )
         if device.type == "cuda":
             host = host.pin_memory()
@@ -303,7 +302,7 @@ class PrefillLayout:
         return PrefillLayout(
             chunks=flat[: 4 * n_chunks].view(n_chunks, 4),
             blocks=flat[4 * n_chunks : 4 * (n_chunks + n_blocks)].view(n_blocks, 4),
-            table=flat[4 * (n_chunks + n_blocks) :].view(table.shape),
+            table=flat[4 * (n_chunks + n_blocks) :].view(len(lengths), table_width),
             block_m=block_m,
         )
 
