@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark, in one call of the device tool (or by hand on any CUDA machine). Sections:
 #   bash bench/run_gpu.sh setup      # install carried wheels (.whl/, from bench/fetch_gpu_wheels.sh) into /tmp/site
+#   bash bench/run_gpu.sh gputests   # the opt-in GPU tests (pytest -m gpu tests/gpu), output in $OUT/gputests.txt
 #   bash bench/run_gpu.sh kernel     # Triton paged attention vs torch reference
 #   bash bench/run_gpu.sh engine17   # build the random 1.7B, in-process engine throughput + profile
 #   bash bench/run_gpu.sh grpc17     # gRPC server with the random 1.7B + the load generator table
@@ -123,6 +124,9 @@ for section in "$@"; do
       $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
       nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv
       $PY -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+      ;;
+    gputests)
+      $PY -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gputests.txt" | tail -15
       ;;
     kernel)
       $PY bench/gpu_check.py kernel --json "$OUT/kernel.json"
