@@ -46,6 +46,10 @@ logger = logging.getLogger(__name__)
 
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 _OVERHEAD_BYTES = 1024 * 1024  # room for the config beside max_message_bytes of audio
+# When the drain ends with no AsrService call left, the port closes with this grace: a health Check already in
+# flight is answered (a probe reads NOT_SERVING, not CANCELLED) while new calls are refused UNAVAILABLE. Watch
+# streams never end by themselves, so they are cancelled when it runs out; it is short for that reason.
+_CLOSE_GRACE_S = 1.0
 
 
 # Exit codes of `asr-server serve` (argparse's 2 is a bad flag).
@@ -488,14 +492,15 @@ class AsrServer:
             # Live streams never end by themselves: their open utterances are flushed as finals within the grace,
             # then they end UNAVAILABLE, so a caller loses no speech and reconnects elsewhere.
             draining = asyncio.create_task(self._servicer.drain_streams()) if self._servicer is not None else None
+            close_grace_s: float | None = _CLOSE_GRACE_S
             try:
                 await asyncio.wait_for(self._in_flight.wait_idle(), grace)
             except TimeoutError:
                 logger.warning("grace period over with %d calls in flight; cancelling them", self._in_flight.count)
+                close_grace_s = None  # out of time: the calls left are cancelled at once
             if draining is not None and not draining.done():
                 draining.cancel()
-            # Our calls are done (or out of time): this ends the rest, health Watch streams included, at once.
-            await self._server.stop(None)
+            await self._server.stop(close_grace_s)
         if self._http is not None:
             # After the drain (its requests counted in _in_flight and answered 503 "draining" while it lasts).
             await self._http.stop()
