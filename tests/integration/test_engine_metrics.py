@@ -60,7 +60,15 @@ async def test_batch_sizes_and_generated_tokens_are_scraped_in_process_and_from_
         stub = pb_grpc.AsrServiceStub(channel)
         responses = await asyncio.gather(*(stub.Transcribe(r) for r in requests))
         assert all(r.transcripts[0].text for r in responses)
-        samples = await scrape_when(server.metrics, lambda s: value(s, "asr_engine_batch_size_sum") == 6)
+        samples = await scrape_when(
+            server.metrics,
+            lambda s: value(s, "asr_engine_batch_size_sum") == 6 and value(s, "asr_engine_running_requests") == 0,
+        )
+        load = server.live_load()
+    # The queues are read from the core in-process, and from the stats an engine process pushes: both empty now.
+    assert value(samples, "asr_engine_waiting_requests", replica="0") == 0
+    assert value(samples, "asr_engine_running_requests", replica="0") == 0
+    assert (load.live_streams, load.engine_waiting_requests) == (0, 0)
     # Every request was in exactly one batch of at most 4 rows.
     assert value(samples, "asr_engine_batch_size_sum", replica="0") == 6
     batches = value(samples, "asr_engine_batch_size_count", replica="0")

@@ -4,9 +4,12 @@ so the gRPC status a caller gets does not depend on --engine-process."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
+from asr_server.engine.core import StepCounter
 from asr_server.engine.process import messages as m
 from asr_server.engine.types import BatchStats, DecodeOptions, DecodePriority, DecodeRequest, DecodeResult
 from asr_server.errors import AsrError, FailedPrecondition, InvalidInput, LimitExceeded, Unavailable
@@ -165,3 +168,10 @@ def test_a_frame_of_another_shape_is_refused() -> None:
 
     with pytest.raises(msgspec.ValidationError):
         m.decode_to_engine(m.encode(m.Ready("x", 1)))
+
+
+def test_core_stats_carry_the_queue_lengths_the_front_cannot_read_itself() -> None:
+    # An engine process's front reads its queues only from these pushes (metrics, the Ray autoscaler).
+    stats = dataclasses.replace(StepCounter().snapshot(kv_pages_used=1, kv_pages_total=9), waiting_requests=7,
+                                running_requests=3)
+    assert m.core_stats_from_message(m.decode_from_engine(m.encode(m.core_stats_message(stats)))) == stats

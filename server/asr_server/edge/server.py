@@ -16,6 +16,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -126,6 +127,14 @@ def _deny(handler: Any, message: str) -> Any:
         yield  # pragma: no cover - makes this an async generator
 
     return with_behaviour(handler, deny_stream if handler.response_streaming else deny_unary)
+
+
+@dataclass(frozen=True)
+class LiveLoad:
+    live_streams: int
+    # Requests the engine cores hold waiting for a batch slot, over all of this server's engine replicas (an engine
+    # process's as of its last stats push, at most a second old).
+    engine_waiting_requests: int
 
 
 class _InFlight:
@@ -413,6 +422,11 @@ class AsrServer:
     def _live_streams(self) -> int:
         return self._servicer.live_streams if self._servicer is not None else 0
 
+    def live_load(self) -> LiveLoad:
+        """What an autoscaler weighs (edge/ray_autoscale.py): live streams open, requests waiting in the engine."""
+        waiting = sum(load.waiting or 0 for load in self._engine_load())
+        return LiveLoad(live_streams=self._live_streams(), engine_waiting_requests=waiting)
+
     def _engine_load(self) -> list[ReplicaLoad]:
         # Called on the scrape thread: each figure is one len() of the engine's own queues, a read the GIL keeps
         # whole, so the engine thread is neither locked nor polled.
@@ -420,13 +434,16 @@ class AsrServer:
         loads = []
         for index, runner in enumerate(runners):
             core = runner.core if isinstance(runner, EngineRunner) else None
+            stats = _replica_core_stats(runner, core)
+            # An engine process's queues arrive with its last pushed stats (at most STATS_PUSH_S old).
+            pushed = stats if core is None else None
             loads.append(
                 ReplicaLoad(
                     replica=str(index),
-                    waiting=core.num_waiting() if core is not None else None,
-                    running=core.num_running() if core is not None else None,
+                    waiting=core.num_waiting() if core is not None else pushed.waiting_requests if pushed else None,
+                    running=core.num_running() if core is not None else pushed.running_requests if pushed else None,
                     in_flight=runner.in_flight,
-                    core=_replica_core_stats(runner, core),
+                    core=stats,
                 )
             )
         return loads

@@ -70,6 +70,10 @@ class CoreStats:
     # cache.
     kv_pages_used: int | None = None
     kv_pages_total: int | None = None
+    # Requests queued for a batch slot and decoding (gauges): set by an engine process for its front, which cannot
+    # ask the core's queues itself; None where the reader asks the core directly.
+    waiting_requests: int | None = None
+    running_requests: int | None = None
 
 
 @runtime_checkable

@@ -259,10 +259,14 @@ async def _forget_silent_fronts(channel: _Channel, tasks: dict[_Key, asyncio.Tas
 
 async def _push_stats(channel: _Channel, runner: EngineRunner) -> None:
     """Sends the core's stats every STATS_PUSH_S while they change (an idle engine sends nothing); the first push
-    comes at once, so the front knows e.g. the KV cache's size before any request."""
+    comes at once, so the front knows e.g. the KV cache's size before any request. They carry the core's queue
+    lengths, which the front's metrics and autoscaler (edge/ray_autoscale.py) read."""
     last: CoreStats | None = None
     while True:
-        stats = core_stats(runner.core)
+        core = runner.core
+        stats = core_stats(core)
+        if stats is not None and core is not None:
+            stats = dataclasses.replace(stats, waiting_requests=core.num_waiting(), running_requests=core.num_running())
         if stats is not None and stats != last:
             channel.send(b"", m.core_stats_message(stats))
             last = stats

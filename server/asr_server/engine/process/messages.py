@@ -118,6 +118,8 @@ class CoreStatsPush(msgspec.Struct, tag="core-stats", frozen=True):
     generated_tokens: int
     kv_pages_used: int | None = None
     kv_pages_total: int | None = None
+    waiting_requests: int | None = None
+    running_requests: int | None = None
 
 
 ToEngine = Submit | Abort | StatsQuery | Hello
@@ -187,6 +189,8 @@ def core_stats_message(stats: CoreStats) -> CoreStatsPush:
         generated_tokens=stats.generated_tokens,
         kv_pages_used=stats.kv_pages_used,
         kv_pages_total=stats.kv_pages_total,
+        waiting_requests=stats.waiting_requests,
+        running_requests=stats.running_requests,
     )
 
 
@@ -198,6 +202,8 @@ def core_stats_from_message(message: CoreStatsPush) -> CoreStats:
         generated_tokens=message.generated_tokens,
         kv_pages_used=message.kv_pages_used,
         kv_pages_total=message.kv_pages_total,
+        waiting_requests=message.waiting_requests,
+        running_requests=message.running_requests,
     )
 
 
