@@ -275,10 +275,13 @@ async def test_fifty_live_streams_over_two_replicas_and_a_replica_killed_mid_str
 
 
 async def test_autoscaling_from_one_to_two_replicas_under_live_streams(proxy: grpc.aio.Channel) -> None:
-    # A live stream is an ongoing request for its whole life: 8 streams against a target of 2 per replica ask
-    # for more replicas than max_replicas allows.
-    autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 0.5,
-                   "downscale_delay_s": 600, "metrics_interval_s": 0.5, "look_back_period_s": 1.0}
+    # The live-load policy (edge/ray_autoscale.py), fed by the replica's record_autoscaling_stats: 8 live streams
+    # against a target of 2 per replica ask for more replicas than max_replicas allows, while the calls in flight
+    # (8, against a target of 100 a replica) would keep Ray's own policy at one replica.
+    policy = {"policy_function": "asr_server.edge.ray_autoscale:LiveLoadPolicy",
+              "policy_kwargs": {"live_streams_per_replica": 2, "waiting_requests_per_replica": 1000}}
+    autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 100, "upscale_delay_s": 0.5,
+                   "downscale_delay_s": 600, "metrics_interval_s": 0.5, "look_back_period_s": 1.0, "policy": policy}
     _deploy("scaled", FAKE_ARGS, ray_serve.DeploymentOptions(num_cpus=0.5, autoscaling=autoscaling))
     md = _application("scaled")
     stub = pb_grpc.AsrServiceStub(proxy)

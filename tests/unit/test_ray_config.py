@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from asr_server.config import ConfigError
+from asr_server.edge.ray_autoscale import LiveLoadPolicy
 from asr_server.edge.ray_serve import GRPC_SERVICER_FUNCTIONS, RayServeFile, read_serve_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -18,6 +19,10 @@ def test_the_shipped_file_reads_and_asks_one_gpu_per_replica() -> None:
     assert serve_file.deployment.num_gpus == 1
     assert serve_file.deployment.autoscaling is not None
     assert serve_file.deployment.autoscaling["min_replicas"] <= serve_file.deployment.autoscaling["max_replicas"]
+    policy = serve_file.deployment.autoscaling["policy"]
+    module, name = policy["policy_function"].split(":")
+    assert (module, name) == ("asr_server.edge.ray_autoscale", "LiveLoadPolicy")
+    LiveLoadPolicy(**policy["policy_kwargs"])  # the kwargs the controller will construct it with
     assert "--model" in serve_file.server_args
     assert serve_file.ray_address is None
 

@@ -26,6 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from asr_server.config import parse_serve_config
+from asr_server.edge.ray_autoscale import ENGINE_WAITING_METRIC, LIVE_STREAMS_METRIC
 from asr_server.edge.server import AsrServer, StartupError
 from qwenasr.v1 import asr_pb2
 
@@ -169,6 +170,14 @@ class AsrReplica:
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             raise RuntimeError(f"the replica's server is {status}")
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray calls this every metrics interval; the custom policy (edge/ray_autoscale.py) reads the figures."""
+        load = self._server.live_load()
+        return {
+            LIVE_STREAMS_METRIC: float(load.live_streams),
+            ENGINE_WAITING_METRIC: float(load.engine_waiting_requests),
+        }
 
     def replica_pid(self) -> int:
         """For tests and operators: the process to signal to kill this replica."""
