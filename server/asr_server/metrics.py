@@ -90,8 +90,8 @@ class ReplicaLoad:
     """One engine replica's load at the moment of a scrape."""
 
     replica: str
-    # None where the engine core runs in its own process (--engine-process): only the front's in-flight count is
-    # known here without a round trip.
+    # For an engine core in its own process (--engine-process), as of the stats it last pushed; None until its
+    # first push.
     waiting: int | None
     running: int | None
     in_flight: int

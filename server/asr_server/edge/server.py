@@ -435,15 +435,16 @@ class AsrServer:
         for index, runner in enumerate(runners):
             core = runner.core if isinstance(runner, EngineRunner) else None
             stats = _replica_core_stats(runner, core)
-            # An engine process's queues arrive with its last pushed stats (at most STATS_PUSH_S old).
-            pushed = stats if core is None else None
+            waiting: int | None = None
+            running: int | None = None
+            if core is not None:
+                waiting, running = core.num_waiting(), core.num_running()
+            elif stats is not None:
+                # An engine process's queues, as of its last pushed stats (at most STATS_PUSH_S old).
+                waiting, running = stats.waiting_requests, stats.running_requests
             loads.append(
                 ReplicaLoad(
-                    replica=str(index),
-                    waiting=core.num_waiting() if core is not None else pushed.waiting_requests if pushed else None,
-                    running=core.num_running() if core is not None else pushed.running_requests if pushed else None,
-                    in_flight=runner.in_flight,
-                    core=stats,
+                    replica=str(index), waiting=waiting, running=running, in_flight=runner.in_flight, core=stats
                 )
             )
         return loads
